@@ -1,0 +1,3 @@
+from achilles_guard.cli import main
+
+raise SystemExit(main())

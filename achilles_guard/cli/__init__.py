@@ -1,0 +1,77 @@
+"""`guard`: the command-line interface.
+
+Each command lives in its own module and registers itself on `app`. `main()` is the console
+script: it turns usage errors into one line and exit code 2, interrupts into 130.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+try:  # typer >= 0.22 vendors click
+    from typer._click import exceptions as _click_errors
+except ImportError:  # pragma: no cover - older typer on real click
+    from click import exceptions as _click_errors
+
+from achilles_guard import __version__
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="guard",
+    help="Find, fingerprint, monitor and harden the handful of neurons that can collapse an LLM.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"achilles-guard {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Find, fingerprint, monitor and harden the handful of neurons that can collapse an LLM.
+
+    Exit codes: 0 ok, 1 finding (gate failed, tampered, not mitigated), 2 usage or input error,
+    3 runtime failure.
+    """
+
+
+# Command modules register themselves on import (one line each).
+from achilles_guard.cli import scan as _scan  # noqa: E402,F401
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: one clear line per usage error (exit 2), never a traceback."""
+    command = typer.main.get_command(app)
+    try:
+        result = command.main(args=argv, prog_name="guard", standalone_mode=False)
+    except _click_errors.NoArgsIsHelpError as err:
+        return 2  # typer already printed the help
+    except _click_errors.UsageError as err:
+        hint = f" (see 'guard {err.ctx.info_name} --help')" if err.ctx and err.ctx.info_name != "guard" else " (see 'guard --help')"
+        typer.echo(f"error: {err.format_message()}{hint}", err=True)
+        return 2
+    except typer.Abort:
+        typer.echo("interrupted; nothing was written", err=True)
+        return 130
+    except _click_errors.ClickException as err:
+        typer.echo(f"error: {err.format_message()}", err=True)
+        return err.exit_code
+    except KeyboardInterrupt:
+        typer.echo("interrupted; nothing was written", err=True)
+        return 130
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""What every command shares: consoles, error handling, progress, output formats."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import traceback
+from contextlib import contextmanager
+from enum import Enum
+from pathlib import Path
+from typing import Iterator
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from achilles_guard.errors import EXIT_RUNTIME, GuardError, InputError
+
+__all__ = ["Format", "stdout", "stderr", "guarded", "progress_bar", "prepare_out_dir", "fail"]
+
+
+class Format(str, Enum):
+    table = "table"
+    json = "json"
+    sarif = "sarif"
+
+
+def stdout() -> Console:
+    """Results only. Width fixed when not a terminal so pasted output is stable."""
+    return Console(soft_wrap=False, width=None if sys.stdout.isatty() else 140, highlight=False)
+
+
+def stderr() -> Console:
+    return Console(stderr=True, highlight=False)
+
+
+def fail(message: str, code: int) -> typer.Exit:
+    stderr().print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def guarded(fn):
+    """Turn GuardErrors, OOM and interrupts into one line on stderr and the documented exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except GuardError as err:
+            raise fail(str(err), err.exit_code) from None
+        except KeyboardInterrupt:
+            stderr().print("interrupted; nothing was written")
+            raise typer.Exit(130) from None
+        except MemoryError:
+            raise fail("out of memory; try a smaller --samples batch, --dtype float16 or a GPU", EXIT_RUNTIME) from None
+        except typer.Exit:
+            raise
+        except Exception as err:  # noqa: BLE001 - the last line of defence: one line, exit 3
+            if type(err).__name__ == "OutOfMemoryError":
+                raise fail("the device ran out of memory; try --device cpu or fewer --samples", EXIT_RUNTIME) from None
+            if os.environ.get("GUARD_DEBUG"):
+                traceback.print_exc()
+            raise fail(f"internal error: {type(err).__name__}: {err} (set GUARD_DEBUG=1 for a traceback)", EXIT_RUNTIME) from None
+
+    return wrapper
+
+
+@contextmanager
+def progress_bar(enabled: bool | None = None) -> Iterator["callable"]:
+    """Yields `update(task_name, stage, done, total)`; a Rich progress on stderr when it is a terminal."""
+    show = sys.stderr.isatty() if enabled is None else enabled
+    if not show:
+        yield lambda *a: None
+        return
+    progress = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("eta"), TimeRemainingColumn(), console=stderr(), transient=True,
+    )
+    tasks: dict[tuple[str, str], int] = {}
+
+    def update(name: str, stage: str, done: int, total: int) -> None:
+        key = (name, stage)
+        if key not in tasks:
+            label = "stage 1: noise samples" if stage == "rank" else "stage 2: candidates"
+            tasks[key] = progress.add_task(f"{name} · {label}", total=total)
+        progress.update(tasks[key], completed=done, total=total)
+
+    with progress:
+        yield update
+
+
+def prepare_out_dir(out: Path) -> Path:
+    """Create OUT (and parents) and prove it is writable before any long work starts."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".guard-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise InputError(f"--out {out}: not writable ({err.strerror or err})") from None
+    return out

@@ -1,0 +1,116 @@
+"""`guard scan`: run PCICN on a model, report the critical set, write artifacts, gate a deployment."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from achilles_guard.cli import app
+from achilles_guard.cli.common import Format, guarded, prepare_out_dir, progress_bar, stderr, stdout
+from achilles_guard.errors import EXIT_FINDING, EXIT_OK, InputError, UsageError
+from achilles_guard.report import dumps, scan_report, scan_sarif, write_json
+from achilles_guard.scan import ScanParams, run_scan, tokenize_probe
+
+__all__ = ["scan_command", "read_probe_texts"]
+
+
+def read_probe_texts(texts: list[str], text_files: list[Path]) -> list[tuple[str, str]]:
+    """`[(name, text)]` from --text / --text-file, else the packaged default texts."""
+    probes = [(f"text-{i + 1}", t) for i, t in enumerate(texts)]
+    for path in text_files:
+        if not path.is_file():
+            raise InputError(f"--text-file {path}: no such file")
+        try:
+            content = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise InputError(f"--text-file {path}: cannot read it as UTF-8 text ({err})") from None
+        if not content.strip():
+            raise InputError(f"--text-file {path}: the file is empty")
+        probes.append((path.stem, content.strip()))
+    if not probes:
+        from achilles_guard.texts import default_texts
+
+        probes = default_texts()
+    return probes
+
+
+@app.command("scan")
+@guarded
+def scan_command(
+    model_dir: Optional[str] = typer.Argument(None, help="Local Hugging Face model directory (or hub id with network).", show_default=False),
+    demo: bool = typer.Option(False, "--demo", help="Scan the built-in synthetic demonstration model (built once into the cache)."),
+    text: List[str] = typer.Option([], "--text", help="Probe text (repeatable). Default: the packaged texts."),
+    text_file: List[Path] = typer.Option([], "--text-file", help="File holding a probe text (repeatable)."),
+    alpha: float = typer.Option(5.0, help="Noise scale α of stage 1."),
+    samples: int = typer.Option(100, help="Monte-Carlo samples K of stage 1."),
+    seed: int = typer.Option(42, help="Seed of the noise generator."),
+    epsilon: float = typer.Option(1.0, help="Collapse threshold ε, in orders of magnitude of perplexity."),
+    step: int = typer.Option(1, help="Search step Δn."),
+    max_neurons: int = typer.Option(1000, help="Search budget: give up (converged: false) past this many neurons."),
+    components: str = typer.Option("all", help="Candidate modules: all, mlp-out, mlp, attention, norms, paper, or a regex."),
+    ranking: str = typer.Option("pcicn", help="Stage-1 ranking: pcicn, activation, gradient or random."),
+    mask_scale: float = typer.Option(0.0, help="β: a masked neuron's output becomes β × its value."),
+    keep: int = typer.Option(1000, help="How many top-ranked neurons report.json lists."),
+    allow_short: bool = typer.Option(False, "--allow-short", help="Accept probe texts under 10 tokens."),
+    dtype: str = typer.Option("auto", help="auto (float16 on CUDA, float32 on CPU), float16, bfloat16, float32, float64."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    out: Path = typer.Option(Path("guard-out"), help="Directory for report.json (and the fingerprint, SARIF)."),
+    format: Format = typer.Option(Format.table, "--format", help="What stdout carries: table, json or sarif."),
+    fail_under: Optional[int] = typer.Option(None, help="Gate: exit 1 when a critical set has <= N neurons."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own Python code to run."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle weights (*.bin), which can run code."),
+) -> None:
+    """Find the model's critical neurons with PCICN and gate on how few there are.
+
+    Writes OUT/report.json (schema achilles-guard/scan/v1) atomically; stdout carries only the
+    result. Exit 0 ok, 1 gate failed (--fail-under), 2 bad input, 3 runtime failure.
+    """
+    from achilles_guard.model import load_model
+
+    if demo == (model_dir is not None):
+        raise UsageError("give either MODEL_DIR or --demo (exactly one)")
+    if fail_under is not None and fail_under < 0:
+        raise UsageError(f"--fail-under must be >= 0 (got {fail_under})")
+    params = ScanParams(
+        alpha=alpha, samples=samples, seed=seed, epsilon=epsilon, step=step, max_neurons=max_neurons,
+        components=components, ranking=ranking, mask_scale=mask_scale, keep=keep,
+    ).validated()
+    raw_texts = read_probe_texts(text, text_file)
+    out = prepare_out_dir(out)
+    log = stderr()
+    t0 = time.perf_counter()
+    if demo:
+        from achilles_guard.demo import demo_model_dir
+
+        log.print("[dim]preparing the synthetic demonstration model (built once, then cached)…[/]")
+        model_dir = str(demo_model_dir())
+    lm = load_model(model_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    load_s = time.perf_counter() - t0
+    probes = [tokenize_probe(lm, name, body, allow_short=allow_short) for name, body in raw_texts]
+    with progress_bar() as update:
+        result = run_scan(lm, probes, params, progress=update)
+    result = result.with_load_time(load_s)
+
+    doc = scan_report(result, demo=demo)
+    write_json(out / "report.json", doc)
+    written = [out / "report.json"]
+    if format is Format.sarif:
+        write_json(out / "report.sarif", scan_sarif(doc, fail_under=fail_under))
+        written.append(out / "report.sarif")
+
+    console = stdout()
+    if format is Format.json:
+        console.file.write(dumps(doc))
+    elif format is Format.sarif:
+        console.file.write(dumps(scan_sarif(doc, fail_under=fail_under)))
+    else:
+        from achilles_guard.render import scan_summary
+
+        console.print(scan_summary(doc, fail_under=fail_under))
+        console.print(f"[dim]wrote {', '.join(str(p) for p in written)}[/]")
+    smallest = result.smallest_set
+    gate_failed = fail_under is not None and smallest is not None and smallest <= fail_under
+    raise typer.Exit(EXIT_FINDING if gate_failed else EXIT_OK)

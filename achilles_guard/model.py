@@ -1,0 +1,243 @@
+"""Safe model loading: a local Hugging Face directory -> model + tokenizer, no code executed.
+
+Every check that can refuse a model runs on the files, before transformers sees them:
+custom code (`auto_map`) is refused unless `trust_remote_code=True`; pickle weights
+(`pytorch_model.bin`, `*.pt`) are refused unless `allow_pickle=True`.
+
+    lm = load_model("path/to/model", dtype="auto", device="auto")
+    lm.model, lm.tokenizer, lm.dtype, lm.device
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from achilles_guard.errors import InputError, ModelLoadError, UnsafeModelError, UsageError
+
+__all__ = [
+    "LoadedModel",
+    "load_model",
+    "check_model_dir",
+    "config_sha256",
+    "resolve_device",
+    "resolve_dtype",
+    "DTYPES",
+    "PICKLE_SUFFIXES",
+    "quiet_transformers",
+]
+
+DTYPES = {
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float64": torch.float64,
+    "fp64": torch.float64,
+}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+# Keys of config.json that change when a checkpoint is merely re-saved (dtype, tool version).
+_VOLATILE_CONFIG_KEYS = {"torch_dtype", "dtype", "transformers_version", "_name_or_path", "_commit_hash"}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A loaded causal LM and what a report says about it."""
+
+    model: Any  # transformers PreTrainedModel, in eval mode
+    tokenizer: Any
+    path: str
+    architecture: str
+    model_type: str
+    config_sha256: str
+    dtype: torch.dtype
+    device: str
+    num_parameters: int
+
+    @property
+    def input_device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+
+def config_sha256(model_dir: str | Path) -> str:
+    """sha256 of config.json in canonical form, ignoring keys a plain re-save changes (dtype...)."""
+    config = _read_config(Path(model_dir))
+    stable = {k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_KEYS}
+    canonical = json.dumps(stable, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise UsageError(f"--device {device!r}: use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype == "auto":
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise UsageError(f"--dtype {dtype!r}: use auto, float16, bfloat16, float32 or float64") from None
+
+
+def check_model_dir(path: str | Path, *, trust_remote_code: bool = False, allow_pickle: bool = False) -> dict:
+    """Refuse what must not be loaded; return the parsed config. Reads files only, imports nothing."""
+    model_dir = Path(path)
+    if not model_dir.exists():
+        raise InputError(f"{path}: no such directory")
+    if not model_dir.is_dir():
+        raise InputError(f"{path}: is a file; give the model's directory (the one holding config.json)")
+    config = _read_config(model_dir)
+    if "auto_map" in config and not trust_remote_code:
+        raise UnsafeModelError(
+            path,
+            "its config.json needs custom code (auto_map); pass --trust-remote-code only if you trust its author",
+        )
+    model_type = config.get("model_type")
+    from transformers import CONFIG_MAPPING
+
+    if not model_type or model_type not in CONFIG_MAPPING:
+        raise ModelLoadError(
+            f"{path}: unknown architecture model_type={model_type!r}; this transformers version does not know it"
+            + ("" if trust_remote_code else " (custom architectures need --trust-remote-code)")
+        )
+    has_safetensors = any(model_dir.glob("*.safetensors")) or (model_dir / "model.safetensors.index.json").exists()
+    pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if not has_safetensors:
+        if pickles and not allow_pickle:
+            raise UnsafeModelError(
+                path,
+                f"it has only pickle weights ({', '.join(pickles)}), which can run code when loaded; "
+                "convert them to safetensors, or pass --allow-pickle if you trust the file",
+            )
+        if not pickles:
+            raise ModelLoadError(f"{path}: no weights (*.safetensors) in the directory")
+    return config
+
+
+def load_model(
+    path: str | Path,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+) -> LoadedModel:
+    """Load a causal LM safely (see module docstring); errors are GuardErrors with one clear line."""
+    model_dir = _local_dir(path, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    config = check_model_dir(model_dir, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quiet_transformers()
+    kwargs: dict[str, Any] = {
+        "trust_remote_code": trust_remote_code,
+        "local_files_only": True,
+        _dtype_kwarg(transformers.__version__): torch_dtype,
+    }
+    has_safetensors = any(Path(model_dir).glob("*.safetensors"))
+    if has_safetensors or not allow_pickle:
+        kwargs["use_safetensors"] = True
+    multi_gpu = device == "cuda" and torch.cuda.device_count() > 1
+    if multi_gpu:
+        kwargs["device_map"] = "auto"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+    except ValueError as err:
+        if "Unrecognized configuration class" in str(err):
+            raise ModelLoadError(
+                f"{path}: model_type {config.get('model_type')!r} has no causal language-model head; "
+                "guard scans decoder language models"
+            ) from None
+        raise ModelLoadError(f"{path}: cannot load the model: {_first_line(err)}") from None
+    except (OSError, RuntimeError, KeyError, TypeError) as err:
+        raise ModelLoadError(f"{path}: cannot load the model: {_first_line(err)}") from None
+    if not multi_gpu:
+        model = model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(model_dir), trust_remote_code=trust_remote_code, local_files_only=True
+        )
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise ModelLoadError(f"{path}: cannot load its tokenizer: {_first_line(err)}") from None
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        path=str(path),
+        architecture=(config.get("architectures") or [type(model).__name__])[0],
+        model_type=config["model_type"],
+        config_sha256=config_sha256(model_dir),
+        dtype=torch_dtype,
+        device=device,
+        num_parameters=sum(p.numel() for p in model.parameters()),
+    )
+
+
+def _local_dir(path: str | Path, *, trust_remote_code: bool, allow_pickle: bool) -> Path:
+    """A local directory as is; a hub id (`org/name`) is fetched without code or pickle files."""
+    local = Path(path)
+    if local.exists() or not _HUB_ID.match(str(path)):
+        return local
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
+    patterns += ["*.py"] if trust_remote_code else []
+    patterns += ["*.bin"] if allow_pickle else []
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(path), allow_patterns=patterns))
+    except Exception as err:  # noqa: BLE001 - any hub failure is the same input error to the user
+        raise InputError(f"{path}: no such directory, and fetching it from the hub failed: {_first_line(err)}") from None
+
+
+def _read_config(model_dir: Path) -> dict:
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise ModelLoadError(f"{model_dir}: no config.json; this is not a Hugging Face model directory")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelLoadError(f"{config_path}: unreadable config: {err}") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{config_path}: config is not a JSON object")
+    return config
+
+
+def _dtype_kwarg(version: str) -> str:
+    """transformers 5 (and 4.56+) take `dtype=`; older versions `torch_dtype=`."""
+    major, minor = (int(x) for x in re.findall(r"\d+", version)[:2])
+    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0]
+
+
+def quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    try:
+        hf_logging.disable_progress_bar()
+    except AttributeError:  # older transformers
+        pass

@@ -1,0 +1,197 @@
+"""Serialisation in one place: scan report (schema achilles-guard/scan/v1), SARIF, atomic writes.
+
+    doc = scan_report(result)                 # plain dict, JSON-ready
+    write_json(out / "report.json", doc)      # atomic: a reader sees the old file or the new one
+    sarif = scan_sarif(doc)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from achilles_guard import __version__
+from achilles_guard.neurons import Neuron
+from achilles_guard.perplexity import log10_ppl
+
+__all__ = [
+    "SCAN_SCHEMA",
+    "scan_report",
+    "scan_sarif",
+    "write_json",
+    "atomic_write_bytes",
+    "json_number",
+    "neuron_record",
+    "dumps",
+]
+
+SCAN_SCHEMA = "achilles-guard/scan/v1"
+TOOL = {"name": "achilles-guard", "version": __version__}
+SARIF_SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
+
+
+def json_number(x: float) -> float | None:
+    """Finite floats as they are; inf/nan as null (JSON has no infinity)."""
+    return x if math.isfinite(x) else None
+
+
+def neuron_record(neuron: Neuron, candidates_by_name: dict, **extra: Any) -> dict:
+    cand = candidates_by_name.get(neuron.module)
+    return {
+        "module": neuron.module,
+        "channel": neuron.channel,
+        "layer": cand.layer if cand else None,
+        "component": cand.component if cand else None,
+        **extra,
+    }
+
+
+def scan_report(result, *, demo: bool = False) -> dict:
+    """The scan report document (DESIGN.md "report.json (scan)")."""
+    lm, params = result.lm, result.params
+    by_name = result.candidates.by_name()
+    texts = [_text_record(t, by_name, params.keep) for t in result.texts]
+    primary = texts[0]
+    return {
+        "schema": SCAN_SCHEMA,
+        "tool": dict(TOOL),
+        "model": {
+            "path": lm.path,
+            "architecture": lm.architecture,
+            "model_type": lm.model_type,
+            "config_sha256": lm.config_sha256,
+            "dtype": str(lm.dtype).removeprefix("torch."),
+            "device": lm.device,
+            "num_parameters": lm.num_parameters,
+            "candidate_neurons": result.candidates.total,
+            "candidate_modules": len(result.candidates.candidates),
+            "synthetic_demo": demo,
+        },
+        "params": {**params.as_dict(), "text_tokens": primary["tokens"]},
+        "baseline": primary["baseline"],
+        "converged": primary["converged"],
+        "n_star": primary["n_star"],
+        "critical_set": primary["critical_set"],
+        "delta_log10": primary["delta_log10"],
+        "curve": primary["curve"],
+        "ranking": primary["ranking"],
+        "texts": [{k: v for k, v in t.items() if k != "ranking"} for t in texts],
+        "intersection": [neuron_record(n, by_name) for n in result.intersection],
+        "smallest_critical_set": result.smallest_set,
+        "timings": {
+            "load_s": round(result.load_s, 4),
+            "rank_s": round(sum(t.rank_s for t in result.texts), 4),
+            "search_s": round(sum(t.search_s for t in result.texts), 4),
+        },
+    }
+
+
+def _text_record(scan, by_name: dict, keep: int) -> dict:
+    res, ranking = scan.result, scan.ranking
+    top = ranking.top(min(keep, len(ranking)))
+    importance = ranking.importance[: len(top)].tolist()
+    rank_of = {n: i + 1 for i, n in enumerate(ranking.top(res.n_star or 0))}
+    return {
+        "name": scan.probe.name,
+        "tokens": scan.probe.tokens,
+        "text": scan.probe.text,
+        "baseline": {"loss": res.baseline_loss, "log10_ppl": log10_ppl(res.baseline_loss)},
+        "converged": res.converged,
+        "n_star": res.n_star,
+        "critical_set": [
+            neuron_record(n, by_name, rank=rank_of[n], importance=json_number(importance[rank_of[n] - 1]) if rank_of[n] <= len(importance) else None)
+            for n in res.critical_set
+        ],
+        "delta_log10": json_number(res.delta_log10),
+        "curve": [{"n": n, "delta_log10": json_number(d)} for n, d in res.curve],
+        "ranking": [neuron_record(n, by_name, importance=json_number(v)) for n, v in zip(top, importance)],
+        "timings": {"rank_s": round(scan.rank_s, 4), "search_s": round(scan.search_s, 4)},
+    }
+
+
+def scan_sarif(doc: dict, *, fail_under: int | None = None) -> dict:
+    """SARIF 2.1.0: one result per critical neuron, located at the model's config.json."""
+    rules = [
+        {
+            "id": "AG001",
+            "name": "CriticalNeuron",
+            "shortDescription": {"text": "Neuron whose masking (with the rest of its set) collapses the model"},
+            "fullDescription": {
+                "text": "PCICN found a small set of neurons whose joint masking raises perplexity by at least "
+                "epsilon orders of magnitude. Anyone who can write the weights can sabotage the model "
+                "by zeroing the weight slices that produce them."
+            },
+            "helpUri": "https://arxiv.org/abs/2510.10238",
+            "properties": {"security-severity": "8.1", "tags": ["security", "model-integrity"]},
+        },
+        {
+            "id": "AG002",
+            "name": "CriticalSetBelowGate",
+            "shortDescription": {"text": "The critical set is no larger than the --fail-under gate"},
+            "properties": {"security-severity": "9.0", "tags": ["security", "gate"]},
+        },
+    ]
+    location = {"physicalLocation": {"artifactLocation": {"uri": _uri(doc["model"]["path"], "config.json")}}}
+    results = []
+    delta = doc["delta_log10"]
+    for neuron in doc["critical_set"]:
+        results.append({
+            "ruleId": "AG001",
+            "level": "warning",
+            "message": {
+                "text": f"{neuron['module']} channel {neuron['channel']} (layer {neuron['layer']}, {neuron['component']}) "
+                f"is in a critical set of {doc['n_star']}: masking the set raises log10 perplexity by "
+                f"{'inf' if delta is None else f'{delta:.2f}'}"
+            },
+            "locations": [location],
+            "properties": {k: neuron[k] for k in ("module", "channel", "layer", "component", "rank")},
+        })
+    smallest = doc.get("smallest_critical_set")
+    if fail_under is not None and smallest is not None and smallest <= fail_under:
+        results.append({
+            "ruleId": "AG002",
+            "level": "error",
+            "message": {"text": f"critical set of {smallest} neuron(s) <= --fail-under {fail_under}"},
+            "locations": [location],
+        })
+    return {
+        "$schema": SARIF_SCHEMA,
+        "version": "2.1.0",
+        "runs": [{
+            "tool": {"driver": {"name": "achilles-guard", "version": __version__, "informationUri": "https://arxiv.org/abs/2510.10238", "rules": rules}},
+            "results": results,
+        }],
+    }
+
+
+def _uri(model_path: str, name: str) -> str:
+    return Path(model_path, name).as_posix()
+
+
+def dumps(doc: Any) -> str:
+    return json.dumps(doc, indent=2, allow_nan=False) + "\n"
+
+
+def write_json(path: str | Path, doc: Any) -> Path:
+    return atomic_write_bytes(path, dumps(doc).encode())
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write via a temporary file in the same directory + fsync + rename; never half-written."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path

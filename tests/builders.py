@@ -1,0 +1,100 @@
+"""Tiny models built from configs, shared by every test module (no downloads, ever).
+
+    tok = tokenizer()                                  # byte-level BPE, 512 tokens, cached
+    model = tiny_model("gpt2")                         # random, 2 layers, hidden 32
+    path = save_model(model, tmp_path / "m")           # safetensors + tokenizer files
+    path, plant = planted_model(tmp_path / "p", Plant(channels=(5, 9)))
+    proc = run_guard(["scan", str(path)])              # a real `python -m achilles_guard` subprocess
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from achilles_guard.demo import DEMO_PLANT, Plant, build_tokenizer, plant_massive
+
+REPO = Path(__file__).resolve().parent.parent
+FAMILIES = ("llama", "mistral", "qwen2", "gemma", "phi3", "gpt2", "gpt_neox", "opt")
+
+# A probe text of ~60 tokens with the test tokenizer.
+PROBE = (
+    "The river rose slowly through the night, and by morning the old stone bridge stood in water up to "
+    "its arches. Farmers moved their cattle to the hills while the baker kept his ovens burning."
+)
+
+
+@functools.lru_cache(maxsize=1)
+def tokenizer():
+    return build_tokenizer()
+
+
+def tiny_config(family: str, *, hidden: int = 32, layers: int = 2, intermediate: int = 64, **overrides):
+    import transformers as T
+
+    vocab = len(tokenizer())
+    common = dict(vocab_size=vocab, tie_word_embeddings=False)
+    if family in ("llama", "mistral", "qwen2"):
+        cls = {"llama": T.LlamaConfig, "mistral": T.MistralConfig, "qwen2": T.Qwen2Config}[family]
+        cfg = cls(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **common)
+    elif family == "gemma":
+        cfg = T.GemmaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                            num_attention_heads=4, num_key_value_heads=1, head_dim=hidden // 4,
+                            max_position_embeddings=256, **common)
+    elif family == "phi3":
+        cfg = T.Phi3Config(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                           num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                           pad_token_id=0, **common)
+    elif family == "gpt2":
+        cfg = T.GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, n_positions=256, n_inner=intermediate,
+                           bos_token_id=0, eos_token_id=0, **common)
+    elif family == "gpt_neox":
+        cfg = T.GPTNeoXConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                              num_attention_heads=4, max_position_embeddings=256, bos_token_id=0,
+                              eos_token_id=0, **common)
+    elif family == "opt":
+        cfg = T.OPTConfig(hidden_size=hidden, ffn_dim=intermediate, num_hidden_layers=layers,
+                          num_attention_heads=4, word_embed_proj_dim=hidden, max_position_embeddings=256,
+                          bos_token_id=0, eos_token_id=0, pad_token_id=1, **common)
+    else:
+        raise ValueError(family)
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def tiny_model(family: str, *, seed: int = 0, **kw):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **kw))
+    return model.eval()
+
+
+def save_model(model, path: Path) -> Path:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer().save_pretrained(path)
+    return path
+
+
+def planted_model(path: Path, plant: Plant = DEMO_PLANT, *, family: str = "llama", hidden: int = 64,
+                  layers: int = 4, intermediate: int = 128, seed: int = 0):
+    """A Llama-family model with a planted critical set (see achilles_guard.demo); returns (dir, set)."""
+    model = tiny_model(family, hidden=hidden, layers=layers, intermediate=intermediate, seed=seed)
+    critical = plant_massive(model, plant)
+    return save_model(model, path), critical
+
+
+def run_guard(args: list[str], *, timeout: float = 300, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    """Run the real CLI (`python -m achilles_guard`, the `guard` entry point) in a subprocess."""
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "achilles_guard", *args], capture_output=True, text=True,
+                          timeout=timeout, env=full_env, **kw)

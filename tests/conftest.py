@@ -1,0 +1,37 @@
+"""Session fixtures shared by all tests. Builders live in tests/builders.py."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.builders import PROBE, planted_model, save_model, tiny_model, tokenizer
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Never touch the user's ~/.cache: the demo model is built into a per-session directory."""
+    os.environ["GUARD_CACHE_DIR"] = str(tmp_path_factory.mktemp("guard-cache"))
+    yield
+
+
+@pytest.fixture(scope="session")
+def tok():
+    return tokenizer()
+
+
+@pytest.fixture(scope="session")
+def probe_text() -> str:
+    return PROBE
+
+
+@pytest.fixture(scope="session")
+def planted(tmp_path_factory):
+    """(model_dir, critical_set) of the demo construction: Llama, plant in layer 0, 3 channels."""
+    return planted_model(tmp_path_factory.mktemp("planted") / "model")
+
+
+@pytest.fixture(scope="session")
+def random_llama_dir(tmp_path_factory):
+    return save_model(tiny_model("llama"), tmp_path_factory.mktemp("random") / "llama")
