@@ -55,7 +55,8 @@ class LoadedModel:
 
     model: Any  # transformers PreTrainedModel, in eval mode
     tokenizer: Any
-    path: str
+    path: str  # as the user gave it
+    directory: str  # the local directory the weights were read from
     architecture: str
     model_type: str
     config_sha256: str
@@ -184,6 +185,7 @@ def load_model(
         model=model,
         tokenizer=tokenizer,
         path=str(path),
+        directory=str(model_dir),
         architecture=(config.get("architectures") or [type(model).__name__])[0],
         model_type=config["model_type"],
         config_sha256=config_sha256(model_dir),

@@ -11,6 +11,7 @@ import typer
 from achilles_guard.cli import app
 from achilles_guard.cli.common import Format, guarded, prepare_out_dir, progress_bar, stderr, stdout
 from achilles_guard.errors import EXIT_FINDING, EXIT_OK, InputError, UsageError
+from achilles_guard.fingerprint import read_key, write_fingerprint
 from achilles_guard.report import dumps, scan_report, scan_sarif, write_json
 from achilles_guard.scan import ScanParams, run_scan, tokenize_probe
 
@@ -60,13 +61,15 @@ def scan_command(
     out: Path = typer.Option(Path("guard-out"), help="Directory for report.json (and the fingerprint, SARIF)."),
     format: Format = typer.Option(Format.table, "--format", help="What stdout carries: table, json or sarif."),
     fail_under: Optional[int] = typer.Option(None, help="Gate: exit 1 when a critical set has <= N neurons."),
+    fingerprint_top: int = typer.Option(64, help="Also fingerprint the weights of the top-R ranked neurons."),
+    sign_key: Optional[str] = typer.Option(None, help="Sign the fingerprint with HMAC-SHA256: a key file path or env:VAR."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own Python code to run."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle weights (*.bin), which can run code."),
 ) -> None:
     """Find the model's critical neurons with PCICN and gate on how few there are.
 
-    Writes OUT/report.json (schema achilles-guard/scan/v1) atomically; stdout carries only the
-    result. Exit 0 ok, 1 gate failed (--fail-under), 2 bad input, 3 runtime failure.
+    Writes OUT/report.json (schema achilles-guard/scan/v1) and OUT/fingerprint.safetensors
+    atomically; stdout carries only the result. Exit 0 ok, 1 gate failed (--fail-under), 2 bad input, 3 runtime failure.
     """
     from achilles_guard.model import load_model
 
@@ -78,6 +81,9 @@ def scan_command(
         alpha=alpha, samples=samples, seed=seed, epsilon=epsilon, step=step, max_neurons=max_neurons,
         components=components, ranking=ranking, mask_scale=mask_scale, keep=keep,
     ).validated()
+    if fingerprint_top < 0:
+        raise UsageError(f"--fingerprint-top must be >= 0 (got {fingerprint_top})")
+    key = read_key(sign_key) if sign_key else None
     raw_texts = read_probe_texts(text, text_file)
     out = prepare_out_dir(out)
     log = stderr()
@@ -96,7 +102,7 @@ def scan_command(
 
     doc = scan_report(result, demo=demo)
     write_json(out / "report.json", doc)
-    written = [out / "report.json"]
+    written = [out / "report.json", write_fingerprint(out / "fingerprint.safetensors", result, top=fingerprint_top, sign_key=key)]
     if format is Format.sarif:
         write_json(out / "report.sarif", scan_sarif(doc, fail_under=fail_under))
         written.append(out / "report.sarif")

@@ -1,0 +1,306 @@
+"""The critical-weight fingerprint: a safetensors file written by `guard scan`.
+
+Tensors: the exact bytes (checkpoint dtype) of every weight slice that produces a fingerprinted
+neuron — the critical set(s) plus the top-R ranked neurons — named `WeightSlice.key`, e.g.
+`model.layers.0.mlp.down_proj.weight@0:17`. Metadata (str -> str, JSON-encoded structure):
+
+    format, schema_version, tool_version, config_sha256, model_type, architecture,
+    scan_params, critical_set, neurons (with slices and activation baselines), slices (param,
+    checkpoint key, axis, index, null value, shard, dtype, shape, sha256), baseline (probe loss),
+    probe_texts, and optionally hmac_sha256 (HMAC-SHA256 over tensors + metadata).
+
+Readable with plain `safetensors.safe_open`; `load_fingerprint` checks every slice's sha256 and,
+given a key, the HMAC (fail closed).
+
+    write_fingerprint(out / "fingerprint.safetensors", result, top=64, sign_key=None)
+    fp = load_fingerprint(path, verify_key=None)
+    fp.critical_set, fp.neurons[0].baseline.max_abs, fp.tensors[key]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from achilles_guard import __version__
+from achilles_guard.checkpoint import Checkpoint, resolve_key, tensor_sha256
+from achilles_guard.errors import EXIT_FINDING, GuardError, InputError, UsageError
+from achilles_guard.masking import hooks
+from achilles_guard.neurons import Neuron, producing_slices
+from achilles_guard.perplexity import log10_ppl
+
+__all__ = [
+    "FORMAT",
+    "SCHEMA_VERSION",
+    "SignatureError",
+    "ActivationBaseline",
+    "SliceRecord",
+    "NeuronRecord",
+    "Fingerprint",
+    "write_fingerprint",
+    "load_fingerprint",
+    "activation_baselines",
+    "read_key",
+]
+
+FORMAT = "achilles-guard/fingerprint"
+SCHEMA_VERSION = 1
+
+
+class SignatureError(GuardError):
+    """The fingerprint's HMAC is missing or wrong: it cannot be trusted (a finding, exit 1)."""
+
+    exit_code = EXIT_FINDING
+
+
+@dataclass(frozen=True)
+class ActivationBaseline:
+    """A neuron's activation over every position of the probe texts."""
+
+    mean: float
+    std: float
+    max_abs: float
+    mean_abs: float
+
+
+@dataclass(frozen=True)
+class SliceRecord:
+    key: str  # tensor name in the fingerprint
+    param: str  # model parameter name
+    checkpoint_key: str  # tensor name in the checkpoint (usually == param)
+    axis: int
+    index: int
+    null_value: float
+    shard: str
+    dtype: str  # safetensors dtype string of the checkpoint tensor ("F32", "F16", "BF16"...)
+    shape: tuple[int, ...]  # shape of the whole checkpoint tensor
+    sha256: str  # of the slice's exact bytes
+
+
+@dataclass(frozen=True)
+class NeuronRecord:
+    neuron: Neuron
+    layer: int
+    component: str
+    rank: int  # 1-based rank in the primary ranking
+    importance: float
+    critical: bool
+    slices: tuple[str, ...]  # SliceRecord keys
+    baseline: ActivationBaseline
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    path: str
+    tensors: dict[str, torch.Tensor]
+    slices: dict[str, SliceRecord]
+    neurons: tuple[NeuronRecord, ...]
+    critical_set: tuple[Neuron, ...]
+    config_sha256: str
+    model_type: str
+    architecture: str
+    tool_version: str
+    scan_params: dict
+    baseline_loss: float
+    probe_texts: tuple[str, ...]
+    signed: bool
+    metadata: dict[str, str]
+
+    @property
+    def critical_records(self) -> tuple[NeuronRecord, ...]:
+        return tuple(r for r in self.neurons if r.critical)
+
+
+def read_key(spec: str) -> bytes:
+    """A signing key from `env:VAR` or a file path (never the secret itself on the command line)."""
+    if spec.startswith("env:"):
+        value = os.environ.get(spec[4:])
+        if not value:
+            raise UsageError(f"signing key: environment variable {spec[4:]} is not set or empty")
+        return value.encode()
+    path = Path(spec)
+    if not path.is_file():
+        raise UsageError(f"signing key {spec!r}: give a key file path or env:VARIABLE")
+    key = path.read_bytes().strip()
+    if len(key) < 16:
+        raise UsageError(f"signing key {spec}: too short ({len(key)} bytes); use at least 16 random bytes")
+    return key
+
+
+def activation_baselines(model, neurons: list[Neuron], probes: list[torch.Tensor]) -> dict[Neuron, ActivationBaseline]:
+    """Mean, std, max |a| and mean |a| of each neuron over every position of every probe (1, T)."""
+    per_module: dict[str, torch.Tensor] = {}
+    for n in neurons:
+        per_module.setdefault(n.module, []).append(n.channel)
+    idx = {m: torch.tensor(cs, dtype=torch.long) for m, cs in per_module.items()}
+    stats = {m: torch.zeros(4, len(cs), dtype=torch.float64) for m, cs in idx.items()}  # sum, sumsq, max|a|, sum|a|
+    count = 0
+
+    def collect(name):
+        def fn(output):
+            a = output[..., idx[name].to(output.device)].double().reshape(-1, len(idx[name])).cpu()  # (T, k)
+            s = stats[name]
+            s[0] += a.sum(0)
+            s[1] += (a * a).sum(0)
+            s[2] = torch.maximum(s[2], a.abs().amax(0))
+            s[3] += a.abs().sum(0)
+        return fn
+
+    with torch.no_grad(), hooks(model, {m: collect(m) for m in idx}):
+        for ids in probes:
+            model.base_model(input_ids=ids, use_cache=False)
+            count += ids.shape[1]
+    out = {}
+    for m, cs in idx.items():
+        s = stats[m]
+        mean = s[0] / count
+        std = (s[1] / count - mean**2).clamp_min(0).sqrt()
+        for j, c in enumerate(cs.tolist()):
+            out[Neuron(m, c)] = ActivationBaseline(float(mean[j]), float(std[j]), float(s[2, j]), float(s[3, j] / count))
+    return out
+
+
+def write_fingerprint(path: str | Path, result, *, top: int = 64, sign_key: bytes | None = None) -> Path:
+    """Fingerprint the critical sets and top-`top` neurons of a ScanResult; atomic write."""
+    from safetensors.torch import save
+
+    from achilles_guard.report import atomic_write_bytes
+
+    if top < 0:
+        raise UsageError(f"--fingerprint-top must be >= 0 (got {top})")
+    lm, ranking = result.lm, result.primary.ranking
+    critical = {n for t in result.texts for n in t.result.critical_set}
+    chosen = list(dict.fromkeys([*result.primary.result.critical_set, *sorted(critical), *ranking.top(min(top, len(ranking)))]))
+    by_name = result.candidates.by_name()
+    # rank of every neuron: inverse permutation of the ranking order
+    position = torch.empty_like(ranking.order)
+    position[ranking.order] = torch.arange(len(ranking))
+    offsets = result.candidates.offsets
+    module_pos = {c.name: i for i, c in enumerate(result.candidates.candidates)}
+
+    baselines = activation_baselines(lm.model, chosen, [t.probe.input_ids for t in result.texts])
+    tensors: dict[str, torch.Tensor] = {}
+    slices: dict[str, dict] = {}
+    neurons_meta = []
+    with Checkpoint.open(lm.directory) as ckpt:
+        for neuron in chosen:
+            cand = by_name[neuron.module]
+            keys = []
+            for ws in producing_slices(lm.model, neuron, cand):
+                keys.append(ws.key)
+                if ws.key in tensors:
+                    continue
+                ckpt_key = resolve_key(ckpt.weight_map, ws.param)
+                if ckpt_key is None:
+                    raise InputError(f"{lm.directory}: parameter {ws.param} is not in the checkpoint's safetensors files")
+                shape, dtype = ckpt.shape_dtype(ckpt_key)
+                value = ckpt.read_slice(ckpt_key, ws.axis, ws.index).contiguous()
+                tensors[ws.key] = value
+                slices[ws.key] = {
+                    "param": ws.param, "checkpoint_key": ckpt_key, "axis": ws.axis, "index": ws.index,
+                    "null_value": ws.null_value, "shard": ckpt.shard_of(ckpt_key), "dtype": dtype,
+                    "shape": list(shape), "sha256": tensor_sha256(value),
+                }
+            gidx = int(offsets[module_pos[neuron.module]]) + neuron.channel
+            rank = int(position[gidx]) + 1
+            base = baselines[neuron]
+            neurons_meta.append({
+                "module": neuron.module, "channel": neuron.channel, "layer": cand.layer, "component": cand.component,
+                "rank": rank, "importance": _finite(float(ranking.importance[rank - 1])), "critical": neuron in critical,
+                "slices": keys,
+                "baseline": {"mean": base.mean, "std": base.std, "max_abs": base.max_abs, "mean_abs": base.mean_abs},
+            })
+    primary = result.primary.result
+    metadata = {
+        "format": FORMAT,
+        "schema_version": str(SCHEMA_VERSION),
+        "tool_version": __version__,
+        "config_sha256": lm.config_sha256,
+        "model_type": lm.model_type,
+        "architecture": lm.architecture,
+        "scan_params": json.dumps(result.params.as_dict(), sort_keys=True),
+        "critical_set": json.dumps([{"module": n.module, "channel": n.channel} for n in primary.critical_set]),
+        "neurons": json.dumps(neurons_meta),
+        "slices": json.dumps(slices, sort_keys=True),
+        "baseline": json.dumps({
+            "loss": primary.baseline_loss, "log10_ppl": log10_ppl(primary.baseline_loss),
+            "texts": [t.result.baseline_loss for t in result.texts],
+        }),
+        "probe_texts": json.dumps([t.probe.text for t in result.texts]),
+    }
+    if sign_key is not None:
+        metadata["hmac_sha256"] = _mac(sign_key, tensors, metadata)
+    return atomic_write_bytes(path, save(tensors, metadata=metadata))
+
+
+def load_fingerprint(path: str | Path, *, verify_key: bytes | None = None) -> Fingerprint:
+    """Read and check a fingerprint; InputError on anything malformed, SignatureError on a bad HMAC."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"fingerprint {path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    except Exception as err:  # noqa: BLE001 - SafetensorError, OSError...
+        raise InputError(f"fingerprint {path}: not a readable safetensors file ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+    if metadata.get("format") != FORMAT:
+        raise InputError(f"fingerprint {path}: not an achilles-guard fingerprint (metadata format={metadata.get('format')!r})")
+    if int(metadata.get("schema_version", "0")) > SCHEMA_VERSION:
+        raise InputError(f"fingerprint {path}: schema {metadata['schema_version']} is newer than this guard understands; upgrade achilles-guard")
+    if verify_key is not None:
+        claimed = metadata.get("hmac_sha256")
+        if not claimed:
+            raise SignatureError(f"fingerprint {path}: not signed, but --verify-key was given; refusing to trust it")
+        if not hmac.compare_digest(claimed, _mac(verify_key, tensors, metadata)):
+            raise SignatureError(f"fingerprint {path}: HMAC signature mismatch (wrong key, or the file was modified)")
+    try:
+        slices = {k: SliceRecord(key=k, shape=tuple(v.pop("shape")), **v) for k, v in json.loads(metadata["slices"]).items()}
+        neurons = tuple(
+            NeuronRecord(
+                neuron=Neuron(n["module"], n["channel"]), layer=n["layer"], component=n["component"], rank=n["rank"],
+                importance=n["importance"] if n["importance"] is not None else float("inf"), critical=n["critical"],
+                slices=tuple(n["slices"]), baseline=ActivationBaseline(**n["baseline"]),
+            )
+            for n in json.loads(metadata["neurons"])
+        )
+        critical = tuple(Neuron(n["module"], n["channel"]) for n in json.loads(metadata["critical_set"]))
+        baseline = json.loads(metadata["baseline"])
+        fp = Fingerprint(
+            path=str(path), tensors=tensors, slices=slices, neurons=neurons, critical_set=critical,
+            config_sha256=metadata["config_sha256"], model_type=metadata["model_type"],
+            architecture=metadata["architecture"], tool_version=metadata["tool_version"],
+            scan_params=json.loads(metadata["scan_params"]), baseline_loss=float(baseline["loss"]),
+            probe_texts=tuple(json.loads(metadata["probe_texts"])), signed="hmac_sha256" in metadata,
+            metadata=metadata,
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise InputError(f"fingerprint {path}: malformed metadata ({type(err).__name__}: {err})") from None
+    for key, record in slices.items():
+        if key not in tensors or tensor_sha256(tensors[key]) != record.sha256:
+            raise InputError(f"fingerprint {path}: slice {key} does not match its recorded sha256; the fingerprint is corrupt")
+    return fp
+
+
+def _mac(key: bytes, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """HMAC-SHA256 over the metadata (minus the MAC) and every tensor's name, dtype, shape and bytes."""
+    mac = hmac.new(key, digestmod=hashlib.sha256)
+    body = {k: v for k, v in metadata.items() if k != "hmac_sha256"}
+    mac.update(json.dumps(body, sort_keys=True).encode())
+    for name in sorted(tensors):
+        t = tensors[name]
+        mac.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        mac.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return mac.hexdigest()
+
+
+def _finite(x: float) -> float | None:
+    return x if x == x and abs(x) != float("inf") else None
