@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from achilles_guard.errors import EXIT_RUNTIME, GuardError, InputError
 
-__all__ = ["Format", "stdout", "stderr", "guarded", "progress_bar", "prepare_out_dir", "fail"]
+__all__ = ["Format", "stdout", "stderr", "info", "guarded", "progress_bar", "prepare_out_dir", "fail"]
 
 
 class Format(str, Enum):
@@ -33,6 +33,12 @@ def stdout() -> Console:
 
 def stderr() -> Console:
     return Console(stderr=True, highlight=False)
+
+
+def info(message: str) -> None:
+    """A progress/log line on stderr, only when stderr is a terminal (quiet in CI and pipes)."""
+    if sys.stderr.isatty():
+        stderr().print(message)
 
 
 def fail(message: str, code: int) -> typer.Exit:

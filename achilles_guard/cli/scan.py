@@ -9,7 +9,7 @@ from typing import List, Optional
 import typer
 
 from achilles_guard.cli import app
-from achilles_guard.cli.common import Format, guarded, prepare_out_dir, progress_bar, stderr, stdout
+from achilles_guard.cli.common import Format, guarded, info, prepare_out_dir, progress_bar, stdout
 from achilles_guard.errors import EXIT_FINDING, EXIT_OK, InputError, UsageError
 from achilles_guard.fingerprint import read_key, write_fingerprint
 from achilles_guard.report import dumps, scan_report, scan_sarif, write_json
@@ -86,12 +86,11 @@ def scan_command(
     key = read_key(sign_key) if sign_key else None
     raw_texts = read_probe_texts(text, text_file)
     out = prepare_out_dir(out)
-    log = stderr()
     t0 = time.perf_counter()
     if demo:
         from achilles_guard.demo import demo_model_dir
 
-        log.print("[dim]preparing the synthetic demonstration model (built once, then cached)…[/]")
+        info("[dim]preparing the synthetic demonstration model (built once, then cached)…[/]")
         model_dir = str(demo_model_dir())
     lm = load_model(model_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     load_s = time.perf_counter() - t0
