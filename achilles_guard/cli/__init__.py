@@ -50,6 +50,9 @@ def _root(
 from achilles_guard.cli import scan as _scan  # noqa: E402,F401
 from achilles_guard.cli import eval as _eval  # noqa: E402,F401
 from achilles_guard.cli import study as _study  # noqa: E402,F401
+from achilles_guard.cli import generate as _generate  # noqa: E402,F401
+from achilles_guard.cli import report_cmd as _report_cmd  # noqa: E402,F401
+from achilles_guard.cli import bench as _bench  # noqa: E402,F401
 
 
 def main(argv: list[str] | None = None) -> int:
