@@ -94,7 +94,8 @@ def scan_png(doc: dict) -> bytes:
         left.grid(alpha=0.3)
         critical = doc.get("critical_set") or []
         counts = Counter((n["layer"], n["component"] == "mlp_out") for n in critical)
-        layers = sorted({layer for layer, _ in counts})
+        seen = [n["layer"] for n in [*critical, *(doc.get("ranking") or [])] if n.get("layer") is not None]
+        layers = list(range(0, max(seen) + 1)) if seen else []  # every layer up to the deepest ranked one
         down = [counts.get((layer, True), 0) for layer in layers]
         other = [counts.get((layer, False), 0) for layer in layers]
         right.bar(layers, down, color="tab:blue", label="MLP output (down_proj)")
