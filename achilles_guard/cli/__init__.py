@@ -48,6 +48,11 @@ def _root(
 
 # Command modules register themselves on import (one line each).
 from achilles_guard.cli import scan as _scan  # noqa: E402,F401
+from achilles_guard.cli import eval as _eval  # noqa: E402,F401
+from achilles_guard.cli import study as _study  # noqa: E402,F401
+from achilles_guard.cli import generate as _generate  # noqa: E402,F401
+from achilles_guard.cli import report_cmd as _report_cmd  # noqa: E402,F401
+from achilles_guard.cli import bench as _bench  # noqa: E402,F401
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,148 @@
+"""`guard eval`: perplexity on a local corpus with the top-n ranked neurons masked (Table 1).
+
+Also holds what the research commands share: loading the model and its report, building the
+corpus, parsing comma lists, a progress bar over batched rows.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import typer
+from rich.table import Table
+
+from achilles_guard.cli import app
+from achilles_guard.cli.common import Format, guarded, stderr, stdout
+from achilles_guard.errors import UsageError
+
+__all__ = ["eval_command", "open_model", "default_max_length", "build_corpus", "parse_list", "rows_progress"]
+
+
+def open_model(model_dir: str, *, dtype: str, device: str, trust_remote_code: bool, allow_pickle: bool):
+    from achilles_guard.model import load_model
+
+    return load_model(model_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+
+
+def default_max_length(lm, cap: int = 1024) -> int:
+    config = lm.model.config
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or cap
+    return int(min(cap, limit))
+
+
+def build_corpus(lm, data: Path | None, *, fallback_ids=None, text_field: str = "text", max_length: int | None,
+                 stride: int | None, max_tokens: int | None = None):
+    """(Corpus, source name, documents): --data if given, else the probe ids as one window."""
+    from achilles_guard.evaluation import Corpus, load_corpus, tokenize_corpus
+
+    length = max_length or default_max_length(lm)
+    if max_tokens is not None and max_tokens < 2:
+        raise UsageError(f"--max-tokens must be >= 2 (got {max_tokens})")
+    if data is None:
+        ids = fallback_ids.reshape(-1).cpu()
+        return Corpus.build(ids, max_length=max(length, 2), stride=stride), "probe text", 1
+    docs = load_corpus(data, text_field=text_field)
+    ids = tokenize_corpus(lm, docs, max_tokens=max_tokens)
+    return Corpus.build(ids, max_length=length, stride=stride), str(data), len(docs)
+
+
+def parse_list(spec: str, kind: Callable, option: str) -> list:
+    try:
+        values = [kind(p.strip()) for p in spec.split(",") if p.strip()]
+    except ValueError:
+        raise UsageError(f"{option} {spec!r}: expected a comma-separated list of {kind.__name__} values") from None
+    if not values:
+        raise UsageError(f"{option} is empty")
+    return values
+
+
+@contextmanager
+def rows_progress(description: str) -> Iterator[Callable[[int, int], None]]:
+    """`update(done, total)`: a Rich bar on stderr when it is a terminal, else nothing."""
+    if not sys.stderr.isatty():
+        yield lambda done, total: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    progress = Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                        console=stderr(), transient=True)
+    task = progress.add_task(description, total=None)
+    with progress:
+        yield lambda done, total: progress.update(task, completed=done, total=total)
+
+
+def _fmt(x, digits=3) -> str:
+    return "inf" if x is None else f"{x:.{digits}f}"
+
+
+@app.command("eval")
+@guarded
+def eval_command(
+    model_dir: str = typer.Argument(..., help="Local model directory (the one the report was made for)."),
+    report: Path = typer.Option(..., "--report", help="report.json written by 'guard scan' (its ranking is masked)."),
+    data: Path = typer.Option(..., "--data", help="Corpus: a .txt/.raw file, a .jsonl file or a directory of them."),
+    levels: str = typer.Option("0,1,2,4,n*", help="Numbers of top-ranked neurons to mask; n* = the report's critical set."),
+    max_length: Optional[int] = typer.Option(None, help="Window length in tokens (default: min(1024, the model's context))."),
+    stride: Optional[int] = typer.Option(None, help="New tokens scored per window (default: max-length / 2)."),
+    max_tokens: Optional[int] = typer.Option(None, help="Use only the first N tokens of the corpus."),
+    text_field: str = typer.Option("text", help="Field holding the text in .jsonl files."),
+    mask_scale: Optional[float] = typer.Option(None, help="β for masked neurons (default: the report's)."),
+    batch_size: Optional[int] = typer.Option(None, help="Rows per forward (default: from free memory)."),
+    dtype: str = typer.Option("auto", help="auto, float16, bfloat16, float32, float64."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    format: Format = typer.Option(Format.table, "--format", help="table or json."),
+    out: Optional[Path] = typer.Option(None, help="Also write the JSON result to this file (atomically)."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle"),
+) -> None:
+    """Perplexity on a local corpus with the top-n ranked neurons masked, for each level.
+
+    Sliding windows of --max-length tokens; every token after the first is scored exactly once.
+    Exit 0 ok, 2 bad input, 3 runtime failure.
+    """
+    from achilles_guard.evaluation import ReportRanking, evaluate_levels, parse_levels
+    from achilles_guard.report import dumps, write_json
+
+    if batch_size is not None and batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1 (got {batch_size})")
+    if format is Format.sarif:
+        raise UsageError("--format sarif is for scans; use table or json")
+    ranked = ReportRanking.load(report)
+    wanted = parse_levels(levels, ranked)
+    lm = open_model(model_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    ranked.check_model(lm)
+    corpus, source, documents = build_corpus(lm, data, text_field=text_field, max_length=max_length, stride=stride,
+                                             max_tokens=max_tokens)
+    scale = ranked.mask_scale if mask_scale is None else mask_scale
+    with rows_progress("eval · windows × levels") as update:
+        result = evaluate_levels(lm, corpus, ranked, wanted, data=source, documents=documents, scale=scale,
+                                 batch_size=batch_size, progress=update)
+    doc = result.as_dict({"path": lm.path, "architecture": lm.architecture, "dtype": str(lm.dtype).removeprefix("torch."),
+                          "device": lm.device, "config_sha256": lm.config_sha256})
+    doc["report"] = str(report)
+    if out is not None:
+        write_json(out, doc)
+    if format is Format.json:
+        stdout().file.write(dumps(doc))
+        return
+    console = stdout()
+    d = doc["data"]
+    console.print(f"[bold]{source}[/]: {documents} document(s), {d['tokens']:,} tokens, {d['windows']} window(s) of "
+                  f"{corpus.windows.shape[1]} (stride {d['stride']}), {d['scored_tokens']:,} tokens scored")
+    table = Table(title="Perplexity with the top-n ranked neurons masked (Table 1: Original → Masked)",
+                  title_justify="left", header_style="bold")
+    for col in ("masked n", "loss (nats)", "log10 PPL", "PPL", "Δ log10 PPL"):
+        table.add_column(col, justify="right")
+    table.add_row("0 (original)", _fmt(result.baseline_loss, 4), _fmt(doc["baseline"]["log10_ppl"]),
+                  f"{doc['baseline']['ppl']:.4g}", "0.000")
+    for level in doc["levels"]:
+        ppl = level["ppl"]
+        table.add_row(str(level["n"]) + (" (n*)" if level["n"] == ranked.n_star else ""), _fmt(level["loss"], 4),
+                      _fmt(level["log10_ppl"]), "overflow" if ppl is None else f"{ppl:.4g}", _fmt(level["delta_log10"]),
+                      style="bold red" if (level["delta_log10"] is None or level["delta_log10"] >= ranked.epsilon) else None)
+    console.print(table)
+    if out is not None:
+        console.print(f"[dim]wrote {out}[/]")
