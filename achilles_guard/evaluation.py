@@ -22,12 +22,11 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from achilles_guard.errors import InputError, UsageError
 from achilles_guard.masking import MaskPlan, masked
 from achilles_guard.neurons import Neuron
-from achilles_guard.perplexity import LN10
+from achilles_guard.perplexity import LN10, token_nll
 
 __all__ = [
     "CORPUS_SUFFIXES",
@@ -296,22 +295,12 @@ def config_losses(
             else:
                 with masked(model, select_rows(plan, c_idx)):
                     logits = model(input_ids=batch, use_cache=False).logits
-        nll = token_nll(logits, batch)  # (B, L-1) float32 on CPU
+        nll = token_nll(logits, batch).cpu()  # (B, L-1) float32 on CPU
         row_sums = (nll.double() * corpus.scored[w_idx]).sum(dim=1)  # (B,)
         sums.index_add_(0, c_idx, row_sums)
         if progress:
             progress(min(start + per_batch, total), total)
     return (sums / corpus.scored_tokens).float()
-
-
-def token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Per-label next-token NLL in float32, shape (B, T-1); upcast one row at a time."""
-    labels = input_ids[:, 1:].to(logits.device)  # (B, T-1)
-    rows = []
-    for b in range(logits.shape[0]):
-        log_probs = F.log_softmax(logits[b, :-1].float(), dim=-1)  # (T-1, V)
-        rows.append(-log_probs.gather(-1, labels[b, :, None]).squeeze(-1))
-    return torch.stack(rows).cpu()
 
 
 def _batch_rows(model, length: int) -> int:

@@ -12,25 +12,29 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["LN10", "row_losses", "delta_log10", "log10_ppl"]
+__all__ = ["LN10", "token_nll", "row_losses", "delta_log10", "log10_ppl"]
 
 LN10 = math.log(10.0)
 
 
-def row_losses(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Mean next-token NLL of each row, float32, shape (B,).
+def token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Next-token NLL of every label, float32, shape (B, T-1).
 
     logits (B, T, V) in any dtype; input_ids (B, T) or (1, T) (labels = the inputs, shifted).
     Each row is upcast on its own so a (B, T, V) float32 copy never exists at once.
     """
     labels = input_ids[:, 1:].to(logits.device)  # (B or 1, T-1)
-    losses = []
+    rows = []
     for b in range(logits.shape[0]):
         row_labels = labels[b if labels.shape[0] > 1 else 0]
         log_probs = F.log_softmax(logits[b, :-1].float(), dim=-1)  # (T-1, V)
-        nll = -log_probs.gather(-1, row_labels[:, None]).squeeze(-1)  # (T-1,)
-        losses.append(nll.mean())
-    return torch.stack(losses).cpu()
+        rows.append(-log_probs.gather(-1, row_labels[:, None]).squeeze(-1))  # (T-1,)
+    return torch.stack(rows)
+
+
+def row_losses(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token NLL of each row (nats), float32, shape (B,)."""
+    return token_nll(logits, input_ids).mean(dim=1).cpu()
 
 
 def delta_log10(masked_loss: float, clean_loss: float) -> float:
