@@ -48,6 +48,8 @@ def _root(
 
 # Command modules register themselves on import (one line each).
 from achilles_guard.cli import scan as _scan  # noqa: E402,F401
+from achilles_guard.cli import harden as _harden  # noqa: E402,F401
+from achilles_guard.cli import repair as _repair  # noqa: E402,F401
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -149,7 +149,7 @@ def harden(req: HardenRequest, *, progress=None, log=None) -> HardenOutcome:
         if log:
             log(f"hardening with {strategy}…")
         t0 = time.perf_counter()
-        hardened, details, same_basis = _apply(strategy, req, fp, original, out)
+        hardened, details, same_basis = _apply(strategy, req, fp, original, out, log)
         probes = [tokenize_probe(hardened, f"probe-{i + 1}", t, allow_short=req.allow_short) for i, t in enumerate(fp.probe_texts)]
         held = [(tokenize_probe(original, n, t, allow_short=True).input_ids, tokenize_probe(hardened, n, t, allow_short=True).input_ids)
                 for n, t in req.held_out]
@@ -179,7 +179,7 @@ def harden(req: HardenRequest, *, progress=None, log=None) -> HardenOutcome:
 # --- strategies ------------------------------------------------------------------------------
 
 
-def _apply(strategy: str, req: HardenRequest, fp: Fingerprint, original: LoadedModel, out: Path):
+def _apply(strategy: str, req: HardenRequest, fp: Fingerprint, original: LoadedModel, out: Path, log=None):
     """-> (hardened LoadedModel, details dict, same_basis)."""
     if strategy == "pin":
         from achilles_guard.defenses.pin import PinGuard, PinnedModel
@@ -193,8 +193,9 @@ def _apply(strategy: str, req: HardenRequest, fp: Fingerprint, original: LoadedM
                     "achilles_guard.defenses.pin.PinGuard.from_fingerprint(fp) (or guard monitor --protect)",
         }
         return replace(original, model=PinnedModel(original.model, guard)), details, True
-    work = load_model(req.model_dir, dtype="float64", device="cpu")  # exact arithmetic for the edit
     stored = _stored_dtype(req.model_dir)
+    if strategy in ("rotate", "split"):
+        work = load_model(req.model_dir, dtype="float64", device="cpu")  # exact arithmetic for the edit
     if strategy == "rotate":
         from achilles_guard.defenses.rotate import rotate_model
 
@@ -216,7 +217,7 @@ def _apply(strategy: str, req: HardenRequest, fp: Fingerprint, original: LoadedM
 
         config = FinetuneConfig(**req.finetune).validated()
         work = load_model(req.model_dir, dtype="float32", device=req.device)
-        details = finetune(work.model, original.model, fp, work.tokenizer, config, checkpoint_dir=out / "finetune-state")
+        details = finetune(work.model, original.model, fp, work.tokenizer, config, checkpoint_dir=out / "finetune-state", log=log)
         same_basis = True
     else:  # pragma: no cover - validated above
         raise UsageError(f"unknown strategy {strategy}")
