@@ -130,9 +130,9 @@ def finetune(model, original, fp, tokenizer, config: FinetuneConfig, *, checkpoi
             accelerator.backward(loss)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
-            history.append([step + 1, round(float(ce), 5), round(float(kl), 6)])
+            history.append([step + 1, round(float(ce.detach()), 5), round(float(kl.detach()), 6)])
             if log and ((step + 1) % 10 == 0 or step + 1 == config.steps):
-                log(f"finetune step {step + 1}/{config.steps}: ce {float(ce):.4f} kl {float(kl):.5f}")
+                log(f"finetune step {step + 1}/{config.steps}: ce {history[-1][1]:.4f} kl {history[-1][2]:.5f}")
             if (step + 1) % config.save_every == 0:
                 _save_state(checkpoint_dir, model, optimizer, config, step + 1, history)
         step = config.steps
