@@ -110,9 +110,10 @@ class PinGuard:
             mag = a.float().abs()
             vanished = mag < floor  # (B, T, k)
             blown = ~(mag <= ceiling)  # also catches nan
-            fixed = torch.where(vanished | blown, torch.where(vanished, mean, torch.sign(a) * ceiling.to(a.dtype)), a)
-            fixed = torch.nan_to_num(fixed, nan=0.0) if blown.any() else fixed
-            self._count = self._count + (vanished | blown).sum().cpu()
+            hit = vanished | blown
+            # copysign: a NaN keeps its sign bit and becomes ±ceiling; untouched values keep their bits
+            fixed = torch.where(hit, torch.where(vanished, mean, torch.copysign(ceiling.to(a.dtype), a)), a)
+            self._count = self._count + hit.sum().to(self._count.device, non_blocking=True)
             if torch.is_grad_enabled() and output.requires_grad:
                 output = output.clone()
             output[..., idx] = fixed
