@@ -98,3 +98,19 @@ def run_guard(args: list[str], *, timeout: float = 300, env: dict | None = None,
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.run([sys.executable, "-m", "achilles_guard", *args], capture_output=True, text=True,
                           timeout=timeout, env=full_env, **kw)
+
+
+def scanned(model_dir: Path, out: Path, *, text: str = PROBE, **params) -> Path:
+    """Scan `model_dir` through the library (report.json + fingerprint.safetensors in `out`); returns out."""
+    from achilles_guard.fingerprint import write_fingerprint
+    from achilles_guard.model import load_model
+    from achilles_guard.report import scan_report, write_json
+    from achilles_guard.scan import ScanParams, run_scan, tokenize_probe
+
+    lm = load_model(model_dir)
+    result = run_scan(lm, [tokenize_probe(lm, "probe", text)], ScanParams(**{"samples": 10, "max_neurons": 100, **params}))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "report.json", scan_report(result))
+    write_fingerprint(out / "fingerprint.safetensors", result, top=16)
+    return out

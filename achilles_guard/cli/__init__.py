@@ -53,6 +53,8 @@ from achilles_guard.cli import study as _study  # noqa: E402,F401
 from achilles_guard.cli import generate as _generate  # noqa: E402,F401
 from achilles_guard.cli import report_cmd as _report_cmd  # noqa: E402,F401
 from achilles_guard.cli import bench as _bench  # noqa: E402,F401
+from achilles_guard.cli import harden as _harden  # noqa: E402,F401
+from achilles_guard.cli import repair as _repair  # noqa: E402,F401
 
 
 def main(argv: list[str] | None = None) -> int:

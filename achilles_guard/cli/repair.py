@@ -1,0 +1,52 @@
+"""`guard repair`: write a copy of a checkpoint with every tampered critical slice restored, verified."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from achilles_guard.cli import app
+from achilles_guard.cli.common import Format, guarded, stdout
+from achilles_guard.errors import EXIT_FINDING, EXIT_OK, InputError
+from achilles_guard.report import dumps
+
+__all__ = ["repair_command"]
+
+
+@app.command("repair")
+@guarded
+def repair_command(
+    checkpoint_dir: Path = typer.Argument(..., help="The (possibly tampered) checkpoint directory; never modified."),
+    fingerprint: Path = typer.Option(..., "--fingerprint", help="fingerprint.safetensors of the intact model."),
+    out: Path = typer.Option(..., "--out", help="New directory for the repaired copy (must not exist, or be empty)."),
+    format: Format = typer.Option(Format.table, "--format", help="What stdout carries: table or json."),
+) -> None:
+    """Restore tampered producing slices from the fingerprint into a verified copy.
+
+    Exit 0 every fingerprinted slice intact in the copy, 1 some slice could not be restored
+    (tensor missing, reshaped or re-typed), 2 bad input (nothing written), 3 runtime failure.
+    """
+    from achilles_guard.defenses.repair import check_out_dir, repair_checkpoint
+    from achilles_guard.fingerprint import load_fingerprint
+
+    if not checkpoint_dir.is_dir():
+        raise InputError(f"{checkpoint_dir}: no such directory")
+    check_out_dir(checkpoint_dir, out)
+    fp = load_fingerprint(fingerprint)
+    outcome = repair_checkpoint(checkpoint_dir, fp, out)
+    doc = outcome.as_dict()
+    console = stdout()
+    if format is Format.json:
+        console.file.write(dumps(doc))
+    else:
+        counts = doc["counts"]
+        console.print(f"repaired copy: {out}")
+        console.print(f"slices: {counts['intact']} intact, {counts['restored']} restored, {counts['unrepairable']} unrepairable")
+        for s in doc["slices"]:
+            console.print(f"  {s['status']:<12} {s['key']}" + (f"  ({s['reason']})" if s["reason"] else ""))
+        if not outcome.config_matches:
+            console.print("[yellow]warning: config.json differs from the fingerprinted model's config[/]")
+        console.print("verified: every repairable slice matches the fingerprint" if outcome.verified else "[red]verification FAILED[/]")
+    ok = outcome.verified and not outcome.unrepairable
+    raise typer.Exit(EXIT_OK if ok else EXIT_FINDING)

@@ -1,0 +1,106 @@
+"""`guard harden` and `guard repair` through the CLI: CliRunner and real subprocesses, exit codes, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from achilles_guard.cli import app
+from achilles_guard.fingerprint import load_fingerprint
+from tests.builders import run_guard, scanned
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def scan_dir(planted, tmp_path_factory):
+    return scanned(planted[0], tmp_path_factory.mktemp("scan"))
+
+
+def test_pin_mitigates_through_cli_runner(planted, scan_dir, tmp_path):
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["harden", str(planted[0]), "--fingerprint", str(scan_dir / "fingerprint.safetensors"),
+                              "--strategy", "pin", "--out", str(out), "--format", "json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads((out / "harden-report.json").read_text())
+    assert doc["verdict"] == "mitigated" and doc["attempts"][0]["clean_cost_probe"] == 0.0
+    assert (out / "report.json").is_file()
+
+
+def test_split_on_residual_set_exits_1_in_a_subprocess(planted, scan_dir, tmp_path):
+    proc = run_guard(["harden", str(planted[0]), "--fingerprint", str(scan_dir / "fingerprint.safetensors"),
+                      "--strategy", "split", "--copies", "2", "--out", str(tmp_path / "out")])
+    assert proc.returncode == 1, proc.stderr
+    assert "residual-stream channels" in proc.stdout and "not mitigated" in proc.stdout
+    assert (tmp_path / "out" / "model" / "config.json").is_file()
+
+
+def test_auto_tries_rotate_then_pin(planted, scan_dir, tmp_path):
+    res = runner.invoke(app, ["harden", str(planted[0]), "--fingerprint", str(scan_dir / "fingerprint.safetensors"),
+                              "--strategy", "auto", "--out", str(tmp_path / "out")])
+    doc = json.loads((tmp_path / "out" / "harden-report.json").read_text())
+    assert [a["strategy"] for a in doc["attempts"]] == ["rotate", "pin"]
+    assert res.exit_code == (0 if doc["verdict"] == "mitigated" else 1)
+
+
+def test_repair_subprocess_restores_a_zeroed_slice(planted, scan_dir, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    fp = load_fingerprint(scan_dir / "fingerprint.safetensors")
+    bad = tmp_path / "bad"
+    shutil.copytree(planted[0], bad)
+    rec = fp.slices[fp.critical_records[0].slices[0]]
+    with safe_open(str(bad / rec.shard), framework="pt") as h:
+        meta, tensors = h.metadata(), {k: h.get_tensor(k) for k in h.keys()}
+    tensors[rec.checkpoint_key].select(rec.axis, rec.index).zero_()
+    save_file(tensors, str(bad / rec.shard), metadata=meta)
+    proc = run_guard(["repair", str(bad), "--fingerprint", str(scan_dir / "fingerprint.safetensors"),
+                      "--out", str(tmp_path / "fixed"), "--format", "json"])
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["counts"]["restored"] == 1 and doc["verified"]
+
+
+@pytest.mark.parametrize("case", ["no-fingerprint", "no-report", "copies-0", "out-is-input", "rotate-gpt2", "empty-data", "repair-in-place"])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, planted, scan_dir, tmp_path, random_gpt2):
+    model, fp = str(planted[0]), str(scan_dir / "fingerprint.safetensors")
+    out = tmp_path / "out"
+    args = ["harden", model, "--fingerprint", fp, "--strategy", "pin", "--out", str(out)]
+    if case == "no-fingerprint":
+        args[3] = str(tmp_path / "missing.safetensors")
+    elif case == "no-report":
+        lonely = tmp_path / "lonely"
+        lonely.mkdir()
+        shutil.copy(fp, lonely / "fingerprint.safetensors")
+        args[3] = str(lonely / "fingerprint.safetensors")
+    elif case == "copies-0":
+        args[5:6] = ["split", "--copies", "0"]
+    elif case == "out-is-input":
+        args[-1] = model
+    elif case == "rotate-gpt2":
+        args[1], args[3] = str(random_gpt2[0]), str(random_gpt2[1] / "fingerprint.safetensors")
+        args[5] = "rotate"
+    elif case == "empty-data":
+        (tmp_path / "empty").mkdir()
+        args[5:6] = ["finetune", "--data", str(tmp_path / "empty")]
+    elif case == "repair-in-place":
+        args = ["repair", model, "--fingerprint", fp, "--out", model]
+    before = sorted(p.name for p in planted[0].iterdir())
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2, res.output
+    assert len([line for line in res.output.strip().splitlines() if line.strip()]) == 1, res.output
+    assert not out.exists()
+    assert sorted(p.name for p in planted[0].iterdir()) == before
+
+
+@pytest.fixture(scope="module")
+def random_gpt2(tmp_path_factory):
+    from tests.builders import save_model, tiny_model
+
+    root = tmp_path_factory.mktemp("gpt2")
+    path = save_model(tiny_model("gpt2"), root / "m")
+    return path, scanned(path, root / "scan", max_neurons=5)

@@ -1,0 +1,61 @@
+"""finetune: a short CPU run raises n* (re-attack measured), resume after interruption equals a straight run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from achilles_guard.defenses.finetune import FinetuneConfig, finetune, read_corpus
+from achilles_guard.defenses.harden import HardenRequest, harden
+from achilles_guard.errors import InputError
+from achilles_guard.fingerprint import load_fingerprint
+from achilles_guard.model import load_model
+from achilles_guard.texts import default_texts
+from tests.builders import scanned
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "a.txt"
+    path.write_text("\n".join(t for _, t in default_texts()) * 3)
+    return path
+
+
+@pytest.fixture(scope="module")
+def scan_dir(planted, tmp_path_factory):
+    return scanned(planted[0], tmp_path_factory.mktemp("scan"))
+
+
+def test_short_run_raises_n_star_and_reports_the_original_mask(planted, scan_dir, corpus, tmp_path):
+    ft = dict(data=str(corpus), steps=40, lr=3e-3, batch_size=4, seq_len=32, drop_p=0.5, drop_top=8)
+    outcome = harden(HardenRequest(planted[0], scan_dir / "fingerprint.safetensors", None, "finetune", tmp_path / "out", finetune=ft))
+    v = outcome.attempts[0].verification
+    assert v.before.n_star == 3
+    assert not v.after.converged or v.after.n_star > 3  # the re-run search no longer finds the 3 neurons
+    assert max(v.clean_cost_probe, v.clean_cost_held_out) <= 0.01
+    # measured honestly: the original mask is re-applied and decides the verdict
+    assert outcome.verdict == ("mitigated" if v.original_attack_after < 1 else "not mitigated")
+
+
+def test_resume_after_interruption_equals_a_straight_run(planted, scan_dir, corpus, tmp_path):
+    fp = load_fingerprint(scan_dir / "fingerprint.safetensors")
+
+    def run(steps, state):
+        lm, original = load_model(planted[0]), load_model(planted[0])
+        details = finetune(lm.model, original.model, fp, lm.tokenizer,
+                           FinetuneConfig(data=str(corpus), steps=steps, lr=1e-3, batch_size=2, seq_len=16, save_every=2),
+                           checkpoint_dir=state)
+        return lm.model, details
+
+    straight, _ = run(6, tmp_path / "a")
+    run(3, tmp_path / "b")  # "interrupted" after 3 steps: its state is on disk
+    resumed, details = run(6, tmp_path / "b")
+    assert details["resumed_from"] == 3
+    for (name, p), q in zip(straight.named_parameters(), resumed.parameters()):
+        assert torch.allclose(p, q, atol=1e-6), name
+
+
+def test_empty_data_is_an_input_error(tmp_path):
+    (tmp_path / "d").mkdir()
+    with pytest.raises(InputError, match="no text found"):
+        read_corpus(tmp_path / "d")
