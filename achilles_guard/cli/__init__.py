@@ -48,6 +48,9 @@ def _root(
 
 # Command modules register themselves on import (one line each).
 from achilles_guard.cli import scan as _scan  # noqa: E402,F401
+from achilles_guard.cli import verify as _verify  # noqa: E402,F401
+from achilles_guard.cli import fingerprint_cmd as _fingerprint_cmd  # noqa: E402,F401
+from achilles_guard.cli import tamper as _tamper  # noqa: E402,F401
 
 
 def main(argv: list[str] | None = None) -> int:
