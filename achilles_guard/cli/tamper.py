@@ -28,7 +28,7 @@ from achilles_guard.cli.common import guarded, stderr, stdout
 from achilles_guard.errors import InputError, UsageError
 from achilles_guard.neurons import Neuron
 
-__all__ = ["TamperKind", "TamperTarget", "tamper_checkpoint", "tamper_command", "MARKER"]
+__all__ = ["TamperKind", "TamperTarget", "select_targets", "tamper_checkpoint", "check_out", "tamper_command", "MARKER"]
 
 MARKER = "TAMPERED_BY_GUARD.json"
 BANNER = "RED-TEAM TOOL: this writes a deliberately SABOTAGED copy of the checkpoint, for testing gates. Never deploy it."
@@ -71,9 +71,9 @@ def tamper_command(
     the critical set of a report.json / fingerprint, its top-N, or explicit --neuron MODULE:CHANNEL.
     Refuses to write over its input or an existing --out. Exit 0 written, 2 bad input.
     """
-    log = stderr()
-    log.print(f"[bold yellow]{BANNER}[/]")
+    check_out(checkpoint_dir, out)
     targets = select_targets(checkpoint_dir, neurons, neuron, top)
+    stderr().print(f"[bold yellow]{BANNER}[/]", soft_wrap=True)  # after every input check: errors stay one line
     written = tamper_checkpoint(checkpoint_dir, out, targets, kind=kind, scale=scale, noise=noise, seed=seed)
     table = Table(title=f"RED-TEAM: sabotaged copy written to {written} ({kind.value})", title_justify="left")
     for col in ("neuron", "slice", "axis", "index"):
@@ -82,7 +82,7 @@ def tamper_command(
         table.add_row(str(t.neuron), t.checkpoint_key, str(t.axis), str(t.index))
     console = stdout()
     console.print(table)
-    console.print(f"[bold red]{BANNER}[/]")
+    console.print(f"[bold red]{BANNER}[/]", soft_wrap=True)
 
 
 def select_targets(src: Path, source: Path | None, explicit: list[str], top: int | None) -> list[TamperTarget]:
@@ -131,12 +131,7 @@ def tamper_checkpoint(
     kind = TamperKind(kind)
     if not targets:
         raise UsageError("no weight slice to tamper with")
-    if out.exists() or out.resolve() == src.resolve():
-        raise InputError(f"--out {out}: already exists; guard tamper refuses to write over anything (its input included)")
-    if src.resolve() in out.resolve().parents:
-        raise InputError(f"--out {out}: is inside the input checkpoint; choose a path outside it")
-    if not out.parent.is_dir():
-        raise InputError(f"--out {out}: parent directory {out.parent} does not exist")
+    check_out(src, out)
     with Checkpoint.open(src) as ckpt:
         shard_of = {t.checkpoint_key: ckpt.shard_of(t.checkpoint_key) for t in targets}
     by_shard: dict[str, list[TamperTarget]] = {}
@@ -166,6 +161,17 @@ def tamper_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def check_out(src: Path, out: Path) -> None:
+    """Refuse an --out that exists (the input included), sits inside the input, or has no parent."""
+    src, out = Path(src), Path(out)
+    if out.exists() or out.resolve() == src.resolve():
+        raise InputError(f"--out {out}: already exists; guard tamper refuses to write over anything (its input included)")
+    if src.resolve() in out.resolve().parents:
+        raise InputError(f"--out {out}: is inside the input checkpoint; guard tamper refuses to write into its input")
+    if not out.parent.is_dir():
+        raise InputError(f"--out {out}: parent directory {out.parent} does not exist")
 
 
 def _tampered(view: torch.Tensor, t: TamperTarget, kind: TamperKind, scale: float, noise: float, generator) -> torch.Tensor:
