@@ -99,7 +99,8 @@ def test_missing_and_shape_mismatch(planted_scan, fp, sharded, tmp_path, layout)
         else:
             tensors[DOWN] = tensors[DOWN][:, :-1].contiguous()  # one fewer input feature
         save_file(tensors, str(target), metadata={"format": "pt"})
-        report = verify_checkpoint(dst, fp)
+        report = verify_checkpoint(dst, fp, functional=FunctionalParams())
+        assert report.functional is None and "skipped" in report.functional_skipped
         expected = SliceStatus.missing if case == "missing" else SliceStatus.shape_mismatch
         bad = report.tampered_slices
         assert not report.ok and bad and all(v.status is expected and v.param == DOWN for v in bad)
@@ -152,6 +153,9 @@ def test_classify_rules():
     status, factor, rel, _ = classify(ref, ref * 0.3, 0.0)
     assert status is SliceStatus.scaled and abs(factor - 0.3) < 1e-6 and abs(rel - 0.7) < 1e-6
     assert classify(ref, -ref, 0.0)[0] is SliceStatus.sign_flipped
+    via_bf16 = ref.to(torch.bfloat16).to(torch.float32)  # cast down and back up: rounding only
+    assert classify(torch.tensor([1.001, -2.003, 3.0]), torch.tensor([1.001, -2.003, 3.0]).bfloat16().float(), 0.0)[0] is SliceStatus.equivalent
+    assert classify(ref, via_bf16, 0.0)[0] is SliceStatus.equivalent
     tiny = ref.clone()
     tiny[0] += 1e-6  # a same-dtype change below fp16 rounding is still a change
     status, _, rel, _ = classify(ref, tiny, 0.0)

@@ -101,6 +101,8 @@ def render_verification(doc: dict) -> Group:
             f"(still critical: {'n/a' if fc['still_critical'] is None else 'yes' if fc['still_critical'] else 'NO'})",
             style="green" if fc["ok"] else "bold red",
         ))
+    if doc.get("functional_skipped"):
+        parts.append(Text(f"functional: {doc['functional_skipped']}", style="yellow"))
     if doc["verdict"] == "intact":
         parts.append(Text("verdict: INTACT (every critical weight slice matches the fingerprint)", style="bold green"))
     else:
