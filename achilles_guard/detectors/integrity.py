@@ -323,7 +323,7 @@ def _prefetch(ckpt: Checkpoint, records) -> None:
     """
     if not hasattr(os, "posix_fadvise"):
         return
-    wanted: dict[str, list[SliceRecord]] = {}
+    wanted: dict[str, list[tuple[str, SliceRecord]]] = {}
     for r in records:
         name = r.checkpoint_key if r.checkpoint_key in ckpt.weight_map else resolve_key(ckpt.weight_map, r.param)
         if name is not None and r.axis == 0:
