@@ -83,6 +83,11 @@ class Checkpoint:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    @property
+    def opened_shards(self) -> tuple[str, ...]:
+        """Shard files actually opened so far (a verification opens only the ones it needs)."""
+        return tuple(sorted(self._handles))
+
     def shard_of(self, name: str) -> str:
         return self.weight_map[name]
 

@@ -114,3 +114,39 @@ def scanned(model_dir: Path, out: Path, *, text: str = PROBE, **params) -> Path:
     write_json(out / "report.json", scan_report(result))
     write_fingerprint(out / "fingerprint.safetensors", result, top=16)
     return out
+def reshard(src: Path, dst: Path, *, shards: int = 3, dtype: torch.dtype | None = None) -> Path:
+    """Re-save a checkpoint as `shards` safetensors files + model.safetensors.index.json (optionally
+    casting floating tensors to `dtype`), copying config and tokenizer files. Returns dst."""
+    import json
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for f in sorted(src.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as handle:
+            tensors.update({k: handle.get_tensor(k) for k in handle.keys()})
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    names = list(tensors)
+    per = -(-len(names) // shards)
+    weight_map = {}
+    for i in range(shards):
+        shard = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: tensors[k].contiguous() for k in names[i * per : (i + 1) * per]}
+        save_file(part, str(dst / shard), metadata={"format": "pt"})
+        weight_map.update({k: shard for k in part})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    for f in src.iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and f.name != "model.safetensors.index.json":
+            shutil.copy2(f, dst / f.name)
+    if dtype is not None:
+        config = json.loads((dst / "config.json").read_text())
+        config["dtype"] = str(dtype).removeprefix("torch.")
+        config.pop("torch_dtype", None)
+        (dst / "config.json").write_text(json.dumps(config, indent=2))
+    return dst

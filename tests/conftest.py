@@ -35,3 +35,23 @@ def planted(tmp_path_factory):
 @pytest.fixture(scope="session")
 def random_llama_dir(tmp_path_factory):
     return save_model(tiny_model("llama"), tmp_path_factory.mktemp("random") / "llama")
+
+
+@pytest.fixture(scope="session")
+def planted_scan(planted, tmp_path_factory):
+    """(model_dir, critical_set, out_dir) with out_dir/{report.json, fingerprint.safetensors, signed.safetensors,
+    key}: a quick scan (5 samples) of `planted`, fingerprinting the set + top 8; signed copy with `key`."""
+    from achilles_guard.fingerprint import write_fingerprint
+    from achilles_guard.model import load_model
+    from achilles_guard.report import scan_report, write_json
+    from achilles_guard.scan import ScanParams, run_scan, tokenize_probe
+
+    path, critical = planted
+    out = tmp_path_factory.mktemp("planted-scan")
+    lm = load_model(path)
+    result = run_scan(lm, [tokenize_probe(lm, "probe", PROBE)], ScanParams(samples=5))
+    write_json(out / "report.json", scan_report(result))
+    write_fingerprint(out / "fingerprint.safetensors", result, top=8)
+    (out / "key").write_bytes(b"0123456789abcdef-test-signing-key\n")
+    write_fingerprint(out / "signed.safetensors", result, top=8, sign_key=b"0123456789abcdef-test-signing-key")
+    return path, critical, out

@@ -1,0 +1,101 @@
+"""`guard fingerprint show FP`: what a fingerprint holds, as a table (or JSON)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from achilles_guard.cli import app
+from achilles_guard.cli.common import Format, guarded, stdout
+
+__all__ = ["fingerprint_app", "show_command", "fingerprint_doc"]
+
+fingerprint_app = typer.Typer(
+    help="Inspect a critical-weight fingerprint (fingerprint.safetensors written by `guard scan`).",
+    no_args_is_help=True,
+)
+app.add_typer(fingerprint_app, name="fingerprint")
+
+
+@fingerprint_app.command("show")
+@guarded
+def show_command(
+    fingerprint: Path = typer.Argument(..., help="fingerprint.safetensors", show_default=False),
+    verify_key: Optional[str] = typer.Option(None, help="Check its HMAC signature first: a key file path or env:VAR."),
+    format: Format = typer.Option(Format.table, "--format", help="table or json (sarif is not meaningful here)."),
+) -> None:
+    """Print a fingerprint's header and its neurons (rank, slices, activation baselines).
+
+    Exit 0 ok, 1 bad or missing signature with --verify-key, 2 unreadable or not a fingerprint.
+    """
+    from achilles_guard.errors import UsageError
+    from achilles_guard.fingerprint import load_fingerprint, read_key
+    from achilles_guard.report import dumps
+
+    if format is Format.sarif:
+        raise UsageError("--format sarif: a fingerprint is not a finding; use table or json")
+    key = read_key(verify_key) if verify_key else None
+    fp = load_fingerprint(fingerprint, verify_key=key)
+    doc = fingerprint_doc(fp, signature="verified" if key else ("signed, not checked" if fp.signed else "unsigned"))
+    console = stdout()
+    if format is Format.json:
+        console.file.write(dumps(doc))
+        return
+    console.print(_render(doc))
+
+
+def fingerprint_doc(fp, *, signature: str) -> dict:
+    """A JSON view of a Fingerprint (metadata decoded, tensors summarised)."""
+    return {
+        "path": fp.path,
+        "format": fp.metadata.get("format"),
+        "schema_version": int(fp.metadata.get("schema_version", "0")),
+        "tool_version": fp.tool_version,
+        "architecture": fp.architecture,
+        "model_type": fp.model_type,
+        "config_sha256": fp.config_sha256,
+        "signature": signature,
+        "scan_params": fp.scan_params,
+        "baseline_loss": fp.baseline_loss,
+        "probe_texts": len(fp.probe_texts),
+        "critical_set": [{"module": n.module, "channel": n.channel} for n in fp.critical_set],
+        "slices": {k: {"param": s.param, "axis": s.axis, "index": s.index, "shard": s.shard, "dtype": s.dtype,
+                       "shape": list(s.shape), "sha256": s.sha256} for k, s in sorted(fp.slices.items())},
+        "neurons": [{
+            "rank": r.rank, "module": r.neuron.module, "channel": r.neuron.channel, "layer": r.layer,
+            "component": r.component, "critical": r.critical,
+            "importance": r.importance if r.importance == r.importance and abs(r.importance) != float("inf") else None,
+            "slices": list(r.slices),
+            "baseline": {"mean": r.baseline.mean, "std": r.baseline.std, "max_abs": r.baseline.max_abs, "mean_abs": r.baseline.mean_abs},
+        } for r in fp.neurons],
+    }
+
+
+def _render(doc: dict) -> Group:
+    head = Text.assemble(
+        ("fingerprint ", "dim"), (doc["path"], "bold"),
+        (f"  {doc['format']} v{doc['schema_version']}, guard {doc['tool_version']}, signature: {doc['signature']}\n", "dim"),
+        ("model ", "dim"), (f"{doc['architecture']} ({doc['model_type']})", "bold"),
+        (f"  config sha256 {doc['config_sha256'][:16]}…  baseline loss {doc['baseline_loss']:.4f} nats, "
+         f"{doc['probe_texts']} probe text(s)\n", "dim"),
+        ("scan ", "dim"), (json.dumps(doc["scan_params"], sort_keys=True), "dim"),
+    )
+    crit = ", ".join(f"{n['module']}[{n['channel']}]" for n in doc["critical_set"]) or "none (the scan did not converge)"
+    table = Table(title=f"{len(doc['neurons'])} neurons, {len(doc['slices'])} weight slices", title_justify="left")
+    for col, justify in (("rank", "right"), ("neuron", "left"), ("layer", "right"), ("component", "left"),
+                         ("critical", "left"), ("slices", "right"), ("shard(s)", "left"), ("mean", "right"),
+                         ("std", "right"), ("max |a|", "right")):
+        table.add_column(col, justify=justify)
+    for n in doc["neurons"]:
+        shards = sorted({doc["slices"][k]["shard"] for k in n["slices"]})
+        b = n["baseline"]
+        table.add_row(str(n["rank"]), f"{n['module']}[{n['channel']}]", str(n["layer"]), n["component"],
+                      "yes" if n["critical"] else "", str(len(n["slices"])), ", ".join(shards),
+                      f"{b['mean']:.3g}", f"{b['std']:.3g}", f"{b['max_abs']:.3g}")
+    return Group(head, Text(f"critical set: {crit}", style="bold"), table)

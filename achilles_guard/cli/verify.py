@@ -1,0 +1,115 @@
+"""`guard verify-checkpoint`: gate a deployment on a checkpoint's critical weights matching a fingerprint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from achilles_guard.cli import app
+from achilles_guard.cli.common import Format, guarded, stderr, stdout
+from achilles_guard.errors import EXIT_FINDING, EXIT_OK
+
+__all__ = ["verify_command", "render_verification"]
+
+
+@app.command("verify-checkpoint")
+@guarded
+def verify_command(
+    checkpoint_dir: Path = typer.Argument(..., help="Checkpoint directory (safetensors, sharded or not).", show_default=False),
+    fingerprint: Path = typer.Option(..., "--fingerprint", help="fingerprint.safetensors written by `guard scan`.", show_default=False),
+    functional: bool = typer.Option(False, "--functional", help="Also load the model: probe loss vs baseline, and re-mask the critical set."),
+    tolerance: float = typer.Option(0.05, help="--functional fails when the probe loss rises by >= this many orders of magnitude of PPL."),
+    verify_key: Optional[str] = typer.Option(None, help="Require a valid HMAC signature: a key file path or env:VAR."),
+    dtype: str = typer.Option("auto", help="--functional: dtype to load the model in."),
+    device: str = typer.Option("auto", help="--functional: auto, cpu, cuda or cuda:N."),
+    format: Format = typer.Option(Format.table, "--format", help="What stdout carries: table, json or sarif."),
+) -> None:
+    """Check that the weight slices producing the fingerprinted neurons are unchanged.
+
+    Reads only those slices (milliseconds, whatever the checkpoint size); loads the model only with
+    --functional. Exit 0 every slice intact or equivalent (and config, functional check ok),
+    1 tampered (or a bad/missing signature with --verify-key), 2 bad input, 3 runtime failure.
+    """
+    from achilles_guard.detectors.integrity import FunctionalParams, report_doc, report_sarif, verify_checkpoint
+    from achilles_guard.errors import UsageError
+    from achilles_guard.fingerprint import load_fingerprint, read_key
+    from achilles_guard.report import dumps
+
+    if not tolerance > 0:
+        raise UsageError(f"--tolerance must be > 0 (got {tolerance})")
+    key = read_key(verify_key) if verify_key else None
+    fp = load_fingerprint(fingerprint, verify_key=key)
+    if key is not None:
+        signature = "verified"
+    elif fp.signed:
+        signature = "not checked"
+        stderr().print("[yellow]warning:[/] the fingerprint is signed but no --verify-key was given; its signature was not checked")
+    else:
+        signature = "unsigned"
+    params = FunctionalParams(tolerance=tolerance, dtype=dtype, device=device) if functional else None
+    report = verify_checkpoint(checkpoint_dir, fp, functional=params, signature=signature)
+    doc = report_doc(report)
+    console = stdout()
+    if format is Format.json:
+        console.file.write(dumps(doc))
+    elif format is Format.sarif:
+        console.file.write(dumps(report_sarif(doc)))
+    else:
+        console.print(render_verification(doc))
+    raise typer.Exit(EXIT_OK if report.ok else EXIT_FINDING)
+
+
+def render_verification(doc: dict) -> Group:
+    """The terminal view of a verification document."""
+    parts: list = []
+    ckpt, fp = doc["checkpoint"], doc["fingerprint"]
+    parts.append(Text.assemble(
+        ("checkpoint ", "dim"), (ckpt["path"], "bold"), ("  vs fingerprint ", "dim"), (fp["path"], "bold"),
+        (f"  ({fp['slices']} slices of {fp['neurons']} neurons, signature {fp['signature']}, "
+         f"{len(ckpt['shards_read'])} shard(s) read in {doc['timings']['verify_s'] * 1000:.1f} ms)", "dim"),
+    ))
+    counts = ", ".join(f"{n} {status}" for status, n in doc["counts"].items() if n)
+    parts.append(Text(f"slices: {counts}"))
+    if not doc["config_matches"]:
+        parts.append(Text(
+            f"config.json changed: sha256 {ckpt['config_sha256'][:16]}… != fingerprinted {fp['config_sha256'][:16]}… "
+            f"(architecture {ckpt['architecture']} unchanged)", style="bold red",
+        ))
+    bad = [s for s in doc["slices"] if s["status"] not in ("intact", "equivalent")]
+    if bad:
+        table = Table(title="Changed weight slices", title_justify="left")
+        for col in ("neuron(s)", "critical", "slice", "shard", "status"):
+            table.add_column(col)
+        for s in bad:
+            who = ", ".join(f"{n['module']}[{n['channel']}]" for n in s["neurons"]) or "-"
+            table.add_row(who, "yes" if s["critical"] else "", s["key"], s["shard"],
+                          Text(s["description"], style="red"))
+        parts.append(table)
+    fc = doc["functional"]
+    if fc is not None:
+        delta = "inf" if fc["delta_log10"] is None else f"{fc['delta_log10']:+.3f}"
+        masked = "n/a" if fc["masked_delta_log10"] is None and fc["still_critical"] is None else (
+            "inf" if fc["masked_delta_log10"] is None else f"{fc['masked_delta_log10']:.2f}")
+        parts.append(Text(
+            f"functional: probe loss Δ = {delta} orders of magnitude (tolerance {fc['tolerance']}) "
+            f"{'ok' if fc['loss_ok'] else 'FAILED'}; critical set re-masked: Δ = {masked} "
+            f"(still critical: {'n/a' if fc['still_critical'] is None else 'yes' if fc['still_critical'] else 'NO'})",
+            style="green" if fc["ok"] else "bold red",
+        ))
+    if doc.get("functional_skipped"):
+        parts.append(Text(f"functional: {doc['functional_skipped']}", style="yellow"))
+    if doc["verdict"] == "intact":
+        parts.append(Text("verdict: INTACT (every critical weight slice matches the fingerprint)", style="bold green"))
+    else:
+        tampered = doc["tampered_neurons"]
+        crit = sum(n["critical"] for n in tampered)
+        parts.append(Text(
+            f"verdict: TAMPERED ({len(tampered)} fingerprinted neuron(s) changed, {crit} of them critical)",
+            style="bold red",
+        ))
+    return Group(*parts)

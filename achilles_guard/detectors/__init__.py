@@ -1,0 +1,1 @@
+"""Detectors: checks of a checkpoint or a running model against a fingerprint."""

@@ -1,0 +1,524 @@
+"""Checkpoint integrity: compare a checkpoint's critical weight slices with a fingerprint.
+
+Only the fingerprinted slices are read (`safe_open(...).get_slice(name)[row]`, following
+`model.safetensors.index.json`), so a check costs milliseconds whatever the checkpoint size. The
+model itself is loaded only for the optional functional check.
+
+    fp = load_fingerprint("guard-out/fingerprint.safetensors", verify_key=None)
+    report = verify_checkpoint("path/to/checkpoint", fp)           # IntegrityReport
+    report.ok, report.counts, report.tampered_slices[0].status       # False, {...}, "zeroed"
+    report = verify_checkpoint(path, fp, functional=FunctionalParams(tolerance=0.05))
+
+Every slice gets exactly one status (`SliceStatus`), decided in this order:
+`missing` (the tensor is gone), `shape-mismatch` (the whole tensor's shape changed), `intact`
+(same dtype, same bytes), `equivalent` (same values: a dtype change within the coarser dtype's
+rounding, or equal values with different bytes such as -0.0), `zeroed` (every element equals the
+slice's null value), `sign-flipped` / `scaled` (the slice is `factor × reference` up to rounding),
+else `perturbed` with the relative L2 change ||new - ref|| / ||ref||.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+import torch
+
+from achilles_guard.checkpoint import Checkpoint, resolve_key, tensor_sha256
+from achilles_guard.errors import InputError, UsageError
+from achilles_guard.fingerprint import Fingerprint, NeuronRecord, SliceRecord
+
+__all__ = [
+    "SliceStatus",
+    "SliceVerdict",
+    "ConfigCheck",
+    "FunctionalParams",
+    "FunctionalCheck",
+    "IntegrityReport",
+    "classify",
+    "verify_checkpoint",
+    "check_config",
+    "functional_check",
+    "OK_STATUSES",
+]
+
+
+class SliceStatus(str, Enum):
+    intact = "intact"
+    equivalent = "equivalent"
+    zeroed = "zeroed"
+    scaled = "scaled"
+    sign_flipped = "sign-flipped"
+    perturbed = "perturbed"
+    missing = "missing"
+    shape_mismatch = "shape-mismatch"
+
+
+OK_STATUSES = frozenset({SliceStatus.intact, SliceStatus.equivalent})
+
+# safetensors dtype strings -> torch dtypes (what `get_slice(...).get_dtype()` returns)
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class SliceVerdict:
+    """What happened to one fingerprinted slice, and which neurons it produces."""
+
+    key: str  # fingerprint tensor name, e.g. model.layers.0.mlp.down_proj.weight@0:11
+    param: str
+    checkpoint_key: str | None  # tensor name found in the checkpoint (None when missing)
+    shard: str  # shard file holding it now (the fingerprinted shard when missing)
+    status: SliceStatus
+    neurons: tuple[NeuronRecord, ...]
+    expected_dtype: str
+    actual_dtype: str | None
+    expected_shape: tuple[int, ...]
+    actual_shape: tuple[int, ...] | None
+    factor: float | None = None  # scaled / sign-flipped: new = factor × reference
+    rel_l2: float | None = None  # ||new - ref|| / ||ref|| (inf when the reference is all zeros)
+    max_abs_diff: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status in OK_STATUSES
+
+    @property
+    def critical(self) -> bool:
+        return any(n.critical for n in self.neurons)
+
+    def describe(self) -> str:
+        """One human line: what changed and how much."""
+        s = self.status
+        if s is SliceStatus.scaled:
+            return f"scaled by {self.factor:.4g}"
+        if s is SliceStatus.perturbed:
+            return f"perturbed (relative L2 change {_fmt(self.rel_l2)})"
+        if s is SliceStatus.missing:
+            return f"missing: {self.param} is not in the checkpoint"
+        if s is SliceStatus.shape_mismatch:
+            return f"shape {list(self.actual_shape or ())} != fingerprinted {list(self.expected_shape)}"
+        if s is SliceStatus.equivalent:
+            return f"equivalent ({self.expected_dtype} -> {self.actual_dtype})" if self.expected_dtype != self.actual_dtype else "equivalent (same values)"
+        return s.value
+
+
+@dataclass(frozen=True)
+class ConfigCheck:
+    expected_sha256: str
+    actual_sha256: str
+    expected_architecture: str
+    actual_architecture: str
+
+    @property
+    def matches(self) -> bool:
+        return self.expected_sha256 == self.actual_sha256
+
+
+@dataclass(frozen=True)
+class FunctionalParams:
+    tolerance: float = 0.05  # fail when the probe loss rises by >= this many orders of magnitude of PPL
+    dtype: str = "auto"
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class FunctionalCheck:
+    """The model loaded: probe loss vs the fingerprint's baseline, and the critical set re-masked."""
+
+    baseline_loss: float  # nats, from the fingerprint
+    loss: float  # nats, this checkpoint, first probe text
+    delta_log10: float  # (loss - baseline) / ln 10
+    tolerance: float
+    masked_loss: float | None  # critical set masked (None when the fingerprint has no set)
+    masked_delta_log10: float | None  # vs this checkpoint's own clean loss
+    epsilon: float  # the scan's collapse threshold
+    load_s: float
+
+    @property
+    def loss_ok(self) -> bool:
+        return math.isfinite(self.delta_log10) and self.delta_log10 < self.tolerance
+
+    @property
+    def still_critical(self) -> bool | None:
+        return None if self.masked_delta_log10 is None else self.masked_delta_log10 >= self.epsilon
+
+    @property
+    def ok(self) -> bool:
+        return self.loss_ok and self.still_critical is not False
+
+
+@dataclass(frozen=True)
+class IntegrityReport:
+    checkpoint: str
+    fingerprint: str
+    signature: str  # "verified" | "not checked" | "unsigned"
+    config: ConfigCheck
+    slices: tuple[SliceVerdict, ...]
+    neurons: tuple[NeuronRecord, ...]
+    functional: FunctionalCheck | None
+    verify_s: float
+    shards_read: tuple[str, ...] = field(default=())
+    functional_skipped: str | None = None  # why --functional did not run, when it did not
+
+    @property
+    def tampered_slices(self) -> tuple[SliceVerdict, ...]:
+        return tuple(v for v in self.slices if not v.ok)
+
+    @property
+    def tampered_neurons(self) -> tuple[NeuronRecord, ...]:
+        """Fingerprinted neurons with at least one changed producing slice, in fingerprint order."""
+        hit = {v.key for v in self.tampered_slices}
+        return tuple(n for n in self.neurons if hit.intersection(n.slices))
+
+    @property
+    def counts(self) -> dict[str, int]:
+        out = {s.value: 0 for s in SliceStatus}
+        for v in self.slices:
+            out[v.status.value] += 1
+        return out
+
+    @property
+    def ok(self) -> bool:
+        functional_ok = self.functional is None or self.functional.ok
+        return not self.tampered_slices and self.config.matches and functional_ok
+
+    @property
+    def verdict(self) -> str:
+        return "intact" if self.ok else "tampered"
+
+
+def verify_checkpoint(
+    checkpoint_dir: str | Path,
+    fingerprint: Fingerprint,
+    *,
+    functional: FunctionalParams | None = None,
+    signature: str = "not checked",
+) -> IntegrityReport:
+    """Check every fingerprinted slice (and optionally the model's behaviour); never raises on tampering.
+
+    InputError (exit 2) for an unusable checkpoint or a fingerprint of another architecture.
+    """
+    t0 = time.perf_counter()
+    root = Path(checkpoint_dir)
+    config = check_config(root, fingerprint)
+    by_key: dict[str, list[NeuronRecord]] = {}
+    for record in fingerprint.neurons:
+        for key in record.slices:
+            by_key.setdefault(key, []).append(record)
+    verdicts = []
+    with Checkpoint.open(root) as ckpt:
+        _prefetch(ckpt, fingerprint.slices.values())
+        for key in sorted(fingerprint.slices):
+            record = fingerprint.slices[key]
+            verdicts.append(_verify_slice(ckpt, record, fingerprint.tensors[key], tuple(by_key.get(key, ()))))
+        shards = ckpt.opened_shards
+    verify_s = time.perf_counter() - t0
+    check, skipped = None, None
+    if functional is not None:
+        broken = [v for v in verdicts if v.status in (SliceStatus.missing, SliceStatus.shape_mismatch)]
+        if broken:  # the model cannot load consistently; the slices already fail the check
+            skipped = f"skipped: {broken[0].param} is {broken[0].status.value}, the model cannot be loaded as fingerprinted"
+        else:
+            check = functional_check(root, fingerprint, functional)
+    return IntegrityReport(
+        checkpoint=str(checkpoint_dir), fingerprint=fingerprint.path, signature=signature, config=config,
+        slices=tuple(verdicts), neurons=fingerprint.neurons, functional=check, verify_s=verify_s, shards_read=shards,
+        functional_skipped=skipped,
+    )
+
+
+def check_config(root: Path, fingerprint: Fingerprint) -> ConfigCheck:
+    """config.json's sha256 vs the fingerprint's; InputError when the architecture itself differs."""
+    from achilles_guard.model import config_sha256
+
+    config_path = root / "config.json"
+    if not root.is_dir():
+        raise InputError(f"{root}: no such directory" if not root.exists() else f"{root}: is a file; give the checkpoint's directory")
+    if not config_path.is_file():
+        raise InputError(f"{root}: no config.json; give a Hugging Face checkpoint directory")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        actual_arch = (config.get("architectures") or [config.get("model_type", "?")])[0]
+        model_type = config.get("model_type", "?")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError) as err:
+        raise InputError(f"{config_path}: unreadable config ({err})") from None
+    if model_type != fingerprint.model_type or actual_arch != fingerprint.architecture:
+        raise InputError(
+            f"fingerprint {fingerprint.path} was taken from a {fingerprint.architecture} ({fingerprint.model_type}) "
+            f"but {root} is a {actual_arch} ({model_type}): architecture differs; use this model's own fingerprint"
+        )
+    return ConfigCheck(fingerprint.config_sha256, config_sha256(root), fingerprint.architecture, actual_arch)
+
+
+def classify(reference: torch.Tensor, current: torch.Tensor, null_value: float) -> tuple[SliceStatus, float | None, float, float]:
+    """Status, factor, relative L2 change, max |diff| of `current` vs `reference` (same shape, 1-D or 0-D).
+
+    Tolerances are one ulp of the coarser of the two dtypes: what a re-save (fp32 -> fp16/bf16)
+    or a scale-then-round can introduce.
+    """
+    ref = reference.double().reshape(-1)  # (k,)
+    cur = current.double().reshape(-1)  # (k,)
+    eps = max(_eps(reference.dtype), _eps(current.dtype))
+    tiny = max(_tiny(reference.dtype), _tiny(current.dtype))
+    diff = cur - ref
+    ref_norm = float(ref.norm())
+    rel_l2 = float(diff.norm()) / ref_norm if ref_norm > 0 else (0.0 if float(diff.norm()) == 0 else math.inf)
+    max_abs = float(diff.abs().max()) if diff.numel() else 0.0
+    if not torch.isfinite(cur).all() and torch.isfinite(ref).all():
+        return SliceStatus.perturbed, None, math.inf, math.inf
+    if torch.equal(ref, cur):
+        return SliceStatus.equivalent, 1.0, 0.0, 0.0
+    if reference.dtype != current.dtype and bool((diff.abs() <= eps * ref.abs() + tiny).all()):
+        return SliceStatus.equivalent, 1.0, rel_l2, max_abs
+    if any(torch.equal(cur, reference.to(half).to(current.dtype).double().reshape(-1)) for half in _ROUND_TRIPS
+           if _eps(half) > _eps(current.dtype)):
+        return SliceStatus.equivalent, 1.0, rel_l2, max_abs  # cast to fp16/bf16 and back: rounding, not tampering
+    if bool((cur == null_value).all()):
+        return SliceStatus.zeroed, 0.0 if null_value == 0 else None, rel_l2, max_abs
+    if ref_norm > 0:
+        factor = float(cur @ ref) / float(ref @ ref)  # least-squares fit cur ≈ factor · ref
+        residual = float((cur - factor * ref).norm())
+        scale_tol = 2 * eps * max(float(cur.norm()), abs(factor) * ref_norm) + tiny * math.sqrt(cur.numel())
+        if residual <= scale_tol and abs(factor - 1.0) > 4 * eps:
+            status = SliceStatus.sign_flipped if abs(factor + 1.0) <= 4 * eps else SliceStatus.scaled
+            return status, factor, rel_l2, max_abs
+    return SliceStatus.perturbed, None, rel_l2, max_abs
+
+
+def _verify_slice(ckpt: Checkpoint, record: SliceRecord, reference: torch.Tensor, neurons: tuple[NeuronRecord, ...]) -> SliceVerdict:
+    base = dict(key=record.key, param=record.param, neurons=neurons, expected_dtype=record.dtype, expected_shape=record.shape)
+    name = record.checkpoint_key if record.checkpoint_key in ckpt.weight_map else resolve_key(ckpt.weight_map, record.param)
+    if name is None:
+        return SliceVerdict(**base, checkpoint_key=None, shard=record.shard, status=SliceStatus.missing, actual_dtype=None, actual_shape=None)
+    shape, dtype = ckpt.shape_dtype(name)
+    shard = ckpt.shard_of(name)
+    common = dict(base, checkpoint_key=name, shard=shard, actual_dtype=dtype, actual_shape=shape)
+    if shape != record.shape:
+        return SliceVerdict(**common, status=SliceStatus.shape_mismatch)
+    current = ckpt.read_slice(name, record.axis, record.index)  # (k,) or () for a bias entry
+    if dtype == record.dtype and tensor_sha256(current) == record.sha256:
+        return SliceVerdict(**common, status=SliceStatus.intact, factor=1.0, rel_l2=0.0, max_abs_diff=0.0)
+    if dtype not in _ST_DTYPES or not current.is_floating_point():
+        return SliceVerdict(**common, status=SliceStatus.perturbed)
+    status, factor, rel_l2, max_abs = classify(reference, current, record.null_value)
+    return SliceVerdict(**common, status=status, factor=factor, rel_l2=rel_l2, max_abs_diff=max_abs)
+
+
+def _prefetch(ckpt: Checkpoint, records) -> None:
+    """Ask the kernel for every needed row at once (posix_fadvise WILLNEED) so cold reads overlap.
+
+    A cold checkpoint on a network or virtual disk costs one I/O latency per slice when the slices
+    are read one by one; announced together, they are fetched in parallel. Best effort: any
+    problem here is left to the real read, which reports it.
+    """
+    if not hasattr(os, "posix_fadvise"):
+        return
+    wanted: dict[str, list[tuple[str, SliceRecord]]] = {}
+    for r in records:
+        name = r.checkpoint_key if r.checkpoint_key in ckpt.weight_map else resolve_key(ckpt.weight_map, r.param)
+        if name is not None and r.axis == 0:
+            wanted.setdefault(ckpt.shard_of(name), []).append((name, r))
+    for shard, items in wanted.items():
+        try:
+            fd = os.open(ckpt.root / shard, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+            header = json.loads(os.pread(fd, n, 8)) if n < (100 << 20) else {}
+            for name, r in items:
+                entry = header.get(name)
+                if not isinstance(entry, dict) or not r.shape:
+                    continue
+                start, end = entry["data_offsets"]
+                row = (end - start) // r.shape[0]
+                os.posix_fadvise(fd, 8 + n + start + r.index * row, row, os.POSIX_FADV_WILLNEED)
+        except (OSError, ValueError, KeyError, TypeError, struct.error):
+            pass
+        finally:
+            os.close(fd)
+
+
+def functional_check(root: Path, fingerprint: Fingerprint, params: FunctionalParams) -> FunctionalCheck:
+    """Load the model, compare its probe loss with the baseline, re-mask the critical set."""
+    from achilles_guard.masking import MaskPlan, masked
+    from achilles_guard.model import load_model
+    from achilles_guard.pcicn import clean_loss
+    from achilles_guard.perplexity import delta_log10
+    from achilles_guard.scan import tokenize_probe
+
+    if not (params.tolerance > 0 and math.isfinite(params.tolerance)):
+        raise UsageError(f"--tolerance must be a positive number (got {params.tolerance})")
+    if not fingerprint.probe_texts:
+        raise InputError(f"fingerprint {fingerprint.path}: has no probe text; --functional cannot run")
+    t0 = time.perf_counter()
+    lm = load_model(root, dtype=params.dtype, device=params.device)
+    load_s = time.perf_counter() - t0
+    probe = tokenize_probe(lm, "probe", fingerprint.probe_texts[0], allow_short=True)
+    loss = clean_loss(lm.model, probe.input_ids)
+    masked_loss = masked_delta = None
+    if fingerprint.critical_set:
+        scale = float(fingerprint.scan_params.get("mask_scale", 0.0))
+        with masked(lm.model, MaskPlan.fixed(fingerprint.critical_set, scale)):
+            masked_loss = clean_loss(lm.model, probe.input_ids)
+        masked_delta = delta_log10(masked_loss, loss)
+    return FunctionalCheck(
+        baseline_loss=fingerprint.baseline_loss, loss=loss, delta_log10=delta_log10(loss, fingerprint.baseline_loss),
+        tolerance=params.tolerance, masked_loss=masked_loss, masked_delta_log10=masked_delta,
+        epsilon=float(fingerprint.scan_params.get("epsilon", 1.0)), load_s=load_s,
+    )
+
+
+_ROUND_TRIPS = (torch.float16, torch.bfloat16)
+
+
+def _eps(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
+
+
+def _tiny(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).tiny if dtype.is_floating_point else 0.0
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else ("inf" if math.isinf(x) else f"{x:.3g}")
+
+
+
+# --- serialisation: the JSON document (schema achilles-guard/verify/v1) and SARIF ----------------
+
+SCHEMA = "achilles-guard/verify/v1"
+
+# Stable SARIF rule ids, one per finding kind, with their GitHub security-severity.
+RULES: dict[str, tuple[str, str, str]] = {
+    # status or finding: (rule id, rule name, security-severity)
+    "zeroed": ("AG101", "CriticalSliceZeroed", "9.5"),
+    "scaled": ("AG102", "CriticalSliceScaled", "8.5"),
+    "sign-flipped": ("AG103", "CriticalSliceSignFlipped", "8.5"),
+    "perturbed": ("AG104", "CriticalSlicePerturbed", "7.5"),
+    "missing": ("AG105", "CriticalSliceMissing", "8.0"),
+    "shape-mismatch": ("AG106", "CriticalSliceShapeMismatch", "8.0"),
+    "config": ("AG110", "ConfigChanged", "6.5"),
+    "functional": ("AG111", "FunctionalRegression", "9.0"),
+}
+
+
+def report_doc(report: IntegrityReport) -> dict:
+    """The JSON document of a verification (every number JSON-safe: inf/nan become null)."""
+    from achilles_guard import __version__
+
+    fc = report.functional
+    return {
+        "schema": SCHEMA,
+        "tool": {"name": "achilles-guard", "version": __version__},
+        "checkpoint": {"path": report.checkpoint, "config_sha256": report.config.actual_sha256,
+                       "architecture": report.config.actual_architecture, "shards_read": list(report.shards_read)},
+        "fingerprint": {"path": report.fingerprint, "config_sha256": report.config.expected_sha256,
+                        "architecture": report.config.expected_architecture, "signature": report.signature,
+                        "slices": len(report.slices), "neurons": len(report.neurons)},
+        "verdict": report.verdict,
+        "config_matches": report.config.matches,
+        "counts": report.counts,
+        "tampered_neurons": [_neuron_doc(n) for n in report.tampered_neurons],
+        "slices": [_slice_doc(v) for v in report.slices],
+        "functional": None if fc is None else {
+            "baseline_loss": _num(fc.baseline_loss), "loss": _num(fc.loss), "delta_log10": _num(fc.delta_log10),
+            "tolerance": fc.tolerance, "loss_ok": fc.loss_ok, "masked_loss": _num(fc.masked_loss),
+            "masked_delta_log10": _num(fc.masked_delta_log10), "epsilon": fc.epsilon,
+            "still_critical": fc.still_critical, "ok": fc.ok, "load_s": round(fc.load_s, 4),
+        },
+        "functional_skipped": report.functional_skipped,
+        "timings": {"verify_s": round(report.verify_s, 6)},
+    }
+
+
+def report_sarif(doc: dict) -> dict:
+    """SARIF 2.1.0: one result per changed slice (located at its shard file), config, functional."""
+    from achilles_guard import __version__
+
+    rules = [
+        {"id": rid, "name": name, "shortDescription": {"text": _RULE_TEXT[kind]},
+         "helpUri": "https://arxiv.org/abs/2510.10238",
+         "properties": {"security-severity": severity, "tags": ["security", "model-integrity"]}}
+        for kind, (rid, name, severity) in RULES.items()
+    ]
+    root = doc["checkpoint"]["path"]
+    results = []
+    for s in doc["slices"]:
+        if s["status"] in ("intact", "equivalent"):
+            continue
+        rid = RULES[s["status"]][0]
+        who = ", ".join(f"{n['module']}[{n['channel']}]" + (" (critical)" if n["critical"] else "") for n in s["neurons"])
+        results.append({
+            "ruleId": rid, "level": "error",
+            "message": {"text": f"{s['key']} in {s['shard']}: {s['description']}; produces {who or 'no recorded neuron'}"},
+            "locations": [_location(root, s["shard"])],
+            "properties": {k: s[k] for k in ("key", "param", "status", "factor", "rel_l2", "shard")},
+        })
+    if not doc["config_matches"]:
+        results.append({
+            "ruleId": RULES["config"][0], "level": "error",
+            "message": {"text": f"config.json sha256 {doc['checkpoint']['config_sha256'][:12]}… differs from the fingerprinted "
+                        f"{doc['fingerprint']['config_sha256'][:12]}… (same architecture {doc['checkpoint']['architecture']})"},
+            "locations": [_location(root, "config.json")],
+        })
+    fc = doc["functional"]
+    if fc is not None and not fc["ok"]:
+        results.append({
+            "ruleId": RULES["functional"][0], "level": "error",
+            "message": {"text": f"probe loss Δ = {fc['delta_log10']} orders of magnitude (tolerance {fc['tolerance']}); "
+                        f"critical set still critical: {fc['still_critical']}"},
+            "locations": [_location(root, "config.json")],
+        })
+    return {
+        "$schema": "https://json.schemastore.org/sarif-2.1.0.json",
+        "version": "2.1.0",
+        "runs": [{"tool": {"driver": {"name": "achilles-guard", "version": __version__,
+                                      "informationUri": "https://arxiv.org/abs/2510.10238", "rules": rules}},
+                  "results": results}],
+    }
+
+
+_RULE_TEXT = {
+    "zeroed": "A weight slice producing a fingerprinted neuron was set to its null value (the PCICN attack)",
+    "scaled": "A weight slice producing a fingerprinted neuron was multiplied by a factor",
+    "sign-flipped": "A weight slice producing a fingerprinted neuron had its sign flipped",
+    "perturbed": "A weight slice producing a fingerprinted neuron changed beyond dtype rounding",
+    "missing": "A fingerprinted weight tensor is missing from the checkpoint",
+    "shape-mismatch": "A fingerprinted weight tensor changed shape",
+    "config": "config.json differs from the one that was fingerprinted",
+    "functional": "The probe loss rose past the tolerance, or the critical set is no longer critical",
+}
+
+
+def _slice_doc(v: SliceVerdict) -> dict:
+    return {
+        "key": v.key, "param": v.param, "checkpoint_key": v.checkpoint_key, "shard": v.shard,
+        "status": v.status.value, "description": v.describe(), "factor": _num(v.factor), "rel_l2": _num(v.rel_l2),
+        "max_abs_diff": _num(v.max_abs_diff), "expected_dtype": v.expected_dtype, "actual_dtype": v.actual_dtype,
+        "expected_shape": list(v.expected_shape), "actual_shape": None if v.actual_shape is None else list(v.actual_shape),
+        "critical": v.critical, "neurons": [_neuron_doc(n) for n in v.neurons],
+    }
+
+
+def _neuron_doc(n: NeuronRecord) -> dict:
+    return {"module": n.neuron.module, "channel": n.neuron.channel, "layer": n.layer, "component": n.component,
+            "rank": n.rank, "critical": n.critical}
+
+
+def _location(root: str, name: str) -> dict:
+    return {"physicalLocation": {"artifactLocation": {"uri": Path(root, name).as_posix()}}}
+
+
+def _num(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else x

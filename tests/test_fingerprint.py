@@ -1,0 +1,82 @@
+"""The fingerprint file: what `guard scan` writes, read back, signed, shown."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from achilles_guard.checkpoint import Checkpoint, tensor_sha256
+from achilles_guard.cli import app
+from achilles_guard.errors import InputError
+from achilles_guard.fingerprint import FORMAT, SignatureError, load_fingerprint, read_key
+from tests.builders import run_guard
+
+
+def test_round_trip_exact_bytes_and_metadata(planted_scan):
+    path, critical, out = planted_scan
+    fp = load_fingerprint(out / "fingerprint.safetensors")
+    assert set(fp.critical_set) == critical
+    assert {r.neuron for r in fp.critical_records} == critical
+    assert len(fp.neurons) >= 8 and not fp.signed
+    assert fp.baseline_loss > 0 and fp.probe_texts
+    with Checkpoint.open(path) as ckpt:
+        for key, record in fp.slices.items():
+            exact = ckpt.read_slice(record.checkpoint_key, record.axis, record.index)
+            assert fp.tensors[key].dtype == exact.dtype and bool((fp.tensors[key] == exact).all())
+            assert record.sha256 == tensor_sha256(exact) and record.shard == "model.safetensors"
+    # plain safetensors can read it: format marker + JSON metadata
+    with safe_open(str(out / "fingerprint.safetensors"), framework="pt") as handle:
+        meta = handle.metadata()
+        assert meta["format"] == FORMAT and set(handle.keys()) == set(fp.slices)
+    assert json.loads(meta["critical_set"])
+
+
+def test_signed_fingerprint_verifies_with_its_key(planted_scan):
+    _, _, out = planted_scan
+    fp = load_fingerprint(out / "signed.safetensors", verify_key=read_key(str(out / "key")))
+    assert fp.signed
+
+
+def test_wrong_key_and_unsigned_fail_closed(planted_scan):
+    _, _, out = planted_scan
+    with pytest.raises(SignatureError, match="mismatch"):
+        load_fingerprint(out / "signed.safetensors", verify_key=b"another-key-of-enough-length")
+    with pytest.raises(SignatureError, match="not signed"):
+        load_fingerprint(out / "fingerprint.safetensors", verify_key=b"0123456789abcdef-test-signing-key")
+
+
+def test_flipped_byte_fails_closed(planted_scan, tmp_path):
+    _, _, out = planted_scan
+    raw = bytearray((out / "signed.safetensors").read_bytes())
+    raw[-3] ^= 0x01  # inside the last tensor's data
+    bad = tmp_path / "flipped.safetensors"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(SignatureError):
+        load_fingerprint(bad, verify_key=b"0123456789abcdef-test-signing-key")
+    with pytest.raises(InputError, match="sha256"):  # even without a key, the per-slice hash catches it
+        load_fingerprint(bad)
+
+
+def test_show_table_and_json(planted_scan):
+    _, critical, out = planted_scan
+    runner = CliRunner()
+    table = runner.invoke(app, ["fingerprint", "show", str(out / "fingerprint.safetensors")])
+    assert table.exit_code == 0, table.output
+    assert "critical set:" in table.output and "down_proj[11]" in table.output
+    doc = runner.invoke(app, ["fingerprint", "show", str(out / "signed.safetensors"), "--format", "json",
+                              "--verify-key", str(out / "key")])
+    assert doc.exit_code == 0, doc.output
+    parsed = json.loads(doc.stdout)
+    assert parsed["signature"] == "verified"
+    assert {(n["module"], n["channel"]) for n in parsed["critical_set"]} == {(n.module, n.channel) for n in critical}
+    wrong = runner.invoke(app, ["fingerprint", "show", str(out / "signed.safetensors"), "--verify-key", "env:GUARD_NO_SUCH_KEY"])
+    assert wrong.exit_code == 2  # unset key variable: usage error
+
+
+def test_show_subprocess_missing_file(tmp_path):
+    proc = run_guard(["fingerprint", "show", str(tmp_path / "nope.safetensors")])
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "no such file" in proc.stderr
