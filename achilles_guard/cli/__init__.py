@@ -48,6 +48,7 @@ def _root(
 
 # Command modules register themselves on import (one line each).
 from achilles_guard.cli import scan as _scan  # noqa: E402,F401
+from achilles_guard.cli import monitor as _monitor  # noqa: E402,F401
 
 
 def main(argv: list[str] | None = None) -> int:
