@@ -98,3 +98,14 @@ def run_guard(args: list[str], *, timeout: float = 300, env: dict | None = None,
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.run([sys.executable, "-m", "achilles_guard", *args], capture_output=True, text=True,
                           timeout=timeout, env=full_env, **kw)
+
+
+def planted_fingerprint(model_dir: Path, out: Path, *, samples: int = 10, top: int = 16) -> Path:
+    """Scan a planted model on PROBE (in-process, few samples) and write its fingerprint to `out`."""
+    from achilles_guard.fingerprint import write_fingerprint
+    from achilles_guard.model import load_model
+    from achilles_guard.scan import ScanParams, run_scan, tokenize_probe
+
+    lm = load_model(model_dir)
+    result = run_scan(lm, [tokenize_probe(lm, "probe", PROBE)], ScanParams(samples=samples))
+    return write_fingerprint(out, result, top=top)

@@ -35,3 +35,11 @@ def planted(tmp_path_factory):
 @pytest.fixture(scope="session")
 def random_llama_dir(tmp_path_factory):
     return save_model(tiny_model("llama"), tmp_path_factory.mktemp("random") / "llama")
+
+
+@pytest.fixture(scope="session")
+def planted_fp(planted, tmp_path_factory):
+    """Path of the fingerprint of the `planted` model (critical set = the 3 planted channels)."""
+    from tests.builders import planted_fingerprint
+
+    return planted_fingerprint(planted[0], tmp_path_factory.mktemp("planted-fp") / "fingerprint.safetensors")
