@@ -31,6 +31,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from achilles_guard.errors import InputError, UsageError
@@ -96,18 +97,18 @@ class _NeuronTable:
         self.channels = {m: torch.tensor([r.neuron.channel for r in rs], dtype=torch.long) for m, rs in per_module.items()}
         records = [r for m in self.modules for r in per_module[m]]
         self.names = tuple(str(r.neuron) for r in records)
-        self.mean_abs = torch.tensor([r.baseline.mean_abs for r in records], dtype=torch.float64)  # (K,)
-        self.max_abs = torch.tensor([r.baseline.max_abs for r in records], dtype=torch.float64)  # (K,)
-        critical = torch.tensor([r.critical for r in records], dtype=torch.bool)
+        self.mean_abs = np.array([r.baseline.mean_abs for r in records], dtype=np.float64)  # (K,)
+        self.max_abs = np.array([r.baseline.max_abs for r in records], dtype=np.float64)  # (K,)
+        critical = np.array([r.critical for r in records], dtype=bool)
         always_on = (self.mean_abs >= config.always_on_fraction * self.max_abs) & (self.max_abs > 0)
-        median = float(self.max_abs.median()) if records else 0.0
+        median = float(np.median(self.max_abs)) if records else 0.0
         massive = (self.max_abs >= config.massive_factor * median) & (self.max_abs > 0)
         self.ratio_checked = critical & always_on  # (K,)
         self.max_every = massive & always_on & ~critical  # (K,)
         self.max_prefill = (critical | massive) & ~always_on & (self.max_abs > 0)  # (K,)
         self.eps = 1e-6 * float(self.max_abs.max()) + 1e-12 if records else 1e-12
-        self.critical_names = tuple(n for n, c in zip(self.names, critical.tolist()) if c)
-        self.critical_index = torch.nonzero(critical).flatten()
+        self.critical_index = np.flatnonzero(critical)
+        self.critical_names = tuple(self.names[i] for i in self.critical_index)
 
 
 class ActivationMonitor:
@@ -148,8 +149,9 @@ class ActivationMonitor:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.metrics.monitored.set(len(self._table.names))
-        for name in self._table.critical_names:
-            self.metrics.ratio(name).set(1.0)
+        self._ratio_gauges = tuple(self.metrics.ratio(name) for name in self._table.critical_names)
+        for gauge in self._ratio_gauges:
+            gauge.set(1.0)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -235,13 +237,11 @@ class ActivationMonitor:
             idx = cache.get(out.device)
             if idx is None:
                 idx = cache[out.device] = idx_cpu.to(out.device)
-            a = out.detach()[..., idx]  # (B, T, k)
-            a = a.reshape(-1, a.shape[-1]).abs().float()  # (B*T, k)
             pending = getattr(local, "pending", None)
             if pending is None:
                 pending = local.pending = {}
                 local.spent = 0.0
-            pending[module] = (a.mean(0), a.amax(0), out.shape[-2] if out.dim() >= 2 else 1)  # (k,), (k,), T
+            pending[module] = out.detach()[..., idx]  # (B, T, k): a copy of only the watched channels
             local.spent += time.perf_counter() - t0
             if len(pending) == n_modules:
                 self._finish(pending)
@@ -253,11 +253,12 @@ class ActivationMonitor:
         t0 = time.perf_counter()
         table, local = self._table, self._local
         parts = [pending[m] for m in table.modules]
-        mean = torch.cat([p[0].cpu() for p in parts]).double()  # (K,)
-        peak = torch.cat([p[1].cpu() for p in parts]).double()  # (K,)
-        positions = max(p[2] for p in parts)
         pending.clear()
-        reading = _score(table, mean, peak, positions, math.log10(self.config.tolerance))
+        device = parts[0].device
+        watched = torch.cat([p.to(device).reshape(-1, p.shape[-1]) for p in parts], dim=-1).abs_()  # (B*T, K)
+        stats = torch.stack([watched.mean(0, dtype=torch.float32), watched.amax(0).float()]).cpu().double().numpy()  # (2, K)
+        positions = parts[0].shape[-2] if parts[0].dim() >= 2 else 1
+        reading = _score(table, stats[0], stats[1], positions, math.log10(self.config.tolerance))
         m = self.metrics
         m.forward_passes.inc()
         m.score.set(reading.score)
@@ -265,9 +266,9 @@ class ActivationMonitor:
         for kind in reading.kinds:
             m.anomalies[kind].inc()
         if len(table.critical_index):
-            ratios = ((mean[table.critical_index] + table.eps) / (table.mean_abs[table.critical_index] + table.eps)).tolist()
-            for name, ratio in zip(table.critical_names, ratios):
-                m.ratio(name).set(ratio if ratio == ratio else math.inf)
+            ratios = ((stats[0][table.critical_index] + table.eps) / (table.mean_abs[table.critical_index] + table.eps)).tolist()
+            for gauge, ratio in zip(self._ratio_gauges, ratios):
+                gauge.set(ratio if ratio == ratio else math.inf)
         with self._state_lock:
             self._forwards += 1
             self._last = reading
@@ -290,20 +291,20 @@ class ActivationMonitor:
             self._stop.wait(max(0.05, min(wait, 1.0)))
 
 
-def _score(table: _NeuronTable, mean: torch.Tensor, peak: torch.Tensor, positions: int, log_tol: float) -> ForwardReading:
-    """Score one forward: mean and peak are (K,) float64, in the table's neuron order."""
+def _score(table: _NeuronTable, mean: np.ndarray, peak: np.ndarray, positions: int, log_tol: float) -> ForwardReading:
+    """Score one forward: mean and peak |a| are (K,) float64 in the table's order (numpy: tiny arrays)."""
     eps = table.eps
-    log_ratio = torch.log10((mean + eps) / (table.mean_abs + eps)).nan_to_num(nan=math.inf)  # (K,)
-    log_peak = torch.log10((peak + eps) / (table.max_abs + eps)).nan_to_num(nan=-math.inf)  # (K,)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_ratio = np.nan_to_num(np.log10((mean + eps) / (table.mean_abs + eps)), nan=np.inf)  # (K,)
+        log_peak = np.nan_to_num(np.log10((peak + eps) / (table.max_abs + eps)), nan=-np.inf)  # (K,)
     collapse = table.ratio_checked & (log_ratio < -log_tol)
     surge = table.ratio_checked & (log_ratio > log_tol)
-    peak_checked = table.max_every | (table.max_prefill if positions >= 2 else torch.zeros_like(table.max_every))
+    peak_checked = table.max_every | table.max_prefill if positions >= 2 else table.max_every
     missing = peak_checked & (log_peak < -log_tol)
-    excess = torch.cat([
-        torch.where(table.ratio_checked, log_ratio.abs() - log_tol, 0.0),
-        torch.where(peak_checked, -log_peak - log_tol, 0.0),
-    ]).clamp(0.0, _SCORE_CAP)  # (2K,)
-    bad = collapse | surge | missing
-    kinds = tuple(k for k, hit in (("collapse", collapse), ("surge", surge), ("massive_missing", missing)) if bool(hit.any()))
-    names = tuple(n for n, b in zip(table.names, bad.tolist()) if b) if kinds else ()
-    return ForwardReading(float(excess.max()) if excess.numel() else 0.0, names, kinds, positions)
+    excess = np.concatenate([
+        np.where(table.ratio_checked, np.abs(log_ratio) - log_tol, 0.0),
+        np.where(peak_checked, -log_peak - log_tol, 0.0),
+    ]).clip(0.0, _SCORE_CAP)  # (2K,)
+    kinds = tuple(k for k, hit in (("collapse", collapse), ("surge", surge), ("massive_missing", missing)) if hit.any())
+    names = tuple(table.names[i] for i in np.flatnonzero(collapse | surge | missing)) if kinds else ()
+    return ForwardReading(float(excess.max()) if excess.size else 0.0, names, kinds, positions)
