@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from achilles_guard.fingerprint import load_fingerprint
 from achilles_guard.model import load_model
 from achilles_guard.monitor import ActivationMonitor
-from achilles_guard.monitor.server import ServeContext, build_server
+from achilles_guard.monitor.server import ServeContext, ServerLimits, build_server
 from tests.builders import REPO, run_guard
 from tests.test_monitor import varied_prompts
 
@@ -208,17 +208,38 @@ def test_promtool_accepts_a_real_scrape(server):
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_test_endpoints_are_off_without_the_flag(planted, planted_fp):
+def _post(port, path, body: bytes):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("POST", path, body=body)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def test_in_process_server_limits_and_no_test_endpoints_by_default(planted, planted_fp):
     lm = load_model(planted[0])
     monitor = ActivationMonitor(lm.model, load_fingerprint(planted_fp), registry=CollectorRegistry(), tokenizer=lm.tokenizer)
-    srv = build_server(ServeContext(lm, monitor), host="127.0.0.1", port=0)
+    srv = build_server(ServeContext(lm, monitor, ServerLimits(max_in_flight=1)), host="127.0.0.1", port=0)
+    port = srv.server_address[1]
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
-        conn = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=30)
-        conn.request("POST", "/v1/test/disrupt", body=b"{}")
-        assert conn.getresponse().status == 404
+        assert _post(port, "/v1/test/disrupt", b"{}")[0] == 404  # no --enable-test-endpoints
         assert monitor.check_integrity().ok
+        first = {}
+        with monitor.lock:  # the model is busy: the first request takes the only slot and waits
+            waiter = threading.Thread(target=lambda: first.update(r=_post(port, "/v1/completions", b'{"prompt": "hi", "max_tokens": 2}')))
+            waiter.start()
+            deadline = time.monotonic() + 30
+            while monitor.metrics.registry.get_sample_value("guard_http_in_flight_requests", {"model": "model"}) != 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            status, body = _post(port, "/v1/completions", b'{"prompt": "hi", "max_tokens": 2}')
+            assert status == 429 and b"in flight" in body
+        waiter.join(30)
+        assert first["r"][0] == 200
     finally:
         srv.shutdown()
         srv.server_close()

@@ -28,7 +28,8 @@ __all__ = ["monitor_command", "status_table"]
 @app.command("monitor")
 @guarded
 def monitor_command(
-    model_dir: str = typer.Argument(..., help="Local Hugging Face model directory to monitor.", show_default=False),
+    model_dir: Optional[str] = typer.Argument(None, help="Local Hugging Face model directory to monitor.", show_default=False),
+    demo: bool = typer.Option(False, "--demo", help="Monitor the built-in synthetic demonstration model (fingerprint it with guard scan --demo)."),
     fingerprint: Path = typer.Option(..., "--fingerprint", help="fingerprint.safetensors written by guard scan for this model."),
     serve: bool = typer.Option(False, "--serve", help="Serve /metrics, /healthz and /v1/completions over HTTP."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (--serve)."),
@@ -63,6 +64,8 @@ def monitor_command(
     from achilles_guard.monitor import ActivationMonitor, MonitorConfig
     from achilles_guard.monitor.server import ServeContext, ServerLimits, build_server
 
+    if demo == (model_dir is not None):
+        raise UsageError("give either MODEL_DIR or --demo (exactly one)")
     if not 0 <= port <= 65535:
         raise UsageError(f"--port must be 0-65535 (got {port})")
     if interval <= 0:
@@ -81,8 +84,12 @@ def monitor_command(
     if serve:  # bind before the slow model load: a taken port fails at once
         server = build_server(None, host=host, port=port)
     try:
+        if demo:
+            from achilles_guard.demo import demo_model_dir
+
+            model_dir = str(demo_model_dir())
         lm = load_model(model_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
-        name = model_name or Path(lm.directory).name or "model"
+        name = model_name or ("demo" if demo else Path(lm.directory).name or "model")
         monitor = ActivationMonitor(lm.model, fp, registry=CollectorRegistry(), tokenizer=lm.tokenizer, config=config,
                                     model_name=name, config_sha256=lm.config_sha256)
         if serve:
