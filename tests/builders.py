@@ -150,3 +150,12 @@ def reshard(src: Path, dst: Path, *, shards: int = 3, dtype: torch.dtype | None 
         config.pop("torch_dtype", None)
         (dst / "config.json").write_text(json.dumps(config, indent=2))
     return dst
+def planted_fingerprint(model_dir: Path, out: Path, *, samples: int = 10, top: int = 16) -> Path:
+    """Scan a planted model on PROBE (in-process, few samples) and write its fingerprint to `out`."""
+    from achilles_guard.fingerprint import write_fingerprint
+    from achilles_guard.model import load_model
+    from achilles_guard.scan import ScanParams, run_scan, tokenize_probe
+
+    lm = load_model(model_dir)
+    result = run_scan(lm, [tokenize_probe(lm, "probe", PROBE)], ScanParams(samples=samples))
+    return write_fingerprint(out, result, top=top)

@@ -58,6 +58,7 @@ from achilles_guard.cli import repair as _repair  # noqa: E402,F401
 from achilles_guard.cli import verify as _verify  # noqa: E402,F401
 from achilles_guard.cli import fingerprint_cmd as _fingerprint_cmd  # noqa: E402,F401
 from achilles_guard.cli import tamper as _tamper  # noqa: E402,F401
+from achilles_guard.cli import monitor as _monitor  # noqa: E402,F401
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,128 @@
+"""Every Prometheus metric the monitor exports, on a registry the caller owns.
+
+DESIGN.md "Prometheus metrics": prefix `guard_`, base units, counters end in `_total`, bounded
+labels (`model`; `neuron` only for the fixed critical set; `kind`, `endpoint`, `code` from fixed
+sets), and a `guard_build_info`.
+
+    registry = CollectorRegistry()              # never the global one in tests
+    metrics = MonitorMetrics(registry, model="demo")
+    metrics.forward_passes.inc()
+"""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from achilles_guard import __version__
+
+__all__ = ["MonitorMetrics", "ANOMALY_KINDS", "ENDPOINTS", "EXPORTED_NAMES"]
+
+ANOMALY_KINDS = ("collapse", "surge", "massive_missing")
+ENDPOINTS = ("/metrics", "/healthz", "/v1/completions", "/v1/test", "other")
+
+# Fine buckets: the per-forward monitor cost is tens of microseconds on CPU.
+_OVERHEAD_BUCKETS = (5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 0.05)
+_REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+# Sample names a scrape carries (histograms add _bucket/_sum/_count, counters _total/_created).
+EXPORTED_NAMES = (
+    "guard_build_info",
+    "guard_forward_passes_total",
+    "guard_monitored_neurons",
+    "guard_critical_activation_ratio",
+    "guard_activation_anomalies_total",
+    "guard_anomaly_score",
+    "guard_anomalous_neurons",
+    "guard_weight_integrity_ok",
+    "guard_weight_slices_mismatched",
+    "guard_integrity_checks_total",
+    "guard_integrity_last_check_timestamp_seconds",
+    "guard_canary_delta_log10",
+    "guard_canary_ok",
+    "guard_canary_runs_total",
+    "guard_monitor_overhead_seconds",
+    "guard_http_requests_total",
+    "guard_http_request_duration_seconds",
+    "guard_http_in_flight_requests",
+    "guard_completion_tokens_total",
+    "guard_prompt_tokens_total",
+)
+
+
+class MonitorMetrics:
+    """The monitor's metrics, all labelled with one `model` value, registered on `registry`."""
+
+    def __init__(self, registry: CollectorRegistry, *, model: str = "model"):
+        self.registry = registry
+        self.model = model
+        m = ("model",)
+        kw = {"registry": registry}
+        self.build_info = Info("guard_build", "achilles-guard build and runtime versions.", **kw)
+        self.build_info.info({"version": __version__, "python": platform.python_version(), "torch": torch.__version__})
+        self._forward_passes = Counter("guard_forward_passes_total", "Forward passes seen by the monitor.", m, **kw)
+        self._monitored = Gauge("guard_monitored_neurons", "Fingerprinted neurons the monitor reads on every forward.", m, **kw)
+        self._ratio = Gauge(
+            "guard_critical_activation_ratio",
+            "Mean |activation| of a critical neuron in the last forward over its baseline (1 = normal).",
+            ("model", "neuron"), **kw,
+        )
+        self._anomalies = Counter(
+            "guard_activation_anomalies_total", "Forward passes with at least one anomaly of this kind.", ("model", "kind"), **kw
+        )
+        self._score = Gauge(
+            "guard_anomaly_score",
+            "Orders of magnitude beyond tolerance of the worst monitored neuron in the last forward (0 = normal).", m, **kw,
+        )
+        self._anomalous = Gauge("guard_anomalous_neurons", "Monitored neurons out of tolerance in the last forward.", m, **kw)
+        self._integrity_ok = Gauge("guard_weight_integrity_ok", "1 when every fingerprinted weight slice in memory matches.", m, **kw)
+        self._mismatched = Gauge("guard_weight_slices_mismatched", "Fingerprinted weight slices whose in-memory bytes differ.", m, **kw)
+        self._integrity_checks = Counter("guard_integrity_checks_total", "In-memory weight integrity checks run.", m, **kw)
+        self._integrity_time = Gauge(
+            "guard_integrity_last_check_timestamp_seconds", "Unix time of the last integrity check.", m, **kw
+        )
+        self._canary_delta = Gauge(
+            "guard_canary_delta_log10", "Canary probe loss minus the fingerprint's baseline, in log10 perplexity.", m, **kw
+        )
+        self._canary_ok = Gauge("guard_canary_ok", "1 when the last canary stayed below the collapse threshold.", m, **kw)
+        self._canary_runs = Counter("guard_canary_runs_total", "Canary probe runs.", m, **kw)
+        self._overhead = Histogram(
+            "guard_monitor_overhead_seconds", "Time the monitor adds to one forward pass.", m, buckets=_OVERHEAD_BUCKETS, **kw
+        )
+        self._requests = Counter("guard_http_requests_total", "HTTP requests by endpoint and status code.", ("model", "endpoint", "code"), **kw)
+        self._duration = Histogram(
+            "guard_http_request_duration_seconds", "HTTP request latency.", ("model", "endpoint"), buckets=_REQUEST_BUCKETS, **kw
+        )
+        self._in_flight = Gauge("guard_http_in_flight_requests", "Completion requests being served.", m, **kw)
+        self._completion_tokens = Counter("guard_completion_tokens_total", "Tokens generated by /v1/completions.", m, **kw)
+        self._prompt_tokens = Counter("guard_prompt_tokens_total", "Prompt tokens processed by /v1/completions.", m, **kw)
+        # Bound children: one label value each, so hot paths skip the label lookup.
+        self.forward_passes = self._forward_passes.labels(model)
+        self.monitored = self._monitored.labels(model)
+        self.anomalies = {k: self._anomalies.labels(model, k) for k in ANOMALY_KINDS}
+        self.score = self._score.labels(model)
+        self.anomalous = self._anomalous.labels(model)
+        self.integrity_ok = self._integrity_ok.labels(model)
+        self.mismatched = self._mismatched.labels(model)
+        self.integrity_checks = self._integrity_checks.labels(model)
+        self.integrity_time = self._integrity_time.labels(model)
+        self.canary_delta = self._canary_delta.labels(model)
+        self.canary_ok = self._canary_ok.labels(model)
+        self.canary_runs = self._canary_runs.labels(model)
+        self.overhead = self._overhead.labels(model)
+        self.in_flight = self._in_flight.labels(model)
+        self.completion_tokens = self._completion_tokens.labels(model)
+        self.prompt_tokens = self._prompt_tokens.labels(model)
+        self.integrity_ok.set(1)
+        self.canary_ok.set(1)
+
+    def ratio(self, neuron: str):
+        """The ratio gauge of one critical neuron (labels bounded by the fingerprint's critical set)."""
+        return self._ratio.labels(self.model, neuron)
+
+    def request(self, endpoint: str, code: int, seconds: float) -> None:
+        endpoint = endpoint if endpoint in ENDPOINTS else "other"
+        self._requests.labels(self.model, endpoint, str(code)).inc()
+        self._duration.labels(self.model, endpoint).observe(seconds)
