@@ -46,19 +46,19 @@ def _root(
     """
 
 
-# Command modules register themselves on import (one line each).
+# Command modules register themselves on import (one line each), in the order --help lists them.
 from achilles_guard.cli import scan as _scan  # noqa: E402,F401
+from achilles_guard.cli import verify as _verify  # noqa: E402,F401
+from achilles_guard.cli import fingerprint_cmd as _fingerprint_cmd  # noqa: E402,F401
+from achilles_guard.cli import tamper as _tamper  # noqa: E402,F401
+from achilles_guard.cli import monitor as _monitor  # noqa: E402,F401
+from achilles_guard.cli import harden as _harden  # noqa: E402,F401
+from achilles_guard.cli import repair as _repair  # noqa: E402,F401
 from achilles_guard.cli import eval as _eval  # noqa: E402,F401
 from achilles_guard.cli import study as _study  # noqa: E402,F401
 from achilles_guard.cli import generate as _generate  # noqa: E402,F401
 from achilles_guard.cli import report_cmd as _report_cmd  # noqa: E402,F401
 from achilles_guard.cli import bench as _bench  # noqa: E402,F401
-from achilles_guard.cli import harden as _harden  # noqa: E402,F401
-from achilles_guard.cli import repair as _repair  # noqa: E402,F401
-from achilles_guard.cli import verify as _verify  # noqa: E402,F401
-from achilles_guard.cli import fingerprint_cmd as _fingerprint_cmd  # noqa: E402,F401
-from achilles_guard.cli import tamper as _tamper  # noqa: E402,F401
-from achilles_guard.cli import monitor as _monitor  # noqa: E402,F401
 
 
 def main(argv: list[str] | None = None) -> int:
