@@ -100,6 +100,13 @@ def phase_curve(curve: list[dict], n_star: int | None, width: int = 60) -> Text:
     if not curve:
         return Text("")
     values = [(p["delta_log10"] if p["delta_log10"] is not None else float("inf")) for p in curve]
+    if len(curve) <= 10:  # short curves read best as numbers: the jump is the phase transition
+        out = Text("  Δ(n): ", style="dim")
+        for i, (p, v) in enumerate(zip(curve, values)):
+            crossed = n_star is not None and p["n"] == n_star
+            out.append(f"{'  ' if i else ''}n={p['n']} ", style="dim")
+            out.append(fmt_delta(p["delta_log10"]), style="bold red" if crossed else "green")
+        return out
     if len(values) > width:  # keep the last point (n*) and sample the rest evenly
         idx = [round(i * (len(values) - 1) / (width - 1)) for i in range(width)]
         values = [values[i] for i in idx]
