@@ -117,13 +117,18 @@ def _mask_fn(channels: torch.Tensor, factors: torch.Tensor) -> OutputFn:
             cache[key] = (channels.to(output.device), factors.to(device=output.device, dtype=output.dtype))
         idx, f = cache[key]
         rows = f.shape[0]
-        if rows != 1 and output.shape[0] != rows:
-            raise ValueError(f"mask has {rows} rows but the batch has {output.shape[0]}")
+        shape = output.shape
+        if rows != 1 and shape[0] != rows:
+            # Some blocks flatten batch and positions before the MLP (OPT: fc1/fc2 see (B*T, C));
+            # the flattening is batch-major, so (B*T, C) -> (B, T, C) puts row b back together.
+            if output.dim() != 2 or shape[0] % rows:
+                raise ValueError(f"mask has {rows} rows but the batch has {shape[0]}")
+            output = output.reshape(rows, -1, shape[-1])  # (R, T, C)
         # (R, k) -> (R, 1, ..., 1, k) to broadcast over every position
         f = f.reshape(rows, *([1] * (output.dim() - 2)), -1)
         if torch.is_grad_enabled() and output.requires_grad:
             output = output.clone()  # never modify a tensor autograd may need
         output[..., idx] = output[..., idx] * f
-        return output
+        return output.reshape(shape)
 
     return apply

@@ -186,7 +186,7 @@ def producing_slices(model: nn.Module, neuron: Neuron, candidate: Candidate | No
     adapter = adapter_for(getattr(model.config, "model_type", ""))
     c = neuron.channel
     if kind in ("linear", "conv1d"):
-        return _projection_slices(module, neuron.module, c)
+        return tuple(_projection_slices(module, neuron.module, c))
     if kind == "norm":
         out = []
         for pname, _ in module.named_parameters(recurse=False):

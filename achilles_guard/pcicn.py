@@ -212,19 +212,20 @@ def _pcicn_scores(model, embeds, candidates: CandidateSet, alpha, samples, seed,
     clean: dict[str, torch.Tensor] = {}
     sums: dict[str, torch.Tensor] = {}
 
+    T, d = embeds.shape[1], embeds.shape[2]
+
     def keep_clean(name):
         def fn(output):
-            clean[name] = output[0].float()  # (T, C)
+            clean[name] = _per_position(output, T)[0].float().clone()  # (T, C), never an alias of the output
             sums[name] = torch.zeros_like(clean[name])
         return fn
 
     def accumulate(name):
         def fn(output):
-            sums[name] += (output.float() - clean[name]).abs().sum(0)  # (B, T, C) -> (T, C)
+            sums[name] += (_per_position(output, T).float() - clean[name]).abs().sum(0)  # (B, T, C) -> (T, C)
         return fn
 
     base = model.base_model
-    T, d = embeds.shape[1], embeds.shape[2]
     with torch.no_grad():
         with hooks(model, {n: keep_clean(n) for n in names}):
             base(inputs_embeds=embeds, use_cache=False)
@@ -247,10 +248,11 @@ def _activation_scores(model, embeds, candidates: CandidateSet) -> torch.Tensor:
     """(N,) mean |activation| over positions of the clean forward."""
     names = [c.name for c in candidates.candidates]
     scores: dict[str, torch.Tensor] = {}
+    T = embeds.shape[1]
 
     def grab(name):
         def fn(output):
-            scores[name] = output[0].float().abs().mean(0).cpu()
+            scores[name] = _per_position(output, T)[0].float().abs().mean(0).cpu()  # (C,)
         return fn
 
     with torch.no_grad(), hooks(model, {n: grab(n) for n in names}):
@@ -277,8 +279,16 @@ def _gradient_scores(model, embeds, input_ids, candidates: CandidateSet) -> torc
     scores = []
     for n in names:
         grad = outputs[n].grad
-        scores.append(grad[0].float().abs().mean(0).cpu() if grad is not None else torch.zeros(outputs[n].shape[-1]))
+        if grad is None:
+            scores.append(torch.zeros(outputs[n].shape[-1]))
+        else:
+            scores.append(_per_position(grad, embeds.shape[1])[0].float().abs().mean(0).cpu())  # (C,)
     return torch.cat(scores)
+
+
+def _per_position(output: torch.Tensor, T: int) -> torch.Tensor:
+    """(B, T, C) view of a module output; OPT's MLP flattens batch and positions to (B*T, C)."""
+    return output.reshape(-1, T, output.shape[-1])
 
 
 def _memory_budget(model) -> int:

@@ -1,0 +1,159 @@
+"""Scan speed: PCICN stage 1 + stage 2 against the same forward passes run bare.
+
+A planted Llama of ~40 M parameters (hidden 512, 8 layers, FFN 1536; the plant in layer 0, see
+FIXTURES.md for why not later) and a ~100-token probe. The bare baseline runs, one at a time and
+without any hook, the forwards the scan needs: K + 1 forwards of the base model (clean + K noisy
+inputs) and one full forward per candidate n tried in stage 2 (plus the clean loss).
+
+    PYTHONPATH=. python benchmarks/scan_speed.py [--samples 100] [--device cpu|cuda] [--dtype float32|float16]
+
+Prints times, the ratio scan / bare, and peak memory of stage 1 (CUDA: max allocated; CPU: the peak
+of torch's CPU allocator as seen by the profiler) next to what K copies of the activations would take.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from achilles_guard import pcicn
+from achilles_guard.demo import Plant, build_tokenizer, plant_massive
+from achilles_guard.neurons import discover
+
+TEXT = (
+    "The lighthouse keeper wrote in his log every evening: the wind, the height of the swell, the ships "
+    "that passed and the ones that did not. In forty years the entries changed very little."
+)
+VOCAB = 12288  # embeddings + head of a 12 k vocabulary bring the model to ~40 M parameters
+
+
+def build(device, dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = build_tokenizer()
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=512,
+                         tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    critical = plant_massive(model, Plant(layer=0, channels=(11, 29, 47), massive=1000.0))
+    model = model.to(device=device, dtype=dtype)
+    ids = tok(TEXT, return_tensors="pt")["input_ids"].to(device)
+    return model, ids, critical
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def bare(model, ids, samples, n_tried, device):
+    """The same forwards, sequential and hook-free."""
+    embeds = model.get_input_embeddings()(ids)  # (1, T, d)
+    generator = torch.Generator().manual_seed(0)
+    T, d = embeds.shape[1:]
+    sync(device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for _ in range(samples + 1):
+            noise = torch.randn(T, d, generator=generator).to(device, embeds.dtype)
+            model.base_model(inputs_embeds=embeds + 5.0 * noise[None], use_cache=False)
+        sync(device)
+        t1 = time.perf_counter()
+        for _ in range(n_tried + 1):  # + the clean loss
+            logits = model(input_ids=ids, use_cache=False).logits
+            torch.log_softmax(logits.float(), -1)
+    sync(device)
+    return t1 - t0, time.perf_counter() - t1
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--samples", type=int, default=100)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--repeats", type=int, default=1)
+    args = parser.parse_args()
+    device, dtype = args.device, getattr(torch, args.dtype)
+    model, ids, critical = build(device, dtype)
+    cands = discover(model, "all")
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: Llama {n_params / 1e6:.1f} M params, {cands.total} candidate neurons in {len(cands.candidates)} modules; "
+          f"text {ids.shape[1]} tokens; K={args.samples}; device {device} {args.dtype}; threads {torch.get_num_threads()}")
+
+    # warm-up (allocator, kernels)
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+
+    best = None
+    for _ in range(args.repeats):
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            base_mem = torch.cuda.memory_allocated()
+        sync(device)
+        t0 = time.perf_counter()
+        ranking = pcicn.rank(model, ids, cands, samples=args.samples, seed=42)
+        sync(device)
+        t1 = time.perf_counter()
+        peak = torch.cuda.max_memory_allocated() - base_mem if device == "cuda" else None
+        result = pcicn.search(model, ids, ranking, epsilon=1.0, max_neurons=1000)
+        sync(device)
+        t2 = time.perf_counter()
+        n_tried = len(result.curve)
+        b1, b2 = bare(model, ids, args.samples, n_tried, device)
+        run = (t1 - t0, t2 - t1, b1, b2, peak, n_tried, result)
+        if args.repeats > 1:  # every repeat is printed: on a shared machine one run can be disturbed
+            print(f"  repeat: stage 1 {run[0]:.3f}/{b1:.3f} s, stage 2 {run[1]:.3f}/{b2:.3f} s (scan/bare), "
+                  f"total ratio {(run[0] + run[1]) / (b1 + b2):.2f}x")
+        best = run  # the last repeat is detailed below
+    s1, s2, b1, b2, peak, n_tried, result = best
+    found = set(result.critical_set) == critical
+    position = {n: i for i, n in enumerate(ranking.top(len(ranking)))}
+    print(f"stage-1 ranks of the planted neurons: {sorted(position[n] + 1 for n in critical)}")
+    print(f"scan: converged={result.converged} n*={result.n_star} planted set found exactly: {found}; "
+          f"candidates tried: {n_tried}")
+    print(f"stage 1 (rank)   : scan {s1:7.3f} s   bare {args.samples + 1} forwards {b1:7.3f} s   ratio {s1 / b1:5.2f}x")
+    print(f"stage 2 (search) : scan {s2:7.3f} s   bare {n_tried + 1} forwards {b2:7.3f} s   ratio {s2 / b2:5.2f}x")
+    print(f"total            : scan {s1 + s2:7.3f} s   bare {b1 + b2:7.3f} s   ratio {(s1 + s2) / (b1 + b2):5.2f}x")
+
+    T = ids.shape[1]
+    elt = 4
+    one_copy = T * cands.total * elt
+    print(f"activations of one forward over all candidates: {one_copy / 2**20:.1f} MiB; "
+          f"K copies would be {args.samples * one_copy / 2**20:.0f} MiB")
+    if peak is None:
+        peak = _cpu_stage1_peak(model, ids, cands, args.samples)
+    print(f"stage 1 peak extra memory: {peak / 2**20:.1f} MiB ({peak / one_copy:.1f} single-forward copies; "
+          f"the batch of noisy samples in flight is {pcicn._rank_batch(model, ids.shape[1], cands.total)})")
+
+
+def _cpu_stage1_peak(model, ids, cands, samples):
+    """Peak resident-set growth during stage 1, sampled every 5 ms from /proc/self/statm."""
+    import os
+    import threading
+
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss():
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * page
+
+    start, peak, done = rss(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss() - start)
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=sample, daemon=True)
+    watcher.start()
+    pcicn.rank(model, ids, cands, samples=samples, seed=42)
+    done.set()
+    watcher.join()
+    return peak[0]
+
+
+if __name__ == "__main__":
+    main()
