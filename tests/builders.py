@@ -30,6 +30,8 @@ PROBE = (
 
 
 @functools.lru_cache(maxsize=1)
+
+
 def tokenizer():
     return build_tokenizer()
 
@@ -114,6 +116,8 @@ def scanned(model_dir: Path, out: Path, *, text: str = PROBE, **params) -> Path:
     write_json(out / "report.json", scan_report(result))
     write_fingerprint(out / "fingerprint.safetensors", result, top=16)
     return out
+
+
 def reshard(src: Path, dst: Path, *, shards: int = 3, dtype: torch.dtype | None = None) -> Path:
     """Re-save a checkpoint as `shards` safetensors files + model.safetensors.index.json (optionally
     casting floating tensors to `dtype`), copying config and tokenizer files. Returns dst."""
@@ -150,6 +154,8 @@ def reshard(src: Path, dst: Path, *, shards: int = 3, dtype: torch.dtype | None 
         config.pop("torch_dtype", None)
         (dst / "config.json").write_text(json.dumps(config, indent=2))
     return dst
+
+
 def planted_fingerprint(model_dir: Path, out: Path, *, samples: int = 10, top: int = 16) -> Path:
     """Scan a planted model on PROBE (in-process, few samples) and write its fingerprint to `out`."""
     from achilles_guard.fingerprint import write_fingerprint

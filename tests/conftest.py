@@ -55,6 +55,9 @@ def planted_scan(planted, tmp_path_factory):
     (out / "key").write_bytes(b"0123456789abcdef-test-signing-key\n")
     write_fingerprint(out / "signed.safetensors", result, top=8, sign_key=b"0123456789abcdef-test-signing-key")
     return path, critical, out
+
+
+@pytest.fixture(scope="session")
 def planted_fp(planted, tmp_path_factory):
     """Path of the fingerprint of the `planted` model (critical set = the 3 planted channels)."""
     from tests.builders import planted_fingerprint
