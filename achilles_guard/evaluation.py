@@ -215,17 +215,11 @@ class ReportRanking:
                 raise InputError(f"--report {self.path} names module {name!r}, which this model does not have") from None
 
 
-def read_scan_report(path: Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"--report {path}: no such file (run 'guard scan' first; it writes OUT/report.json)")
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError(f"--report {path}: not a readable JSON file ({err})") from None
-    if not isinstance(doc, dict) or doc.get("schema") != "achilles-guard/scan/v1":
-        raise InputError(f"--report {path}: not a scan report (schema achilles-guard/scan/v1 expected)")
-    return doc
+def read_scan_report(path: Path, option: str = "--report") -> dict:
+    from achilles_guard.report import SCAN_SCHEMA, read_document
+
+    return read_document(path, schema=SCAN_SCHEMA, option=option,
+                         hint=" (run 'guard scan' first; it writes OUT/report.json)")
 
 
 def parse_levels(spec: str, ranking: ReportRanking) -> list[int]:

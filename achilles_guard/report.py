@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from achilles_guard import __version__
+from achilles_guard.errors import InputError
 from achilles_guard.neurons import Neuron
 from achilles_guard.perplexity import log10_ppl
 
@@ -27,6 +28,7 @@ __all__ = [
     "json_number",
     "neuron_record",
     "dumps",
+    "read_document",
 ]
 
 SCAN_SCHEMA = "achilles-guard/scan/v1"
@@ -170,6 +172,20 @@ def scan_sarif(doc: dict, *, fail_under: int | None = None) -> dict:
 
 def _uri(model_path: str, name: str) -> str:
     return Path(model_path, name).as_posix()
+
+
+def read_document(path: str | Path, *, schema: str, option: str, hint: str = "") -> dict:
+    """A JSON document of the given `schema`, or an InputError naming the option and what to do."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{option} {path}: no such file{hint}")
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"{option} {path}: not a readable JSON file ({err})") from None
+    if not isinstance(doc, dict) or doc.get("schema") != schema:
+        raise InputError(f"{option} {path}: not a {schema} document (schema {doc.get('schema') if isinstance(doc, dict) else None!r})")
+    return doc
 
 
 def dumps(doc: Any) -> str:

@@ -19,13 +19,9 @@ __all__ = ["report_command", "html_page"]
 
 
 def _load_study(path: Path) -> dict:
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError(f"--study {path}: not a readable JSON file ({err})") from None
-    if not isinstance(doc, dict) or doc.get("schema") != "achilles-guard/study/v1":
-        raise InputError(f"--study {path}: not a study result (schema achilles-guard/study/v1 expected)")
-    return doc
+    from achilles_guard.report import read_document
+
+    return read_document(path, schema="achilles-guard/study/v1", option="--study")
 
 
 @app.command("report")

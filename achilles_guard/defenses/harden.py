@@ -11,7 +11,6 @@ strategy it tried under `OUT/<strategy>/` and one `OUT/harden-report.json`.
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import time
@@ -25,7 +24,7 @@ from achilles_guard.errors import InputError, UsageError
 from achilles_guard.fingerprint import Fingerprint, load_fingerprint, write_fingerprint
 from achilles_guard.model import LoadedModel, load_model
 from achilles_guard.neurons import discover
-from achilles_guard.report import scan_report, write_json
+from achilles_guard.report import SCAN_SCHEMA, read_document, scan_report, write_json
 from achilles_guard.scan import ScanParams, tokenize_probe
 
 from achilles_guard.defenses.verify import HELD_OUT_TEXTS, AttackSummary, Verification, verify
@@ -121,12 +120,12 @@ def harden(req: HardenRequest, *, progress=None, log=None) -> HardenOutcome:
         raise UsageError(f"--out {req.out} is (inside) the model directory; guard never writes in place: choose a new directory")
     fp = load_fingerprint(req.fingerprint)
     report_path = req.report or req.fingerprint.parent / "report.json"
-    if not report_path.is_file():
-        raise InputError(f"scan report {report_path}: no such file; give --report, or keep report.json next to the fingerprint")
+    doc = read_document(report_path, schema=SCAN_SCHEMA, option="scan report",
+                        hint="; give --report, or keep report.json next to the fingerprint")
     try:
-        before = AttackSummary.of_report(json.loads(report_path.read_text()))
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise InputError(f"scan report {report_path}: unreadable ({type(err).__name__}: {err})") from None
+        before = AttackSummary.of_report(doc)
+    except (ValueError, KeyError, TypeError) as err:
+        raise InputError(f"scan report {report_path}: incomplete ({type(err).__name__}: {err})") from None
     if req.strategy in ("split",) and req.copies < 2:
         raise UsageError(f"--copies must be >= 2 (got {req.copies}): a unit needs at least two copies to be split")
     if req.strategy == "rotate":
