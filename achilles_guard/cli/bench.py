@@ -15,7 +15,7 @@ import typer
 from rich.table import Table
 
 from achilles_guard.cli import app
-from achilles_guard.cli.common import Format, guarded, stdout
+from achilles_guard.cli.common import AllowPickleOption, DeviceOption, DtypeOption, Format, TrustRemoteCodeOption, guarded, stdout
 from achilles_guard.cli.eval import open_model, parse_list
 from achilles_guard.errors import UsageError
 from achilles_guard.masking import masked
@@ -81,12 +81,12 @@ def bench_command(
     num_fewshot: Optional[int] = typer.Option(None, help="Few-shot examples (default: the task's)."),
     batch_size: int = typer.Option(1, help="Harness batch size."),
     mask_scale: Optional[float] = typer.Option(None, help="β for masked neurons (default: the report's)."),
-    dtype: str = typer.Option("auto"),
-    device: str = typer.Option("auto"),
+    dtype: str = DtypeOption(),
+    device: str = DeviceOption(),
     format: Format = typer.Option(Format.table, "--format", help="table or json."),
     out: Optional[Path] = typer.Option(None, help="Also write the JSON result to this file."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle"),
+    trust_remote_code: bool = TrustRemoteCodeOption(),
+    allow_pickle: bool = AllowPickleOption(),
 ) -> None:
     """Run lm-evaluation-harness tasks on the model with 0, ..., n* neurons masked (Table 2)."""
     from achilles_guard.evaluation import ReportRanking, parse_levels

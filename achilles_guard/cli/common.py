@@ -17,7 +17,24 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from achilles_guard.errors import EXIT_RUNTIME, GuardError, InputError
 
-__all__ = ["Format", "stdout", "stderr", "info", "guarded", "progress_bar", "prepare_out_dir", "fail"]
+__all__ = ["DtypeOption", "DeviceOption", "TrustRemoteCodeOption", "AllowPickleOption", "Format", "stdout", "stderr", "info", "guarded", "progress_bar", "prepare_out_dir", "fail"]
+
+
+# The model-loading options every command that loads a model shares (one help text each).
+def DtypeOption():  # noqa: N802 - reads like the typer.Option it returns
+    return typer.Option("auto", "--dtype", help="auto (float16 on CUDA, float32 on CPU), float16, bfloat16, float32, float64.")
+
+
+def DeviceOption():  # noqa: N802
+    return typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N (several GPUs: auto spreads the model).")
+
+
+def TrustRemoteCodeOption():  # noqa: N802
+    return typer.Option(False, "--trust-remote-code", help="Allow the model's own Python code to run (off: it is refused).")
+
+
+def AllowPickleOption():  # noqa: N802
+    return typer.Option(False, "--allow-pickle", help="Allow pickle weights (*.bin), which can run code when loaded.")
 
 
 class Format(str, Enum):

@@ -15,7 +15,7 @@ import typer
 from rich.table import Table
 
 from achilles_guard.cli import app
-from achilles_guard.cli.common import Format, guarded, stderr, stdout
+from achilles_guard.cli.common import AllowPickleOption, DeviceOption, DtypeOption, Format, TrustRemoteCodeOption, guarded, stderr, stdout
 from achilles_guard.errors import UsageError
 
 __all__ = ["eval_command", "open_model", "default_max_length", "build_corpus", "parse_list", "rows_progress"]
@@ -91,12 +91,12 @@ def eval_command(
     text_field: str = typer.Option("text", help="Field holding the text in .jsonl files."),
     mask_scale: Optional[float] = typer.Option(None, help="β for masked neurons (default: the report's)."),
     batch_size: Optional[int] = typer.Option(None, help="Rows per forward (default: from free memory)."),
-    dtype: str = typer.Option("auto", help="auto, float16, bfloat16, float32, float64."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    dtype: str = DtypeOption(),
+    device: str = DeviceOption(),
     format: Format = typer.Option(Format.table, "--format", help="table or json."),
     out: Optional[Path] = typer.Option(None, help="Also write the JSON result to this file (atomically)."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle"),
+    trust_remote_code: bool = TrustRemoteCodeOption(),
+    allow_pickle: bool = AllowPickleOption(),
 ) -> None:
     """Perplexity on a local corpus with the top-n ranked neurons masked, for each level.
 

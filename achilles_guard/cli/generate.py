@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from achilles_guard.cli import app
-from achilles_guard.cli.common import Format, guarded, stdout
+from achilles_guard.cli.common import AllowPickleOption, DeviceOption, DtypeOption, Format, TrustRemoteCodeOption, guarded, stdout
 from achilles_guard.cli.eval import open_model
 from achilles_guard.errors import TextError, UsageError
 from achilles_guard.masking import masked
@@ -62,13 +62,13 @@ def generate_command(
     max_new_tokens: int = typer.Option(24, help="Greedy tokens per answer."),
     top_k: int = typer.Option(5, help="Next-token probabilities shown per level (first prompt)."),
     mask_scale: Optional[float] = typer.Option(None, help="β for masked neurons (default: the report's)."),
-    dtype: str = typer.Option("auto"),
-    device: str = typer.Option("auto"),
+    dtype: str = DtypeOption(),
+    device: str = DeviceOption(),
     format: Format = typer.Option(Format.table, "--format", help="table or json."),
     out: Optional[Path] = typer.Option(None, help="Also write the JSON result to this file."),
     png: Optional[Path] = typer.Option(None, "--png", help="Write Fig. 1's top-k panels as a PNG (needs matplotlib)."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle"),
+    trust_remote_code: bool = TrustRemoteCodeOption(),
+    allow_pickle: bool = AllowPickleOption(),
 ) -> None:
     """Answers before and after masking the critical set, and top-k next-token probabilities per level."""
     from achilles_guard.evaluation import ReportRanking

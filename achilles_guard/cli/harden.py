@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from achilles_guard.cli import app
-from achilles_guard.cli.common import Format, guarded, prepare_out_dir, progress_bar, stderr, stdout
+from achilles_guard.cli.common import DeviceOption, DtypeOption, Format, guarded, prepare_out_dir, progress_bar, stderr, stdout
 from achilles_guard.errors import EXIT_FINDING, EXIT_OK, InputError, UsageError
 from achilles_guard.report import dumps
 
@@ -36,8 +36,8 @@ def harden_command(
     drop_top: int = typer.Option(32, help="finetune: how many top-ranked neurons are dropout candidates."),
     kl_weight: float = typer.Option(1.0, "--kl-weight", help="finetune: λ of the KL term to the frozen original."),
     held_out_file: List[Path] = typer.Option([], "--held-out-file", help="Extra held-out text for the clean cost (repeatable)."),
-    dtype: str = typer.Option("auto", help="auto, float16, bfloat16, float32, float64 (for the re-attack)."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    dtype: str = DtypeOption(),
+    device: str = DeviceOption(),
     format: Format = typer.Option(Format.table, "--format", help="What stdout carries: table or json."),
 ) -> None:
     """Harden a model against critical-neuron collapse and verify it by re-running PCICN.

@@ -19,7 +19,7 @@ from typing import Optional
 import typer
 
 from achilles_guard.cli import app
-from achilles_guard.cli.common import guarded, stderr, stdout
+from achilles_guard.cli.common import AllowPickleOption, DeviceOption, DtypeOption, TrustRemoteCodeOption, guarded, stderr, stdout
 from achilles_guard.errors import EXIT_FINDING, EXIT_OK, UsageError
 
 __all__ = ["monitor_command", "status_table"]
@@ -47,10 +47,10 @@ def monitor_command(
     model_name: Optional[str] = typer.Option(None, help="The `model` label on every metric (default: the directory name)."),
     enable_test_endpoints: bool = typer.Option(False, "--enable-test-endpoints", help="Expose POST /v1/test/disrupt and /v1/test/restore, which zero a fingerprinted neuron's weights in memory. Never in production."),
     verify_key: Optional[str] = typer.Option(None, help="Refuse a fingerprint whose HMAC does not verify with this key (file or env:VAR)."),
-    dtype: str = typer.Option("auto", help="auto (float16 on CUDA, float32 on CPU), float16, bfloat16, float32, float64."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own Python code to run."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle weights (*.bin), which can run code."),
+    dtype: str = DtypeOption(),
+    device: str = DeviceOption(),
+    trust_remote_code: bool = TrustRemoteCodeOption(),
+    allow_pickle: bool = AllowPickleOption(),
 ) -> None:
     """Monitor the critical neurons of a served model against its fingerprint.
 

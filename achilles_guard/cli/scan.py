@@ -9,7 +9,7 @@ from typing import List, Optional
 import typer
 
 from achilles_guard.cli import app
-from achilles_guard.cli.common import Format, guarded, info, prepare_out_dir, progress_bar, stdout
+from achilles_guard.cli.common import AllowPickleOption, DeviceOption, DtypeOption, Format, TrustRemoteCodeOption, guarded, info, prepare_out_dir, progress_bar, stdout
 from achilles_guard.errors import EXIT_FINDING, EXIT_OK, InputError, UsageError
 from achilles_guard.fingerprint import read_key, write_fingerprint
 from achilles_guard.report import dumps, scan_report, scan_sarif, write_json
@@ -56,15 +56,15 @@ def scan_command(
     mask_scale: float = typer.Option(0.0, help="β: a masked neuron's output becomes β × its value."),
     keep: int = typer.Option(1000, help="How many top-ranked neurons report.json lists."),
     allow_short: bool = typer.Option(False, "--allow-short", help="Accept probe texts under 10 tokens."),
-    dtype: str = typer.Option("auto", help="auto (float16 on CUDA, float32 on CPU), float16, bfloat16, float32, float64."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    dtype: str = DtypeOption(),
+    device: str = DeviceOption(),
     out: Path = typer.Option(Path("guard-out"), help="Directory for report.json (and the fingerprint, SARIF)."),
     format: Format = typer.Option(Format.table, "--format", help="What stdout carries: table, json or sarif."),
     fail_under: Optional[int] = typer.Option(None, help="Gate: exit 1 when a critical set has <= N neurons."),
     fingerprint_top: int = typer.Option(64, help="Also fingerprint the weights of the top-R ranked neurons."),
     sign_key: Optional[str] = typer.Option(None, help="Sign the fingerprint with HMAC-SHA256: a key file path or env:VAR."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own Python code to run."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle weights (*.bin), which can run code."),
+    trust_remote_code: bool = TrustRemoteCodeOption(),
+    allow_pickle: bool = AllowPickleOption(),
 ) -> None:
     """Find the model's critical neurons with PCICN and gate on how few there are.
 

@@ -10,7 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from achilles_guard.cli import app
-from achilles_guard.cli.common import Format, guarded, prepare_out_dir, progress_bar, stdout
+from achilles_guard.cli.common import AllowPickleOption, DeviceOption, DtypeOption, Format, TrustRemoteCodeOption, guarded, prepare_out_dir, progress_bar, stdout
 from achilles_guard.cli.eval import build_corpus, open_model, parse_list
 from achilles_guard.errors import UsageError
 
@@ -62,13 +62,13 @@ def study_command(
     runs: int = typer.Option(3, help="[compare, components] random-ranking repetitions (paper: 10 and 100)."),
     batch_size: Optional[int] = typer.Option(None, help="Rows per forward (default: from free memory)."),
     allow_short: bool = typer.Option(False, "--allow-short", help="Accept a probe text under 10 tokens."),
-    dtype: str = typer.Option("auto", help="auto, float16, bfloat16, float32, float64."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    dtype: str = DtypeOption(),
+    device: str = DeviceOption(),
     out: Path = typer.Option(Path("guard-study"), help="Directory for study-NAME.json and study-NAME.png."),
     format: Format = typer.Option(Format.table, "--format", help="table or json."),
     plot: bool = typer.Option(True, "--plot/--no-plot", help="Write the PNG (needs the 'plots' extra: matplotlib)."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle"),
+    trust_remote_code: bool = TrustRemoteCodeOption(),
+    allow_pickle: bool = AllowPickleOption(),
 ) -> None:
     """Run one of the paper's studies; write OUT/study-NAME.json (+ .png) and print its table.
 
