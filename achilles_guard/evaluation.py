@@ -201,18 +201,45 @@ class ReportRanking:
             ranking.check_model(lm)
         return ranking
 
-    def check_model(self, lm) -> None:
-        expected = self.doc.get("model", {}).get("config_sha256")
-        if expected and lm.config_sha256 != expected:
+    def check_model(self, lm, *, cross_model: bool = False) -> None:
+        """Refuse a report made for another model. `cross_model=True` accepts a report of another model
+        of the same architecture (the paper's Table 10: one family's critical set applied to its
+        base / instruct / fine-tuned variants) as long as every module and channel exists."""
+        model_doc = self.doc.get("model", {})
+        expected = model_doc.get("config_sha256")
+        if cross_model:
+            theirs = model_doc.get("architecture")
+            if theirs and theirs != lm.architecture:
+                raise InputError(
+                    f"--report {self.path} was made for a {theirs}, this model is a {lm.architecture}; "
+                    "--cross-model needs the same architecture"
+                )
+        elif expected and lm.config_sha256 != expected:
             raise InputError(
                 f"--report {self.path} was made for another model (config sha256 {expected[:12]}…, this model "
-                f"{lm.config_sha256[:12]}…); scan this model first"
+                f"{lm.config_sha256[:12]}…); scan this model first, or pass --cross-model to apply that model's "
+                "neurons to a variant of the same architecture"
             )
         for name in {*self.module_names, *(n.module for n in self.critical_set)}:
             try:
-                lm.model.get_submodule(name)
+                module = lm.model.get_submodule(name)
             except AttributeError:
                 raise InputError(f"--report {self.path} names module {name!r}, which this model does not have") from None
+            width = _output_width(module)
+            used = [n.channel for n in self.critical_set if n.module == name]
+            used += self.channels[self.module_index == self.module_names.index(name)].tolist() if name in self.module_names else []
+            if width is not None and used and max(used) >= width:
+                raise InputError(f"--report {self.path} names channel {max(used)} of {name}, which has only {width}")
+
+
+def _output_width(module) -> int | None:
+    """Output channels of a projection or norm; None when only a forward would tell (activations)."""
+    weight = getattr(module, "weight", None)
+    if weight is None:
+        return None
+    if type(module).__name__ == "Conv1D":
+        return int(weight.shape[1])
+    return int(weight.shape[0])
 
 
 def read_scan_report(path: Path, option: str = "--report") -> dict:

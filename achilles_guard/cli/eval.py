@@ -95,6 +95,7 @@ def eval_command(
     device: str = DeviceOption(),
     format: Format = typer.Option(Format.table, "--format", help="table or json."),
     out: Optional[Path] = typer.Option(None, help="Also write the JSON result to this file (atomically)."),
+    cross_model: bool = typer.Option(False, "--cross-model", help="Apply a report made for another model of the same architecture (paper Table 10: variants)."),
     trust_remote_code: bool = TrustRemoteCodeOption(),
     allow_pickle: bool = AllowPickleOption(),
 ) -> None:
@@ -113,7 +114,7 @@ def eval_command(
     ranked = ReportRanking.load(report)
     wanted = parse_levels(levels, ranked)
     lm = open_model(model_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
-    ranked.check_model(lm)
+    ranked.check_model(lm, cross_model=cross_model)
     corpus, source, documents = build_corpus(lm, data, text_field=text_field, max_length=max_length, stride=stride,
                                              max_tokens=max_tokens)
     scale = ranked.mask_scale if mask_scale is None else mask_scale

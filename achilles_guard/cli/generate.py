@@ -67,6 +67,7 @@ def generate_command(
     format: Format = typer.Option(Format.table, "--format", help="table or json."),
     out: Optional[Path] = typer.Option(None, help="Also write the JSON result to this file."),
     png: Optional[Path] = typer.Option(None, "--png", help="Write Fig. 1's top-k panels as a PNG (needs matplotlib)."),
+    cross_model: bool = typer.Option(False, "--cross-model", help="Apply a report made for another model of the same architecture (paper Table 10: variants)."),
     trust_remote_code: bool = TrustRemoteCodeOption(),
     allow_pickle: bool = AllowPickleOption(),
 ) -> None:
@@ -84,7 +85,7 @@ def generate_command(
     ranked = ReportRanking.load(report)
     neurons = ranked.require_critical_set()
     lm = open_model(model_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
-    ranked.check_model(lm)
+    ranked.check_model(lm, cross_model=cross_model)
     scale = ranked.mask_scale if mask_scale is None else mask_scale
     plan = MaskPlan.fixed(neurons, scale)
     answers = [{"prompt": p, "clean": greedy(lm, p, None, max_new_tokens), "masked": greedy(lm, p, plan, max_new_tokens)}
