@@ -18,7 +18,9 @@ _BLOCKS = " ▁▂▃▄▅▆▇█"
 
 
 def fmt_delta(delta: float | None) -> str:
-    return "inf" if delta is None else f"{delta:.2f}"
+    if delta is None:
+        return "inf"
+    return f"{0.0 if abs(delta) < 0.005 else delta:.2f}"  # no "-0.00" for a loss that moved by 1e-5
 
 
 def scan_summary(doc: dict, *, fail_under: int | None = None) -> Group:
