@@ -65,7 +65,8 @@ def test_repair_subprocess_restores_a_zeroed_slice(planted, scan_dir, tmp_path):
     assert doc["counts"]["restored"] == 1 and doc["verified"]
 
 
-@pytest.mark.parametrize("case", ["no-fingerprint", "no-report", "copies-0", "out-is-input", "rotate-gpt2", "empty-data", "repair-in-place"])
+@pytest.mark.parametrize("case", ["no-fingerprint", "no-report", "copies-0", "out-is-input", "rotate-gpt2", "empty-data", "repair-in-place",
+                                  "unloadable-model", "model-of-another-fingerprint"])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, planted, scan_dir, tmp_path, random_gpt2):
     model, fp = str(planted[0]), str(scan_dir / "fingerprint.safetensors")
     out = tmp_path / "out"
@@ -89,6 +90,12 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, planted, scan_
         args[5:6] = ["finetune", "--data", str(tmp_path / "empty")]
     elif case == "repair-in-place":
         args = ["repair", model, "--fingerprint", fp, "--out", model]
+    elif case == "unloadable-model":  # fails only when the model loads, after OUT was created
+        (tmp_path / "no-model").mkdir()
+        args[1] = str(tmp_path / "no-model")
+        args[-1] = str(out / "nested" / "deeper")
+    elif case == "model-of-another-fingerprint":  # the model loads; its config hash differs from the fingerprint's
+        args[1] = str(random_gpt2[0])
     before = sorted(p.name for p in planted[0].iterdir())
     res = runner.invoke(app, args)
     assert res.exit_code == 2, res.output

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -28,7 +30,13 @@ def scan_dir(planted, tmp_path_factory):
 
 def test_short_run_raises_n_star_and_reports_the_original_mask(planted, scan_dir, corpus, tmp_path):
     ft = dict(data=str(corpus), steps=40, lr=3e-3, batch_size=4, seq_len=32, drop_p=0.5, drop_top=8)
-    outcome = harden(HardenRequest(planted[0], scan_dir / "fingerprint.safetensors", None, "finetune", tmp_path / "out", finetune=ft))
+    calls = []
+    outcome = harden(HardenRequest(planted[0], scan_dir / "fingerprint.safetensors", None, "finetune", tmp_path / "out", finetune=ft),
+                     progress=lambda *args: calls.append(args))
+    steps = [c for c in calls if c[1] == "finetune"]  # the CLI's progress bar: (name, stage, done, total, detail)
+    assert [c[2] for c in steps] == list(range(1, 41)) and {c[3] for c in steps} == {40}
+    assert all(re.fullmatch(r"loss \d+\.\d{4}", c[4]) for c in steps)
+    assert {c[1] for c in calls} == {"finetune", "rank", "search"}  # then the re-attack's stages
     v = outcome.attempts[0].verification
     assert v.before.n_star == 3
     assert not v.after.converged or v.after.n_star > 3  # the re-run search no longer finds the 3 neurons

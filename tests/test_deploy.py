@@ -93,7 +93,7 @@ def test_alert_rules_name_exported_metrics(exported):
 def test_promtool_check_rules():
     proc = subprocess.run([PROMTOOL, "check", "rules", "alerts.yml"], cwd=DEPLOY / "prometheus", capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "SUCCESS: 6 rules found" in proc.stdout
+    assert "SUCCESS: 7 rules found" in proc.stdout
 
 
 @needs_promtool

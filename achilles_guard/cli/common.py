@@ -89,9 +89,15 @@ def guarded(fn):
     return wrapper
 
 
+_STAGE_LABELS = {"rank": "stage 1: noise samples", "search": "stage 2: candidates", "finetune": "finetune steps"}
+
+
 @contextmanager
 def progress_bar(enabled: bool | None = None) -> Iterator["callable"]:
-    """Yields `update(task_name, stage, done, total)`; a Rich progress on stderr when it is a terminal."""
+    """Yields `update(task_name, stage, done, total, detail="")`; a Rich progress on stderr when it is a terminal.
+
+    `stage` is "rank", "search" or "finetune"; `detail` (e.g. "loss 2.31") is shown after the label.
+    """
     show = sys.stderr.isatty() if enabled is None else enabled
     if not show:
         yield lambda *a: None
@@ -102,12 +108,12 @@ def progress_bar(enabled: bool | None = None) -> Iterator["callable"]:
     )
     tasks: dict[tuple[str, str], int] = {}
 
-    def update(name: str, stage: str, done: int, total: int) -> None:
+    def update(name: str, stage: str, done: int, total: int, detail: str = "") -> None:
         key = (name, stage)
+        label = f"{name} · {_STAGE_LABELS.get(stage, stage)}"
         if key not in tasks:
-            label = "stage 1: noise samples" if stage == "rank" else "stage 2: candidates"
-            tasks[key] = progress.add_task(f"{name} · {label}", total=total)
-        progress.update(tasks[key], completed=done, total=total)
+            tasks[key] = progress.add_task(label, total=total)
+        progress.update(tasks[key], completed=done, total=total, description=f"{label} {detail}" if detail else label)
 
     with progress:
         yield update

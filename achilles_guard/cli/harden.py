@@ -67,10 +67,16 @@ def harden_command(
     request = HardenRequest(model_dir, fingerprint, report, strategy, out, copies=copies, seed=seed, rotation=rotation,
                             max_cost=max_cost, dtype=dtype, device=device, held_out=tuple(held), finetune=finetune)
     _precheck(request)
+    first_created = _first_missing(out)
     prepare_out_dir(out)
     log = stderr()
-    with progress_bar() as update:
-        outcome = harden(request, progress=update, log=lambda m: log.print(f"[dim]{m}[/]"))
+    try:
+        with progress_bar() as update:
+            outcome = harden(request, progress=update, log=lambda m: log.print(f"[dim]{m}[/]"))
+    except BaseException:  # a load error, a bad model, Ctrl-C...: leave no empty directory behind
+        if first_created is not None:
+            _remove_empty(out, first_created)
+        raise
     doc = outcome.as_dict()
     console = stdout()
     if format is Format.json:
@@ -79,6 +85,35 @@ def harden_command(
         console.print(_table(doc))
         console.print(f"[dim]wrote {out / 'harden-report.json'}[/]")
     raise typer.Exit(EXIT_OK if outcome.verdict == "mitigated" else EXIT_FINDING)
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost of `path` and its parents that does not exist yet (what this run creates)."""
+    missing = None
+    for candidate in (path, *path.absolute().parents):
+        if candidate.exists():
+            return missing
+        missing = candidate
+    return missing
+
+
+def _remove_empty(out: Path, top: Path) -> None:
+    """Remove the empty directories this run created, from inside OUT up to `top`; keep anything with files
+    (a finetune checkpoint to resume from stays)."""
+    out, top = out.absolute(), top.absolute()
+    for directory in sorted((p for p in out.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        _rmdir(directory)
+    for directory in (out, *out.parents):
+        if not _rmdir(directory) or directory == top:
+            return
+
+
+def _rmdir(directory: Path) -> bool:
+    try:
+        directory.rmdir()  # only an empty directory
+        return True
+    except OSError:
+        return False
 
 
 def _precheck(request) -> None:

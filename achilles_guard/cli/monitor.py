@@ -4,6 +4,10 @@
     curl localhost:9464/metrics; curl localhost:9464/healthz
     curl localhost:9464/v1/completions -d '{"prompt": "Hello", "max_tokens": 8}'
 
+--protect also installs the pin guard (achilles_guard.defenses.pin): the fingerprint's critical
+neurons are held to their baseline, after the monitor has read them, so a tamper still alarms
+while the served outputs stay intact; guard_pin_interventions_total counts what it changed.
+
 Without --serve: a live status table (integrity, canary, anomaly score) refreshed every
 --interval seconds until Ctrl-C (or --iterations N); exit 1 when the last check was unhealthy.
 """
@@ -47,6 +51,7 @@ def monitor_command(
     model_name: Optional[str] = typer.Option(None, help="The `model` label on every metric (default: the directory name)."),
     enable_test_endpoints: bool = typer.Option(False, "--enable-test-endpoints", help="Expose POST /v1/test/disrupt and /v1/test/restore, which zero a fingerprinted neuron's weights in memory. Never in production."),
     verify_key: Optional[str] = typer.Option(None, help="Refuse a fingerprint whose HMAC does not verify with this key (file or env:VAR)."),
+    protect: bool = typer.Option(False, "--protect", help="Hold the critical neurons to their fingerprinted baseline (pin guard) on every forward; the monitor still sees the raw values."),
     dtype: str = DtypeOption(),
     device: str = DeviceOption(),
     trust_remote_code: bool = TrustRemoteCodeOption(),
@@ -79,6 +84,8 @@ def monitor_command(
     config = MonitorConfig(tolerance=tolerance, massive_factor=massive_factor,
                            integrity_interval_s=integrity_interval, canary_interval_s=canary_interval).validated()
     fp = load_fingerprint(fingerprint, verify_key=read_key(verify_key) if verify_key else None)
+    if protect and not fp.critical_set:
+        raise UsageError(f"--protect: fingerprint {fingerprint} has no critical set to protect (its scan did not converge)")
     log = stderr()
     server = None
     if serve:  # bind before the slow model load: a taken port fails at once
@@ -90,14 +97,24 @@ def monitor_command(
             model_dir = str(demo_model_dir())
         lm = load_model(model_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
         name = model_name or ("demo" if demo else Path(lm.directory).name or "model")
+        guard = _pin_guard(fp, log) if protect else None
         monitor = ActivationMonitor(lm.model, fp, registry=CollectorRegistry(), tokenizer=lm.tokenizer, config=config,
-                                    model_name=name, config_sha256=lm.config_sha256)
+                                    model_name=name, config_sha256=lm.config_sha256, guard=guard)
         if serve:
             return _serve(server, ServeContext(lm, monitor, limits, enable_test_endpoints, name), log)
         return _watch(monitor, name, interval, iterations)
     finally:
         if server is not None:
             server.server_close()
+
+
+def _pin_guard(fp, log):
+    from achilles_guard.defenses.pin import PinGuard
+
+    guard = PinGuard.from_fingerprint(fp)
+    log.print(f"guard monitor: protection on: {len(guard.restorable)} critical neuron(s) pinned to their baseline, "
+              f"{len(guard.clamp_only)} clamped only (input-dependent)", soft_wrap=True)
+    return guard
 
 
 def _serve(server, ctx, log) -> None:
@@ -174,5 +191,8 @@ def status_table(state, name: str):
     table.add_row("activations", ok if score == 0 else bad,
                   f"anomaly score {score:.3f}, {state.forwards} forwards"
                   + (f"; {', '.join(last.kinds)}: {', '.join(last.anomalous[:3])}" if last and last.anomalous else ""))
+    if state.interventions is not None:
+        table.add_row("protection", "[yellow]active[/]" if state.interventions else ok,
+                      f"pin guard on, {state.interventions} activation values restored or clamped")
     table.add_row("overall", ok if state.healthy and score == 0 else bad, "")
     return table

@@ -92,8 +92,12 @@ def read_corpus(path: Path) -> list[str]:
 
 
 def finetune(model, original, fp, tokenizer, config: FinetuneConfig, *, checkpoint_dir: Path,
-             log: Callable[[str], None] | None = None) -> dict:
-    """Fine-tune `model` in place (float32); returns what happened (steps, losses, resumed_from)."""
+             log: Callable[[str], None] | None = None, progress: Callable[[int, int, str], None] | None = None) -> dict:
+    """Fine-tune `model` in place (float32); returns what happened (steps, losses, resumed_from).
+
+    `progress(step, steps, detail)` is called after every step (the CLI's Rich progress bar);
+    without it, `log` gets a line every 10 steps.
+    """
     from accelerate import Accelerator
 
     config = config.validated()
@@ -131,7 +135,9 @@ def finetune(model, original, fp, tokenizer, config: FinetuneConfig, *, checkpoi
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             history.append([step + 1, round(float(ce.detach()), 5), round(float(kl.detach()), 6)])
-            if log and ((step + 1) % 10 == 0 or step + 1 == config.steps):
+            if progress is not None:
+                progress(step + 1, config.steps, f"loss {float(loss.detach()):.4f}")  # ce + λ·kl
+            elif log and ((step + 1) % 10 == 0 or step + 1 == config.steps):
                 log(f"finetune step {step + 1}/{config.steps}: ce {history[-1][1]:.4f} kl {history[-1][2]:.5f}")
             if (step + 1) % config.save_every == 0:
                 _save_state(checkpoint_dir, model, optimizer, config, step + 1, history)

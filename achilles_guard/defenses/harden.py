@@ -111,7 +111,11 @@ def auto_order(fp: Fingerprint) -> list[str]:
 
 
 def harden(req: HardenRequest, *, progress=None, log=None) -> HardenOutcome:
-    """Run the requested strategy (or `auto`'s sequence) and verify each by re-attack."""
+    """Run the requested strategy (or `auto`'s sequence) and verify each by re-attack.
+
+    `progress(name, stage, done, total, detail="")` (cli.common.progress_bar's update): stages
+    "finetune" (detail: the loss), then the re-attack's "rank" and "search".
+    """
     if req.strategy not in STRATEGIES:
         raise UsageError(f"--strategy {req.strategy!r}: use one of {', '.join(STRATEGIES)}")
     if req.max_cost < 0:
@@ -148,7 +152,7 @@ def harden(req: HardenRequest, *, progress=None, log=None) -> HardenOutcome:
         if log:
             log(f"hardening with {strategy}…")
         t0 = time.perf_counter()
-        hardened, details, same_basis = _apply(strategy, req, fp, original, out, log)
+        hardened, details, same_basis = _apply(strategy, req, fp, original, out, log, progress)
         probes = [tokenize_probe(hardened, f"probe-{i + 1}", t, allow_short=req.allow_short) for i, t in enumerate(fp.probe_texts)]
         held = [(tokenize_probe(original, n, t, allow_short=True).input_ids, tokenize_probe(hardened, n, t, allow_short=True).input_ids)
                 for n, t in req.held_out]
@@ -178,7 +182,7 @@ def harden(req: HardenRequest, *, progress=None, log=None) -> HardenOutcome:
 # --- strategies ------------------------------------------------------------------------------
 
 
-def _apply(strategy: str, req: HardenRequest, fp: Fingerprint, original: LoadedModel, out: Path, log=None):
+def _apply(strategy: str, req: HardenRequest, fp: Fingerprint, original: LoadedModel, out: Path, log=None, progress=None):
     """-> (hardened LoadedModel, details dict, same_basis)."""
     if strategy == "pin":
         from achilles_guard.defenses.pin import PinGuard, PinnedModel
@@ -216,7 +220,9 @@ def _apply(strategy: str, req: HardenRequest, fp: Fingerprint, original: LoadedM
 
         config = FinetuneConfig(**req.finetune).validated()
         work = load_model(req.model_dir, dtype="float32", device=req.device)
-        details = finetune(work.model, original.model, fp, work.tokenizer, config, checkpoint_dir=out / "finetune-state", log=log)
+        steps = (lambda done, total, detail: progress("harden", "finetune", done, total, detail)) if progress else None
+        details = finetune(work.model, original.model, fp, work.tokenizer, config, checkpoint_dir=out / "finetune-state",
+                           log=log, progress=steps)
         same_basis = True
     else:  # pragma: no cover - validated above
         raise UsageError(f"unknown strategy {strategy}")

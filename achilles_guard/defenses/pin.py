@@ -52,7 +52,9 @@ class PinGuard:
         self.profiles = profiles
         self.restorable = restorable
         self.clamp_only = clamp_only
-        self._count = torch.zeros((), dtype=torch.long)
+        # per device: (2,) long = [interventions, restorations]; summed on the device, read on demand,
+        # so a forward never waits for the host
+        self._counts: dict[torch.device, torch.Tensor] = {}
 
     @staticmethod
     def from_fingerprint(fp, *, neurons: str = "critical", floor: float = 0.5, ceiling: float = 4.0, steady: float = 0.5) -> "PinGuard":
@@ -83,10 +85,20 @@ class PinGuard:
     @property
     def interventions(self) -> int:
         """Activation values (positions x neurons) the guard has changed since creation or reset."""
-        return int(self._count)
+        return self.counts()[0]
+
+    @property
+    def restorations(self) -> int:
+        """The interventions that put back a vanished value (the others clamped a blow-up)."""
+        return self.counts()[1]
+
+    def counts(self) -> tuple[int, int]:
+        """(interventions, restorations), read together (safe while another thread runs forwards)."""
+        totals = [c.tolist() for c in list(self._counts.values())]  # each (2,) tensor is replaced, never mutated
+        return sum(t[0] for t in totals), sum(t[1] for t in totals)
 
     def reset(self) -> None:
-        self._count = torch.zeros((), dtype=torch.long)
+        self._counts = {}
 
     @contextmanager
     def installed(self, model: nn.Module) -> Iterator["PinGuard"]:
@@ -113,7 +125,9 @@ class PinGuard:
             hit = vanished | blown
             # copysign: a NaN keeps its sign bit and becomes ±ceiling; untouched values keep their bits
             fixed = torch.where(hit, torch.where(vanished, mean, torch.copysign(ceiling.to(a.dtype), a)), a)
-            self._count = self._count + hit.sum().to(self._count.device, non_blocking=True)
+            hits = torch.stack([hit.sum(), vanished.sum()])  # (2,) on the output's device
+            previous = self._counts.get(hits.device)
+            self._counts[hits.device] = hits if previous is None else previous + hits
             if torch.is_grad_enabled() and output.requires_grad:
                 output = output.clone()
             output[..., idx] = fixed

@@ -21,6 +21,14 @@ against the fingerprint's baselines, vectorised over all K monitored neurons:
 
 `guard_anomaly_score` is how many orders of magnitude the worst neuron lies beyond tolerance
 (0 = normal). Hooks enter the model only through `masking.hooks`.
+
+**Protection** (`guard=PinGuard`, `guard monitor --protect`): `attach` installs the monitor's
+read-only hooks first and the pin guard's hooks after them. PyTorch runs a module's forward
+hooks in registration order, so on a module holding critical neurons the monitor copies the raw
+activations (a tampered neuron still reads as collapsed: the score, the ratio gauges and the
+alerts fire) and only then does the guard restore them for everything downstream (the served
+logits, and the canary, which therefore measures what clients get). The other order would hide
+the attack from the activation checks; only the weight integrity check would still see it.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ import math
 import threading
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -79,6 +87,7 @@ class MonitorState:
     last: ForwardReading | None
     integrity: IntegrityResult | None
     canary: CanaryResult | None
+    interventions: int | None = None  # values the pin guard changed so far; None without protection
 
     @property
     def healthy(self) -> bool:
@@ -120,7 +129,7 @@ class ActivationMonitor:
     """
 
     def __init__(self, model, fingerprint, *, registry, tokenizer=None, config: MonitorConfig | None = None,
-                 model_name: str = "model", config_sha256: str | None = None, lock=None):
+                 model_name: str = "model", config_sha256: str | None = None, lock=None, guard=None):
         self.config = (config or MonitorConfig()).validated()
         if config_sha256 is not None and config_sha256 != fingerprint.config_sha256:
             raise InputError(
@@ -148,6 +157,14 @@ class ActivationMonitor:
         self._stack: ExitStack | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.guard = guard
+        if guard is not None:
+            for module in guard.profiles:
+                try:
+                    model.get_submodule(module)
+                except AttributeError:
+                    raise InputError(f"pin guard: module {module} is not in this model") from None
+            self.metrics.protect(guard)
         self.metrics.monitored.set(len(self._table.names))
         self._ratio_gauges = tuple(self.metrics.ratio(name) for name in self._table.critical_names)
         for gauge in self._ratio_gauges:
@@ -160,6 +177,8 @@ class ActivationMonitor:
         if self._stack is None:
             stack = ExitStack()
             stack.enter_context(hooks(self.model, {m: self._hook(m) for m in self._table.modules}))
+            if self.guard is not None:  # after the monitor's hooks: see the module docstring
+                stack.enter_context(self.guard.installed(self.model))
             self._stack = stack
         if background and self._thread is None and (self.config.integrity_interval_s or self.config.canary_interval_s):
             self._stop.clear()
@@ -221,7 +240,8 @@ class ActivationMonitor:
 
     def state(self) -> MonitorState:
         with self._state_lock:
-            return MonitorState(self._forwards, self._last, self._last_integrity, self._last_canary)
+            state = MonitorState(self._forwards, self._last, self._last_integrity, self._last_canary)
+        return state if self.guard is None else replace(state, interventions=self.guard.interventions)
 
     # -- per-forward path ------------------------------------------------------------------
 

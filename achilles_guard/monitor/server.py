@@ -5,6 +5,8 @@
 
 - `GET /metrics`: Prometheus text format of the monitor's registry.
 - `GET /healthz`: 200 when the weights match the fingerprint and the canary holds, else 503.
+  With protection (`--protect`) the canary runs through the pin guard, so it measures what clients
+  get; a tamper still makes /healthz 503 through the weight integrity check.
 - `POST /v1/completions`: OpenAI-style subset `{prompt, max_tokens, temperature, seed}`; greedy
   unless temperature > 0. Bounded body size, prompt length and requests in flight (429 beyond).
 - `POST /v1/test/disrupt` / `POST /v1/test/restore`: only with `enable_test_endpoints`; zero a
@@ -195,7 +197,8 @@ class _Handler(BaseHTTPRequestHandler):
             "usage": {"prompt_tokens": int(ids.shape[1]), "completion_tokens": len(result.token_ids),
                       "total_tokens": int(ids.shape[1]) + len(result.token_ids)},
             "guard": {"anomaly_score": state.last.score if state.last else 0.0,
-                      "anomalous_neurons": list(state.last.anomalous) if state.last else []},
+                      "anomalous_neurons": list(state.last.anomalous) if state.last else [],
+                      "protected": state.interventions is not None, "pin_interventions": state.interventions or 0},
         })
 
     def _disrupt(self) -> None:
@@ -316,6 +319,8 @@ def _state_doc(state) -> dict:
         "mismatched_slices": list(state.integrity.mismatched) if state.integrity else [],
         "canary_delta_log10": _num(state.canary.delta_log10) if state.canary else None,
         "canary_ok": state.canary.ok if state.canary else None,
+        "protected": state.interventions is not None,
+        "pin_interventions": state.interventions or 0,
     }
 
 
