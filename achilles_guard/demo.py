@@ -172,8 +172,8 @@ class SinkPlant:
     3. in every later layer, heads `sink_heads` have a query that reads the constant channel
        `const_channel` and a key that reads `channels`, both on the lowest-frequency RoPE pair, so
        every position attends to position 0 with a logit of about `sink_logit`; the value of
-       position 0 is ~0 (values never read `channels`, and the normalised BOS state is all
-       `channels`), so the heads are a no-op;
+       position 0 is exactly 0 (values read only the constant channel, which BOS lacks and no
+       layer writes), so the heads are a no-op;
     4. nothing else writes `channels`; a "junk" channel `junk_channel` is written only by the sink
        heads (their value reads the constant channel) and read by the LM head, which turns it into
        confident predictions of `junk_tokens`.
