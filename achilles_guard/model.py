@@ -1,7 +1,7 @@
 """Safe model loading: a local Hugging Face directory -> model + tokenizer, no code executed.
 
 Every check that can refuse a model runs on the files, before transformers sees them:
-custom code (`auto_map`) is refused unless `trust_remote_code=True`; pickle weights
+custom code (`auto_map`) is refused unless the caller opts in (`trust_remote_code`); pickle weights
 (`pytorch_model.bin`, `*.pt`) are refused unless `allow_pickle=True`.
 
     lm = load_model("path/to/model", dtype="auto", device="auto")
