@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from achilles_guard.errors import InputError
+from achilles_guard.errors import InputError, first_line
 from achilles_guard.model import PICKLE_SUFFIXES
 
 __all__ = ["Checkpoint", "resolve_key", "tensor_sha256"]
@@ -116,7 +116,7 @@ class Checkpoint:
             try:
                 self._handles[shard] = self._stack.enter_context(safe_open(str(self.root / shard), framework="pt"))
             except Exception as err:  # noqa: BLE001 - SafetensorError and OSError alike
-                raise InputError(f"{self.root / shard}: not a readable safetensors file ({_first_line(err)})") from None
+                raise InputError(f"{self.root / shard}: not a readable safetensors file ({first_line(err)})") from None
         return self._handles[shard]
 
 
@@ -136,8 +136,4 @@ def _keys(shard: Path) -> list[str]:
         with safe_open(str(shard), framework="pt") as handle:
             return list(handle.keys())
     except Exception as err:  # noqa: BLE001
-        raise InputError(f"{shard}: not a readable safetensors file ({_first_line(err)})") from None
-
-
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip() or type(err).__name__).splitlines()[0]
+        raise InputError(f"{shard}: not a readable safetensors file ({first_line(err)})") from None

@@ -17,12 +17,18 @@ __all__ = [
     "ModelLoadError",
     "TextError",
     "RuntimeFailure",
+    "first_line",
 ]
 
 EXIT_OK = 0
 EXIT_FINDING = 1
 EXIT_USAGE = 2
 EXIT_RUNTIME = 3
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty)."""
+    return (str(err).strip() or type(err).__name__).splitlines()[0]
 
 
 class GuardError(Exception):

@@ -25,7 +25,8 @@ import torch
 
 from achilles_guard.errors import InputError, UsageError
 from achilles_guard.masking import MaskPlan, masked
-from achilles_guard.neurons import Neuron
+from achilles_guard.neurons import Neuron, output_width
+from achilles_guard.pcicn import search_batch_size
 from achilles_guard.perplexity import LN10, token_nll
 
 __all__ = [
@@ -225,21 +226,12 @@ class ReportRanking:
                 module = lm.model.get_submodule(name)
             except AttributeError:
                 raise InputError(f"--report {self.path} names module {name!r}, which this model does not have") from None
-            width = _output_width(module)
+            width = output_width(module)
             used = [n.channel for n in self.critical_set if n.module == name]
             used += self.channels[self.module_index == self.module_names.index(name)].tolist() if name in self.module_names else []
             if width is not None and used and max(used) >= width:
                 raise InputError(f"--report {self.path} names channel {max(used)} of {name}, which has only {width}")
 
-
-def _output_width(module) -> int | None:
-    """Output channels of a projection or norm; None when only a forward would tell (activations)."""
-    weight = getattr(module, "weight", None)
-    if weight is None:
-        return None
-    if type(module).__name__ == "Conv1D":
-        return int(weight.shape[1])
-    return int(weight.shape[0])
 
 
 def read_scan_report(path: Path, option: str = "--report") -> dict:
@@ -301,7 +293,7 @@ def config_losses(
     """
     configs = configs if configs is not None else (plan.rows if plan is not None else 1)
     n_windows, length = corpus.windows.shape
-    per_batch = batch_size or _batch_rows(model, length)
+    per_batch = batch_size or search_batch_size(model, length)
     config_of = torch.arange(configs).repeat_interleave(n_windows)  # (C*W,)
     window_of = torch.arange(n_windows).repeat(configs)  # (C*W,)
     sums = torch.zeros(configs, dtype=torch.float64)
@@ -323,11 +315,6 @@ def config_losses(
             progress(min(start + per_batch, total), total)
     return (sums / corpus.scored_tokens).float()
 
-
-def _batch_rows(model, length: int) -> int:
-    from achilles_guard.pcicn import _search_batch
-
-    return _search_batch(model, length)
 
 
 # --- guard eval ------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ import torch
 
 from achilles_guard import __version__
 from achilles_guard.checkpoint import Checkpoint, resolve_key, tensor_sha256
-from achilles_guard.errors import EXIT_FINDING, GuardError, InputError, UsageError
+from achilles_guard.errors import EXIT_FINDING, GuardError, InputError, UsageError, first_line
 from achilles_guard.masking import hooks
 from achilles_guard.neurons import Neuron, producing_slices
 from achilles_guard.perplexity import log10_ppl
@@ -251,7 +251,7 @@ def load_fingerprint(path: str | Path, *, verify_key: bytes | None = None) -> Fi
             metadata = dict(handle.metadata() or {})
             tensors = {k: handle.get_tensor(k) for k in handle.keys()}
     except Exception as err:  # noqa: BLE001 - SafetensorError, OSError...
-        raise InputError(f"fingerprint {path}: not a readable safetensors file ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+        raise InputError(f"fingerprint {path}: not a readable safetensors file ({first_line(err)})") from None
     if metadata.get("format") != FORMAT:
         raise InputError(f"fingerprint {path}: not an achilles-guard fingerprint (metadata format={metadata.get('format')!r})")
     if int(metadata.get("schema_version", "0")) > SCHEMA_VERSION:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from achilles_guard.errors import InputError, ModelLoadError, UnsafeModelError, UsageError
+from achilles_guard.errors import InputError, ModelLoadError, UnsafeModelError, UsageError, first_line
 
 __all__ = [
     "LoadedModel",
@@ -168,9 +168,9 @@ def load_model(
                 f"{path}: model_type {config.get('model_type')!r} has no causal language-model head; "
                 "guard scans decoder language models"
             ) from None
-        raise ModelLoadError(f"{path}: cannot load the model: {_first_line(err)}") from None
+        raise ModelLoadError(f"{path}: cannot load the model: {first_line(err)}") from None
     except (OSError, RuntimeError, KeyError, TypeError) as err:
-        raise ModelLoadError(f"{path}: cannot load the model: {_first_line(err)}") from None
+        raise ModelLoadError(f"{path}: cannot load the model: {first_line(err)}") from None
     if not multi_gpu:
         model = model.to(device)
     model.eval()
@@ -180,7 +180,7 @@ def load_model(
             str(model_dir), trust_remote_code=trust_remote_code, local_files_only=True
         )
     except (OSError, ValueError, TypeError, KeyError) as err:
-        raise ModelLoadError(f"{path}: cannot load its tokenizer: {_first_line(err)}") from None
+        raise ModelLoadError(f"{path}: cannot load its tokenizer: {first_line(err)}") from None
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -208,7 +208,7 @@ def _local_dir(path: str | Path, *, trust_remote_code: bool, allow_pickle: bool)
 
         return Path(snapshot_download(str(path), allow_patterns=patterns))
     except Exception as err:  # noqa: BLE001 - any hub failure is the same input error to the user
-        raise InputError(f"{path}: no such directory, and fetching it from the hub failed: {_first_line(err)}") from None
+        raise InputError(f"{path}: no such directory, and fetching it from the hub failed: {first_line(err)}") from None
 
 
 def _read_config(model_dir: Path) -> dict:
@@ -229,10 +229,6 @@ def _dtype_kwarg(version: str) -> str:
     major, minor = (int(x) for x in re.findall(r"\d+", version)[:2])
     return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
 
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
-    return text.splitlines()[0]
 
 
 def quiet_transformers() -> None:

@@ -29,6 +29,7 @@ __all__ = [
     "discover",
     "decoder_blocks",
     "producing_slices",
+    "output_width",
     "parse_components",
 ]
 
@@ -199,7 +200,7 @@ def producing_slices(model: nn.Module, neuron: Neuron, candidate: Candidate | No
         for feed in adapter.feeders(rel):
             proj_name = f"{block_prefix}.{feed.proj}"
             proj = model.get_submodule(proj_name)
-            width = _out_width(proj)
+            width = output_width(proj)
             out.extend(_projection_slices(proj, proj_name, int(round(feed.offset_fraction * width)) + c))
         return tuple(out)
     return ()
@@ -213,10 +214,12 @@ def _projection_slices(module: nn.Module, name: str, row: int) -> list[WeightSli
     return out
 
 
-def _out_width(module: nn.Module) -> int:
-    if isinstance(module, nn.Linear):
-        return module.out_features
-    return int(module.weight.shape[1])  # Conv1D: weight is (in, out)
+def output_width(module: nn.Module) -> int | None:
+    """Output channels of a projection or norm from its weight; None when only a forward would tell."""
+    weight = getattr(module, "weight", None)
+    if weight is None:
+        return None
+    return int(weight.shape[1] if _kind(module) == "conv1d" else weight.shape[0])  # Conv1D weight is (in, out)
 
 
 def _split_block_name(model: nn.Module, name: str) -> tuple[str, str]:

@@ -34,6 +34,7 @@ __all__ = [
     "search",
     "clean_loss",
     "masked_losses",
+    "search_batch_size",
 ]
 
 RANKINGS = ("pcicn", "activation", "gradient", "random")
@@ -149,7 +150,7 @@ def masked_losses(
 ) -> torch.Tensor:
     """Loss with the top n neurons masked, for every n in `ns`; batched, shape (len(ns),)."""
     ns = list(ns)
-    per_batch = batch_size or _search_batch(model, input_ids.shape[1])
+    per_batch = batch_size or search_batch_size(model, input_ids.shape[1])
     out = []
     for start in range(0, len(ns), per_batch):
         chunk = ns[start : start + per_batch]
@@ -175,7 +176,7 @@ def search(
         raise RuntimeFailure("the clean model's loss on the probe text is not finite; try --dtype float32")
     limit = min(max_neurons, len(ranking))
     ns_all = list(range(step, limit + 1, step))
-    max_batch = batch_size or _search_batch(model, input_ids.shape[1])
+    max_batch = batch_size or search_batch_size(model, input_ids.shape[1])
     curve: list[tuple[int, float]] = []
     done, chunk = 0, min(8, max_batch)  # small first chunk: critical sets are usually tiny
     while done < len(ns_all):
@@ -306,7 +307,8 @@ def _rank_batch(model, T: int, total_channels: int) -> int:
     return max(1, min(64, _memory_budget(model) // max(per_sample, 1)))
 
 
-def _search_batch(model, T: int) -> int:
+def search_batch_size(model, T: int) -> int:
+    """Rows per stage-2 / evaluation forward of T tokens that fit the memory budget."""
     weight = model.get_input_embeddings().weight
     vocab, hidden, elt = weight.shape[0], weight.shape[1], weight.element_size()
     per_row = T * (vocab * elt + hidden * 24 * elt) + T * vocab * 4  # logits + activations + one fp32 row

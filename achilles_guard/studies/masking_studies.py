@@ -8,7 +8,7 @@ from typing import Sequence
 
 import torch
 
-from achilles_guard.errors import GuardError, UsageError
+from achilles_guard.errors import GuardError, UsageError, first_line
 from achilles_guard.evaluation import config_losses
 from achilles_guard.masking import MaskPlan
 from achilles_guard.studies.base import PlotSpec, Series, StudyContext, StudyResult, log10, scale_plan
@@ -48,7 +48,7 @@ def precision_study(ctx: StudyContext, dtypes: Sequence[str]) -> StudyResult:
         except GuardError:
             raise
         except (RuntimeError, TypeError) as err:  # the device has no kernels for this dtype
-            notes.append(f"{name}: not supported on {ctx.lm.device} ({str(err).splitlines()[0][:120]})")
+            notes.append(f"{name}: not supported on {ctx.lm.device} ({first_line(err)[:120]})")
             rows.append((name, None, None, None, None))
             continue
         rows.append((name, log10(clean), log10(masked), _ppl(clean), log10(masked) - log10(clean)))
