@@ -97,7 +97,8 @@ def planted_model(path: Path, plant: Plant = DEMO_PLANT, *, family: str = "llama
 
 def run_guard(args: list[str], *, timeout: float = 300, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
     """Run the real CLI (`python -m achilles_guard`, the `guard` entry point) in a subprocess."""
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    # No GPU unless `env` names one: the suite gives the same numbers on a GPU machine as on CI's CPU.
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", **(env or {})}
     return subprocess.run([sys.executable, "-m", "achilles_guard", *args], capture_output=True, text=True,
                           timeout=timeout, env=full_env, **kw)
 

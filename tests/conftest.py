@@ -16,6 +16,19 @@ def _isolated_cache(tmp_path_factory):
     yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _cpu_unless_asked():
+    """The suite measures the same numbers on a GPU machine as on CI's CPU: `--device auto` means the CPU
+    here, in process and in `guard` subprocesses (builders.run_guard hides the GPUs). tests/test_cuda.py
+    asks for CUDA by name and un-hides the GPUs for its own subprocesses."""
+    import achilles_guard.model as model_module
+
+    original = model_module.resolve_device
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(model_module, "resolve_device", lambda device: original("cpu" if device == "auto" else device))
+        yield
+
+
 @pytest.fixture(scope="session")
 def tok():
     return tokenizer()
