@@ -69,9 +69,9 @@ def loader_files(root: Path) -> tuple[list[str], dict[str, str] | None, list[str
             files = [explicit]
     elif _regular(root / SINGLE_NAME):
         files = [SINGLE_NAME]
-        if (root / INDEX_NAME).exists():
+        if _regular(root / INDEX_NAME):
             ambiguities.append(f"{INDEX_NAME} is ignored by the loader because {SINGLE_NAME} exists")
-    elif (root / INDEX_NAME).exists():
+    elif _regular(root / INDEX_NAME):
         index_map = _read_index(root / INDEX_NAME)
         files = sorted(set(index_map.values()))
     else:
@@ -85,11 +85,15 @@ def loader_files(root: Path) -> tuple[list[str], dict[str, str] | None, list[str
     read = set(files)
     for stray in sorted(p.name for p in root.glob("*.safetensors")):
         if stray not in read:
+            _regular(root / stray)
             ambiguities.append(f"stray file {stray}: the loader does not read it, but it ships with the checkpoint")
     return files, index_map, ambiguities
 
 
 def _regular(path: Path) -> bool:
+    """True for a regular file; InputError for a FIFO, device or directory under a weights name (never block on one)."""
+    if path.exists() and not path.is_file():
+        raise InputError(f"{path}: not a regular file (refusing to read a FIFO, device or directory)")
     return path.is_file()
 
 
@@ -236,8 +240,10 @@ def _keys(shard: Path) -> list[str]:
         raise InputError(f"{shard}: not a readable safetensors file ({first_line(err)})") from None
 
 
-def find_slice(ckpt: "Checkpoint", record) -> str | None:
-    """The checkpoint tensor name holding a fingerprinted slice (its recorded key, else the parameter's)."""
-    if record.checkpoint_key in ckpt.weight_map:
+def find_slice(ckpt: "Checkpoint | dict[str, str]", record) -> str | None:
+    """The one slice lookup (verify, tamper, repair): the checkpoint tensor name holding a fingerprinted
+    slice: its recorded key when present, else the parameter's unique match. Accepts a weight map too."""
+    weight_map = ckpt if isinstance(ckpt, dict) else ckpt.weight_map
+    if record.checkpoint_key in weight_map:
         return record.checkpoint_key
-    return resolve_key(ckpt.weight_map, record.param)
+    return resolve_key(weight_map, record.param)
