@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from achilles_guard.cli import app
-from tests.builders import reshard
+from tests.builders import PROBE as PROBE_TEXT, reshard
 
 runner = CliRunner()
 DOWN = "model.layers.0.mlp.down_proj.weight"
@@ -174,3 +174,241 @@ def test_fifo_weights_file_refused(layouts, tmp_path):
     os.mkfifo(m / "model.safetensors")
     result = guard("verify-checkpoint", m, "--fingerprint", fp)
     assert result.exit_code == 2 and "regular file" in one_line_error(result)
+
+
+# --- item 2: 0-slice fingerprints, absurd configs, report/fingerprint written as a pair -------------
+
+def test_zero_slice_fingerprint_refused_on_verify(layouts, tmp_path):
+    from safetensors.torch import save
+
+    model, _, fp = layouts
+    with safe_open(str(fp), framework="pt") as h:
+        meta = dict(h.metadata())
+    meta["slices"], meta["neurons"], meta["critical_set"] = "{}", "[]", "[]"
+    empty = tmp_path / "empty.safetensors"
+    empty.write_bytes(save({}, metadata=meta))
+    result = guard("verify-checkpoint", model, "--fingerprint", empty)
+    assert result.exit_code == 2 and "0 slices" in one_line_error(result)
+
+
+def test_zero_slice_fingerprint_refused_on_write(planted, tmp_path):
+    """`--fingerprint-top 0` and no critical set: refuse, and neither report nor fingerprint is written."""
+    model, _ = planted
+    out = tmp_path / "out"
+    result = guard("scan", model, "--text", PROBE_TEXT, "--samples", "2", "--max-neurons", "1", "--epsilon", "50",
+                   "--fingerprint-top", "0", "--out", out, "--device", "cpu")
+    assert result.exit_code == 2, result.output
+    assert "0 slices" in one_line_error(result)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("layers", [10**9, 4096])
+def test_absurd_config_size_refused_before_allocating(layouts, tmp_path, layers):
+    model, _, fp = layouts
+    m = _copy(model, tmp_path / "M")
+    config = json.loads((m / "config.json").read_text())
+    config["num_hidden_layers"] = layers
+    (m / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    result = guard("scan", m, "--out", out, "--samples", "2")
+    assert result.exit_code == 2 and "implies at least" in one_line_error(result)
+    assert not out.exists()
+    tampered = guard("tamper", m, "--out", tmp_path / "t", "--neuron", "model.layers.0.mlp.down_proj:3")
+    assert tampered.exit_code == 2 and "implies at least" in one_line_error(tampered)
+    assert not (tmp_path / "t").exists()
+
+
+def test_pickle_model_scan_refused_before_writing(planted, tmp_path):
+    """--allow-pickle: the fingerprint reads safetensors only, so the scan refuses up front; nothing written."""
+    from transformers import AutoModelForCausalLM
+
+    model, _ = planted
+    p = _copy(model, tmp_path / "P")
+    torch.save(AutoModelForCausalLM.from_pretrained(str(model)).state_dict(), p / "pytorch_model.bin")
+    (p / "model.safetensors").unlink()
+    out = tmp_path / "out"
+    result = guard("scan", p, "--allow-pickle", "--out", out, "--samples", "2")
+    assert result.exit_code == 2 and "nothing was written" in one_line_error(result)
+    assert not out.exists()
+
+
+def test_scan_outputs_published_together_or_not_at_all(planted, tmp_path, monkeypatch):
+    """A fault while producing the fingerprint leaves the old pair untouched."""
+    import achilles_guard.cli.scan as scan_cli
+
+    model, _ = planted
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.json").write_text("old report")
+    (out / "fingerprint.safetensors").write_bytes(b"old fingerprint")
+
+    def boom(*a, **k):
+        raise OSError("disk fault while building the fingerprint")
+
+    monkeypatch.setattr(scan_cli, "fingerprint_bytes", boom)
+    result = guard("scan", model, "--text", PROBE_TEXT, "--samples", "2", "--out", out, "--device", "cpu")
+    assert result.exit_code != 0
+    assert (out / "report.json").read_text() == "old report"
+    assert (out / "fingerprint.safetensors").read_bytes() == b"old fingerprint"
+    assert sorted(p.name for p in out.iterdir()) == ["fingerprint.safetensors", "report.json"]
+
+
+def test_publish_files_reports_exactly_what_was_written(tmp_path, monkeypatch):
+    import os
+
+    from achilles_guard import staging
+    from achilles_guard.errors import RuntimeFailure
+
+    real = os.replace
+    calls = []
+
+    def flaky(a, b):
+        calls.append(b)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(a, b)
+
+    monkeypatch.setattr(staging.os, "replace", flaky)
+    with pytest.raises(RuntimeFailure) as err:
+        staging.publish_files(tmp_path / "o", {"report.json": b"r", "fingerprint.safetensors": b"f"})
+    assert "written: report.json; unchanged: fingerprint.safetensors" in str(err.value)
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["report.json"]  # no staging leftovers
+
+
+def test_one_staging_helper_everywhere():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "achilles_guard"
+    offenders = [str(p) for p in root.rglob("*.py") if p.name != "staging.py" and "mkdtemp(" in p.read_text()]
+    assert offenders == []
+
+
+# --- item 3: bad input is exit 2, one line, and leaves nothing behind ---------------------------------
+
+def _scan_bad(model_dir, tmp_path, *extra):
+    out = tmp_path / "out"
+    result = guard("scan", model_dir, "--out", out, "--samples", "2", *extra)
+    assert result.exit_code == 2, result.output
+    line = one_line_error(result)
+    assert not out.exists(), "a bad-input run must not leave an empty --out"
+    return line
+
+
+def test_config_wrong_type_exit_2(layouts, tmp_path):
+    model, _, _ = layouts
+    m = _copy(model, tmp_path / "M")
+    config = json.loads((m / "config.json").read_text())
+    config["hidden_size"] = "sixty-four"
+    (m / "config.json").write_text(json.dumps(config))
+    assert "hidden_size must be a positive integer" in _scan_bad(m, tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "header-length", "offsets"])
+def test_broken_safetensors_exit_2(layouts, tmp_path, damage):
+    import struct
+
+    model, _, fp = layouts
+    m = _copy(model, tmp_path / "M")
+    f = m / "model.safetensors"
+    raw = f.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    if damage == "truncated":
+        f.write_bytes(raw[: len(raw) // 2])
+    elif damage == "header-length":
+        f.write_bytes(struct.pack("<Q", 2**62) + raw[8:])
+    else:
+        header = json.loads(raw[8 : 8 + n])
+        key = next(k for k in header if k != "__metadata__")
+        header[key]["data_offsets"] = [0, 10**12]
+        body = json.dumps(header).encode()
+        f.write_bytes(struct.pack("<Q", len(body)) + body + raw[8 + n :])
+    _scan_bad(m, tmp_path)
+    result = guard("verify-checkpoint", m, "--fingerprint", fp)
+    assert result.exit_code == 2 and "not a readable safetensors" in one_line_error(result)
+
+
+def test_pickle_that_fails_to_unpickle_exit_2(layouts, tmp_path):
+    model, _, _ = layouts
+    m = _copy(model, tmp_path / "M")
+    (m / "model.safetensors").unlink()
+    (m / "pytorch_model.bin").write_bytes(b"\x80\x04garbage that is not a pickle")
+    _scan_bad(m, tmp_path, "--allow-pickle")
+
+
+def test_fingerprint_schema_version_not_a_number(layouts, tmp_path):
+    from safetensors.torch import save
+
+    model, _, fp = layouts
+    with safe_open(str(fp), framework="pt") as h:
+        meta = dict(h.metadata())
+        tensors = {k: h.get_tensor(k) for k in h.keys()}
+    meta["schema_version"] = "one"
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(save(tensors, metadata=meta))
+    result = guard("verify-checkpoint", model, "--fingerprint", bad)
+    assert result.exit_code == 2 and "schema_version" in one_line_error(result)
+
+
+def test_tamper_channel_out_of_range_and_noop_scale(layouts, tmp_path):
+    model, _, _ = layouts
+    out = tmp_path / "t"
+    r = guard("tamper", model, "--out", out, "--neuron", "model.layers.0.mlp.down_proj:100000")
+    assert r.exit_code == 2 and "out of range" in one_line_error(r) and not out.exists()
+    r = guard("tamper", model, "--out", out, "--neuron", "model.layers.0.mlp.down_proj:3", "--kind", "scale", "--scale", "1.0")
+    assert r.exit_code == 2 and "1.0" in one_line_error(r) and not out.exists()
+
+
+@pytest.mark.parametrize("opt", ["--alpha", "--epsilon"])
+def test_infinite_alpha_epsilon_rejected_up_front(planted, tmp_path, opt):
+    model, _ = planted
+    assert "finite" in _scan_bad(model, tmp_path, opt, "inf")
+
+
+def test_env_key_needs_16_bytes_like_key_files(layouts, tmp_path, monkeypatch):
+    model, _, fp = layouts
+    monkeypatch.setenv("GUARD_SHORT_KEY", "x")
+    result = guard("verify-checkpoint", model, "--fingerprint", fp, "--verify-key", "env:GUARD_SHORT_KEY")
+    assert result.exit_code == 2 and "too short" in one_line_error(result)
+
+
+def test_missing_tokenizer_message_is_complete(planted, tmp_path):
+    model, _ = planted
+    m = _copy(model, tmp_path / "M")
+    for f in list(m.iterdir()):
+        if "token" in f.name or f.name in ("vocab.json", "merges.txt"):
+            f.unlink()
+    line = _scan_bad(m, tmp_path)
+    assert "tokenizer" in line and not line.rstrip().endswith(":") and "(1)" in line
+
+
+def test_repair_other_architecture_exit_2_nothing_written(layouts, tmp_path):
+    from tests.builders import save_model, tiny_model
+
+    _, _, fp = layouts
+    other = save_model(tiny_model("gpt2"), tmp_path / "gpt2")
+    out = tmp_path / "rep"
+    result = guard("repair", other, "--fingerprint", fp, "--out", out)
+    assert result.exit_code == 2 and "architecture differs" in one_line_error(result)
+    assert not out.exists()
+
+
+def test_repaired_copy_drops_tamper_marker_and_verifies(layouts, tmp_path):
+    model, zeroed, fp = layouts
+    assert (zeroed / "TAMPERED_BY_GUARD.json").exists()
+    out = tmp_path / "rep"
+    result = guard("repair", zeroed, "--fingerprint", fp, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert not (out / "TAMPERED_BY_GUARD.json").exists()
+    assert guard("verify-checkpoint", out, "--fingerprint", fp).exit_code == 0
+
+
+def test_repair_accepts_what_verify_calls_equivalent(layouts, tmp_path):
+    """A bf16 re-save: verify says equivalent (exit 0); repair must call it intact, not unrepairable."""
+    model, _, fp = layouts
+    b = reshard(model, tmp_path / "B", shards=1, dtype=torch.bfloat16)
+    v, doc = _verify_json(b, fp)
+    assert v.exit_code == 0 and doc["counts"]["equivalent"] > 0
+    result = guard("repair", b, "--fingerprint", fp, "--out", tmp_path / "rep", "--format", "json")
+    assert result.exit_code == 0, result.output
+    rep = json.loads(result.stdout)
+    assert rep["counts"]["unrepairable"] == 0 and rep["counts"]["restored"] == 0

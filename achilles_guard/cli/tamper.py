@@ -249,9 +249,9 @@ def _meta_model(src: Path):
     """The model's module tree on the meta device: structure only, no weights read, no code run."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from achilles_guard.model import check_model_dir, quiet_transformers
+    from achilles_guard.model import check_config_size, check_model_dir, quiet_transformers
 
-    check_model_dir(src)
+    check_config_size(src, check_model_dir(src))
     quiet_transformers()
     config = AutoConfig.from_pretrained(str(src), local_files_only=True)
     with torch.device("meta"):
