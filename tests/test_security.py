@@ -412,3 +412,62 @@ def test_repair_accepts_what_verify_calls_equivalent(layouts, tmp_path):
     assert result.exit_code == 0, result.output
     rep = json.loads(result.stdout)
     assert rep["counts"]["unrepairable"] == 0 and rep["counts"]["restored"] == 0
+
+
+# --- what already held, pinned here so it keeps holding ------------------------------------------------
+
+def test_one_ulp_edit_is_caught(layouts, tmp_path):
+    model, _, fp = layouts
+    m = _copy(model, tmp_path / "M")
+    with safe_open(str(m / "model.safetensors"), framework="pt") as h:
+        tensors = {k: h.get_tensor(k) for k in h.keys()}
+    row = tensors[DOWN][11].clone()
+    row[0] = torch.nextafter(row[0], torch.tensor(float("inf"), dtype=row.dtype))
+    tensors[DOWN][11] = row
+    save_file(tensors, str(m / "model.safetensors"), metadata={"format": "pt"})
+    result, doc = _verify_json(m, fp)
+    assert result.exit_code == 1 and doc["verdict"] == "tampered"
+    assert any(s["status"] == "perturbed" and s["param"] == DOWN for s in doc["slices"])
+
+
+def test_hmac_catches_altered_metadata(planted_scan, tmp_path):
+    from safetensors.torch import save
+
+    path, _, out = planted_scan
+    with safe_open(str(out / "signed.safetensors"), framework="pt") as h:
+        meta = dict(h.metadata())
+        tensors = {k: h.get_tensor(k) for k in h.keys()}
+    meta["critical_set"] = "[]"  # an attacker hides the critical set but keeps the old MAC
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(save(tensors, metadata=meta))
+    result = guard("verify-checkpoint", path, "--fingerprint", bad, "--verify-key", out / "key")
+    assert result.exit_code == 1 and "HMAC" in result.stderr
+
+
+def test_tokenizer_auto_map_runs_no_code(planted, tmp_path):
+    model, _ = planted
+    m = _copy(model, tmp_path / "M")
+    sentinel = tmp_path / "PWNED"
+    (m / "evil_tok.py").write_text(f"open({str(sentinel)!r}, 'w').write('x')\nclass EvilTokenizer: pass\n")
+    cfg = json.loads((m / "tokenizer_config.json").read_text())
+    cfg["auto_map"] = {"AutoTokenizer": ["evil_tok.EvilTokenizer", None]}
+    (m / "tokenizer_config.json").write_text(json.dumps(cfg))
+    result = guard("scan", m, "--text", PROBE_TEXT, "--samples", "2", "--out", tmp_path / "out", "--device", "cpu")
+    assert "Traceback" not in result.output
+    assert result.exit_code in (0, 1, 2)
+    assert not sentinel.exists(), "tokenizer auto_map code ran"
+
+
+def test_interrupt_while_staging_leaves_old_outputs(tmp_path):
+    """SIGINT (KeyboardInterrupt) during a staged write: the old directory is untouched, no staging left."""
+    from achilles_guard.staging import staged_dir
+
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "model.safetensors").write_bytes(b"old")
+    with pytest.raises(KeyboardInterrupt):
+        with staged_dir(target, mode="replace") as tmp:
+            (tmp / "model.safetensors").write_bytes(b"half")
+            raise KeyboardInterrupt
+    assert (target / "model.safetensors").read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
