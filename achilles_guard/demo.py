@@ -143,17 +143,10 @@ def demo_model_dir() -> Path:
     target = root / f"demo-v{DEMO_VERSION}"
     if (target / "config.json").is_file():
         return target
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".demo-", dir=root))
-    try:
+    from achilles_guard.staging import staged_dir
+
+    with staged_dir(target, mode="first-wins") as staging:  # a concurrent builder's copy wins
         build_demo_model(staging)
-        try:
-            staging.rename(target)
-        except OSError:  # another process won the race: use its copy
-            shutil.rmtree(staging, ignore_errors=True)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

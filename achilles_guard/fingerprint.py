@@ -117,19 +117,23 @@ class Fingerprint:
         return tuple(r for r in self.neurons if r.critical)
 
 
+MIN_KEY_BYTES = 16
+
+
 def read_key(spec: str) -> bytes:
     """A signing key from `env:VAR` or a file path (never the secret itself on the command line)."""
     if spec.startswith("env:"):
         value = os.environ.get(spec[4:])
         if not value:
             raise UsageError(f"signing key: environment variable {spec[4:]} is not set or empty")
-        return value.encode()
-    path = Path(spec)
-    if not path.is_file():
-        raise UsageError(f"signing key {spec!r}: give a key file path or env:VARIABLE")
-    key = path.read_bytes().strip()
-    if len(key) < 16:
-        raise UsageError(f"signing key {spec}: too short ({len(key)} bytes); use at least 16 random bytes")
+        key = value.encode().strip()
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise UsageError(f"signing key {spec!r}: give a key file path (a regular file) or env:VARIABLE")
+        key = path.read_bytes().strip()
+    if len(key) < MIN_KEY_BYTES:  # one rule for env: keys and key files
+        raise UsageError(f"signing key {spec}: too short ({len(key)} bytes); use at least {MIN_KEY_BYTES} random bytes")
     return key
 
 
@@ -166,17 +170,32 @@ def activation_baselines(model, neurons: list[Neuron], probes: list[torch.Tensor
     return out
 
 
+def check_fingerprint_nonempty(n_neurons: int) -> None:
+    """UsageError for a fingerprint of 0 neurons: it would verify every checkpoint as intact."""
+    if n_neurons < 1:
+        raise UsageError(
+            "the fingerprint would hold 0 slices (no critical set was found and --fingerprint-top is 0), "
+            "so it would call every checkpoint intact; use --fingerprint-top >= 1 (nothing was written)"
+        )
+
+
 def write_fingerprint(path: str | Path, result, *, top: int = 64, sign_key: bytes | None = None) -> Path:
     """Fingerprint the critical sets and top-`top` neurons of a ScanResult; atomic write."""
-    from safetensors.torch import save
-
     from achilles_guard.report import atomic_write_bytes
+
+    return atomic_write_bytes(path, fingerprint_bytes(result, top=top, sign_key=sign_key))
+
+
+def fingerprint_bytes(result, *, top: int = 64, sign_key: bytes | None = None) -> bytes:
+    """The fingerprint file's bytes (nothing written): InputError/UsageError before any output exists."""
+    from safetensors.torch import save
 
     if top < 0:
         raise UsageError(f"--fingerprint-top must be >= 0 (got {top})")
     lm, ranking = result.lm, result.primary.ranking
     critical = {n for t in result.texts for n in t.result.critical_set}
     chosen = list(dict.fromkeys([*result.primary.result.critical_set, *sorted(critical), *ranking.top(min(top, len(ranking)))]))
+    check_fingerprint_nonempty(len(chosen))
     by_name = result.candidates.by_name()
     # rank of every neuron: inverse permutation of the ranking order
     position = torch.empty_like(ranking.order)
@@ -236,7 +255,7 @@ def write_fingerprint(path: str | Path, result, *, top: int = 64, sign_key: byte
     }
     if sign_key is not None:
         metadata["hmac_sha256"] = _mac(sign_key, tensors, metadata)
-    return atomic_write_bytes(path, save(tensors, metadata=metadata))
+    return save(tensors, metadata=metadata)
 
 
 def load_fingerprint(path: str | Path, *, verify_key: bytes | None = None) -> Fingerprint:
@@ -254,7 +273,10 @@ def load_fingerprint(path: str | Path, *, verify_key: bytes | None = None) -> Fi
         raise InputError(f"fingerprint {path}: not a readable safetensors file ({first_line(err)})") from None
     if metadata.get("format") != FORMAT:
         raise InputError(f"fingerprint {path}: not an achilles-guard fingerprint (metadata format={metadata.get('format')!r})")
-    if int(metadata.get("schema_version", "0")) > SCHEMA_VERSION:
+    version = metadata.get("schema_version", "0")
+    if not (isinstance(version, str) and version.isdigit()):
+        raise InputError(f"fingerprint {path}: schema_version {version!r} is not a whole number; the file is corrupt")
+    if int(version) > SCHEMA_VERSION:
         raise InputError(f"fingerprint {path}: schema {metadata['schema_version']} is newer than this guard understands; upgrade achilles-guard")
     if verify_key is not None:
         claimed = metadata.get("hmac_sha256")
@@ -282,8 +304,10 @@ def load_fingerprint(path: str | Path, *, verify_key: bytes | None = None) -> Fi
             probe_texts=tuple(json.loads(metadata["probe_texts"])), signed="hmac_sha256" in metadata,
             metadata=metadata,
         )
-    except (KeyError, TypeError, ValueError) as err:
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise InputError(f"fingerprint {path}: malformed metadata ({type(err).__name__}: {err})") from None
+    if not slices or not neurons:
+        raise InputError(f"fingerprint {path}: holds 0 slices, so it would call every checkpoint intact; refusing to verify against it")
     for key, record in slices.items():
         if key not in tensors or tensor_sha256(tensors[key]) != record.sha256:
             raise InputError(f"fingerprint {path}: slice {key} does not match its recorded sha256; the fingerprint is corrupt")

@@ -11,6 +11,7 @@ custom code (`auto_map`) is refused unless the caller opts in (`trust_remote_cod
 from __future__ import annotations
 
 import hashlib
+import pickle
 import json
 import re
 from dataclasses import dataclass
@@ -131,6 +132,73 @@ def check_model_dir(path: str | Path, *, trust_remote_code: bool = False, allow_
     return config
 
 
+# config keys whose values size the model: (key, fallback keys)
+_SIZE_KEYS = {
+    "hidden": ("hidden_size", "n_embd", "d_model"),
+    "layers": ("num_hidden_layers", "n_layer", "num_layers"),
+    "ffn": ("intermediate_size", "n_inner", "ffn_dim"),
+    "vocab": ("vocab_size",),
+}
+SIZE_MARGIN = 2.0  # refuse when the config implies more than this many times the elements on disk
+
+
+def _size_value(config: dict, kind: str, path) -> int | None:
+    for key in _SIZE_KEYS[kind]:
+        if key in config and config[key] is not None:
+            value = config[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ModelLoadError(f"{path}/config.json: {key} must be a positive integer (got {value!r})")
+            return value
+    return None
+
+
+def implied_parameters(config: dict, path="config.json") -> int:
+    """A lower bound on the parameter count a config implies, from its sizes alone (nothing built).
+
+    Every decoder layer has at least an attention output projection (h×h) and an MLP in and out
+    projection (2·h·ffn); the model has at least the token embedding (vocab×h). Wrong types are an
+    input error (exit 2), never an exception deep in transformers.
+    """
+    hidden = _size_value(config, "hidden", path) or 0
+    layers = _size_value(config, "layers", path) or 0
+    ffn = _size_value(config, "ffn", path) or 4 * hidden
+    vocab = _size_value(config, "vocab", path) or 0
+    return layers * (hidden * hidden + 2 * hidden * ffn) + vocab * hidden
+
+
+def weights_on_disk(model_dir: Path) -> int | None:
+    """Total tensor elements in the safetensors files the loader reads (headers only); for pickle
+    weights an upper bound (1 element per byte); None when there are no weights."""
+    from achilles_guard.checkpoint import Checkpoint
+
+    try:
+        with Checkpoint.open(model_dir) as ckpt:
+            total = 0
+            for name in ckpt.weight_map:
+                shape, _ = ckpt.shape_dtype(name)
+                n = 1
+                for d in shape:
+                    n *= d
+                total += n
+            return total
+    except InputError:
+        pickles = [p for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file()]
+        return sum(p.stat().st_size for p in pickles) if pickles else None
+
+
+def check_config_size(model_dir: str | Path, config: dict) -> None:
+    """Refuse (exit 2) a config that implies far more parameters than the weights on disk hold
+    (`num_hidden_layers: 1e9`...): building it would allocate without bound before any error."""
+    model_dir = Path(model_dir)
+    implied = implied_parameters(config, model_dir)
+    on_disk = weights_on_disk(model_dir)
+    if on_disk is not None and implied > SIZE_MARGIN * on_disk + 1_000_000:
+        raise ModelLoadError(
+            f"{model_dir}: config.json implies at least {implied:,} parameters but the weights on disk hold "
+            f"{on_disk:,}; the config is inconsistent with the checkpoint (refusing to allocate it)"
+        )
+
+
 def load_model(
     path: str | Path,
     *,
@@ -142,6 +210,7 @@ def load_model(
     """Load a causal LM safely (see module docstring); errors are GuardErrors with one clear line."""
     model_dir = _local_dir(path, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     config = check_model_dir(model_dir, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    check_config_size(model_dir, config)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
 
@@ -169,7 +238,14 @@ def load_model(
                 "guard scans decoder language models"
             ) from None
         raise ModelLoadError(f"{path}: cannot load the model: {first_line(err)}") from None
-    except (OSError, RuntimeError, KeyError, TypeError) as err:
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except (OSError, RuntimeError, KeyError, TypeError, AttributeError, IndexError, OverflowError, EOFError,
+            pickle.UnpicklingError) as err:
+        raise ModelLoadError(f"{path}: cannot load the model: {first_line(err)}") from None
+    except Exception as err:  # noqa: BLE001 - safetensors' SafetensorError (truncated file, bad header) and kin
+        if type(err).__name__ not in ("SafetensorError", "HeaderTooLarge", "UnpicklingError"):
+            raise
         raise ModelLoadError(f"{path}: cannot load the model: {first_line(err)}") from None
     if not multi_gpu:
         model = model.to(device)
@@ -180,7 +256,12 @@ def load_model(
             str(model_dir), trust_remote_code=trust_remote_code, local_files_only=True
         )
     except (OSError, ValueError, TypeError, KeyError) as err:
-        raise ModelLoadError(f"{path}: cannot load its tokenizer: {first_line(err)}") from None
+        detail = " ".join(str(err).split())  # transformers' message spans lines; keep all of it on one
+        if len(detail) > 400:
+            detail = detail[:400] + "…"
+        raise ModelLoadError(
+            f"{path}: cannot load its tokenizer (no usable tokenizer.json, tokenizer.model or vocab files): {detail}"
+        ) from None
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,

@@ -44,9 +44,9 @@ class ScanParams:
     def validated(self) -> "ScanParams":
         """Self, or a UsageError naming the first bad option."""
         checks = [
-            (self.alpha > 0, f"--alpha must be > 0 (got {self.alpha})"),
+            (0 < self.alpha < float("inf"), f"--alpha must be > 0 and finite (got {self.alpha})"),
             (self.samples >= 1, f"--samples must be >= 1 (got {self.samples})"),
-            (self.epsilon > 0, f"--epsilon must be > 0 (got {self.epsilon})"),
+            (0 < self.epsilon < float("inf"), f"--epsilon must be > 0 and finite (got {self.epsilon})"),
             (self.step >= 1, f"--step must be >= 1 (got {self.step})"),
             (self.max_neurons >= 1, f"--max-neurons must be >= 1 (got {self.max_neurons})"),
             (self.keep >= 0, f"--keep must be >= 0 (got {self.keep})"),

@@ -120,9 +120,18 @@ def progress_bar(enabled: bool | None = None) -> Iterator["callable"]:
 
 
 def prepare_out_dir(out: Path) -> Path:
-    """Create OUT (and parents) and prove it is writable before any long work starts."""
+    """Prove OUT is writable before any long work starts, without creating it (a bad-input run leaves no
+    empty OUT behind): an existing OUT gets a write probe, a missing one needs a writable existing ancestor."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: exists and is not a directory")
+    if not out.exists():
+        parent = out.absolute().parent
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            raise InputError(f"--out {out}: not writable (cannot create it under {parent})")
+        return out
     try:
-        out.mkdir(parents=True, exist_ok=True)
         probe = out / f".guard-write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()

@@ -68,7 +68,7 @@ def harden_command(
                             max_cost=max_cost, dtype=dtype, device=device, held_out=tuple(held), finetune=finetune)
     _precheck(request)
     first_created = _first_missing(out)
-    prepare_out_dir(out)
+    prepare_out_dir(out).mkdir(parents=True, exist_ok=True)
     log = stderr()
     try:
         with progress_bar() as update:

@@ -11,8 +11,9 @@ import typer
 from achilles_guard.cli import app
 from achilles_guard.cli.common import AllowPickleOption, DeviceOption, DtypeOption, Format, TrustRemoteCodeOption, guarded, info, prepare_out_dir, progress_bar, stdout
 from achilles_guard.errors import EXIT_FINDING, EXIT_OK, InputError, UsageError
-from achilles_guard.fingerprint import read_key, write_fingerprint
-from achilles_guard.report import dumps, scan_report, scan_sarif, write_json
+from achilles_guard.fingerprint import fingerprint_bytes, read_key
+from achilles_guard.report import dumps, scan_report, scan_sarif
+from achilles_guard.staging import publish_files
 from achilles_guard.scan import ScanParams, run_scan, tokenize_probe
 
 __all__ = ["scan_command", "read_probe_texts"]
@@ -36,6 +37,16 @@ def read_probe_texts(texts: list[str], text_files: list[Path]) -> list[tuple[str
 
         probes = default_texts()
     return probes
+
+
+def _check_fingerprintable(directory) -> None:
+    """Before the long scan: the fingerprint reads safetensors slices, so pickle-only weights cannot be fingerprinted."""
+    from achilles_guard.checkpoint import Checkpoint
+
+    try:
+        Checkpoint.open(directory).close()
+    except InputError as err:
+        raise InputError(f"{err}; a scan writes report.json and fingerprint.safetensors together, so nothing was written") from None
 
 
 @app.command("scan")
@@ -93,6 +104,7 @@ def scan_command(
         info("[dim]preparing the synthetic demonstration model (built once, then cached)…[/]")
         model_dir = str(demo_model_dir())
     lm = load_model(model_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    _check_fingerprintable(lm.directory)
     load_s = time.perf_counter() - t0
     probes = [tokenize_probe(lm, name, body, allow_short=allow_short) for name, body in raw_texts]
     with progress_bar() as update:
@@ -100,11 +112,12 @@ def scan_command(
     result = result.with_load_time(load_s)
 
     doc = scan_report(result, demo=demo)
-    write_json(out / "report.json", doc)
-    written = [out / "report.json", write_fingerprint(out / "fingerprint.safetensors", result, top=fingerprint_top, sign_key=key)]
+    # every output is produced in memory first, then published together (staging dir + renames)
+    files = {"report.json": dumps(doc).encode(),
+             "fingerprint.safetensors": fingerprint_bytes(result, top=fingerprint_top, sign_key=key)}
     if format is Format.sarif:
-        write_json(out / "report.sarif", scan_sarif(doc, fail_under=fail_under))
-        written.append(out / "report.sarif")
+        files["report.sarif"] = dumps(scan_sarif(doc, fail_under=fail_under)).encode()
+    written = publish_files(out, files)
 
     console = stdout()
     if format is Format.json:

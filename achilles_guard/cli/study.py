@@ -97,6 +97,7 @@ def study_command(
                   lengths=lengths, presets=presets, counts=counts, ns=ns, rankings=rankings, runs=runs,
                   user_texts=[(f"text-{i + 1}", t) for i, t in enumerate(text)])
     out = prepare_out_dir(out)
+    out.mkdir(parents=True, exist_ok=True)
     load_kwargs = {"trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle}
     lm = open_model(model_dir, dtype=dtype, device=device, **load_kwargs)
     if ranked is not None:

@@ -25,7 +25,7 @@ from rich.table import Table
 
 from achilles_guard.cli import app
 from achilles_guard.cli.common import guarded, stderr, stdout
-from achilles_guard.errors import InputError, UsageError
+from achilles_guard.errors import InputError, UsageError, first_line
 from achilles_guard.neurons import Neuron
 
 __all__ = ["TamperKind", "TamperTarget", "select_targets", "tamper_checkpoint", "check_out", "tamper_command", "MARKER"]
@@ -71,6 +71,12 @@ def tamper_command(
     the critical set of a report.json / fingerprint, its top-N, or explicit --neuron MODULE:CHANNEL.
     Refuses to write over its input or an existing --out. Exit 0 written, 2 bad input.
     """
+    import math
+
+    if kind is TamperKind.scale and (not math.isfinite(scale) or scale == 1.0):
+        raise UsageError(f"--scale {scale}: must be a finite factor other than 1.0 (1.0 changes nothing; nothing was written)")
+    if kind is TamperKind.noise and not (math.isfinite(noise) and noise > 0):
+        raise UsageError(f"--noise {noise}: must be a finite number > 0 (nothing was written)")
     check_out(checkpoint_dir, out)
     targets = select_targets(checkpoint_dir, neurons, neuron, top)
     stderr().print(f"[bold yellow]{BANNER}[/]", soft_wrap=True)  # after every input check: errors stay one line
@@ -107,6 +113,15 @@ def select_targets(src: Path, source: Path | None, explicit: list[str], top: int
             slices = producing_slices(model, n)
         except AttributeError:
             raise InputError(f"neuron {n}: the model has no module {n.module}") from None
+        except (IndexError, ValueError) as err:
+            raise InputError(f"neuron {n}: channel {n.channel} is out of range for {n.module} ({first_line(err)})") from None
+        for ws in slices:
+            try:
+                size = model.get_parameter(ws.param).shape[ws.axis]
+            except (AttributeError, IndexError):
+                continue
+            if not 0 <= ws.index < size:
+                raise InputError(f"neuron {n}: channel {n.channel} is out of range ({ws.param} has {size} along axis {ws.axis})")
         if not slices:
             raise InputError(f"neuron {n}: no weight produces it (not a linear, norm or activation module)")
         for ws in slices:
@@ -138,9 +153,16 @@ def tamper_checkpoint(
     for t in targets:
         by_shard.setdefault(shard_of[t.checkpoint_key], []).append(t)
     generator = torch.Generator().manual_seed(seed)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    try:
-        shutil.copytree(src, tmp, ignore=lambda d, names: [n for n in names if Path(d) == src and n in by_shard])
+    from achilles_guard.staging import staged_dir
+
+    with staged_dir(out) as tmp:
+        for item in src.iterdir():
+            if item.name in by_shard:
+                continue
+            if item.is_dir():
+                shutil.copytree(item, tmp / item.name)
+            else:
+                shutil.copy2(item, tmp / item.name)
         for shard, shard_targets in by_shard.items():
             with safe_open(str(src / shard), framework="pt") as handle:
                 metadata = handle.metadata()
@@ -156,10 +178,6 @@ def tamper_checkpoint(
                         "key": t.checkpoint_key, "axis": t.axis, "index": t.index, "shard": shard_of[t.checkpoint_key]}
                        for t in targets],
         }, indent=2) + "\n")
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -188,7 +206,7 @@ def _tampered(view: torch.Tensor, t: TamperTarget, kind: TamperKind, scale: floa
 
 
 def _targets_from_fingerprint(path: Path, top: int | None, weight_map: dict) -> list[TamperTarget]:
-    from achilles_guard.checkpoint import resolve_key
+    from achilles_guard.checkpoint import find_slice
     from achilles_guard.fingerprint import load_fingerprint
 
     fp = load_fingerprint(path)
@@ -199,7 +217,7 @@ def _targets_from_fingerprint(path: Path, top: int | None, weight_map: dict) -> 
     for r in records:
         for key in r.slices:
             s = fp.slices[key]
-            name = s.checkpoint_key if s.checkpoint_key in weight_map else resolve_key(weight_map, s.param)
+            name = find_slice(weight_map, s)  # the same lookup as verify-checkpoint and repair
             if name is None:
                 raise InputError(f"parameter {s.param} (producing {r.neuron}) is not in the checkpoint")
             targets.append(TamperTarget(r.neuron, name, s.axis, s.index, s.null_value))
@@ -231,9 +249,9 @@ def _meta_model(src: Path):
     """The model's module tree on the meta device: structure only, no weights read, no code run."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from achilles_guard.model import check_model_dir, quiet_transformers
+    from achilles_guard.model import check_config_size, check_model_dir, quiet_transformers
 
-    check_model_dir(src)
+    check_config_size(src, check_model_dir(src))
     quiet_transformers()
     config = AutoConfig.from_pretrained(str(src), local_files_only=True)
     with torch.device("meta"):

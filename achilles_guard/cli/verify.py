@@ -103,8 +103,16 @@ def render_verification(doc: dict) -> Group:
         ))
     if doc.get("functional_skipped"):
         parts.append(Text(f"functional: {doc['functional_skipped']}", style="yellow"))
+    for line in doc.get("layout", {}).get("ambiguities", []):
+        parts.append(Text(f"ambiguous layout: {line}", style="bold red"))
     if doc["verdict"] == "intact":
         parts.append(Text("verdict: INTACT (every critical weight slice matches the fingerprint)", style="bold green"))
+    elif doc["verdict"] == "ambiguous":
+        n = len(doc["layout"]["ambiguities"])
+        parts.append(Text(
+            f"verdict: AMBIGUOUS ({n} layout problem(s): the bytes a loader uses are not uniquely the verified ones)",
+            style="bold red",
+        ))
     else:
         tampered = doc["tampered_neurons"]
         crit = sum(n["critical"] for n in tampered)

@@ -246,17 +246,8 @@ def _save(work: LoadedModel, target: Path, dtype: torch.dtype) -> None:
     """save_pretrained into a staging directory, then swap it in (a reader never sees half a model)."""
     model = work.model.to(dtype)
     model.config.dtype = str(dtype).removeprefix("torch.")
-    staging = Path(tempfile.mkdtemp(prefix=".model-", dir=target.parent))
-    try:
+    from achilles_guard.staging import staged_dir
+
+    with staged_dir(target, mode="replace") as staging:
         model.save_pretrained(staging, safe_serialization=True)
         work.tokenizer.save_pretrained(staging)
-        if target.exists():
-            trash = Path(tempfile.mkdtemp(prefix=".old-model-", dir=target.parent))
-            target.rename(trash / "model")
-            staging.rename(target)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            staging.rename(target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)

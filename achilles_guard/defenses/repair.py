@@ -11,15 +11,16 @@ and only then is the staging directory renamed to OUT: a reader sees no OUT, or 
 from __future__ import annotations
 
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from achilles_guard.checkpoint import Checkpoint, resolve_key, tensor_sha256
+from achilles_guard.checkpoint import Checkpoint
 from achilles_guard.errors import UsageError
 from achilles_guard.model import config_sha256
+
+TAMPER_MARKER = "TAMPERED_BY_GUARD.json"
 
 __all__ = ["SliceRepair", "RepairOutcome", "repair_checkpoint", "check_out_dir"]
 
@@ -71,39 +72,42 @@ def repair_checkpoint(source: str | Path, fp, out: str | Path) -> RepairOutcome:
     """Write a repaired, verified copy of `source` to `out` (see module docstring)."""
     source, out = Path(source), Path(out)
     check_out_dir(source, out)
+    from achilles_guard.detectors.integrity import SliceStatus, check_config, judge_slice
+
+    check_config(source, fp)  # InputError (exit 2, nothing written) for a fingerprint of another architecture
     with Checkpoint.open(source) as ckpt:
         plan: dict[str, dict[str, list]] = {}  # shard -> checkpoint key -> [(SliceRecord)]
         results: dict[str, SliceRepair] = {}
         for key, rec in fp.slices.items():
-            ckey = resolve_key(ckpt.weight_map, rec.param)
-            if ckey is None:
+            verdicts = judge_slice(ckpt, rec, fp.tensors[key])  # the same lookup and judgement as verify-checkpoint
+            first = verdicts[0]
+            if first.status is SliceStatus.missing:
                 results[key] = SliceRepair(key, rec.checkpoint_key, "unrepairable", "tensor missing from the checkpoint")
                 continue
-            shape, dtype = ckpt.shape_dtype(ckey)
-            if tuple(shape) != tuple(rec.shape) or dtype != rec.dtype:
-                results[key] = SliceRepair(key, ckey, "unrepairable",
-                                           f"tensor is {dtype}{list(shape)}, the fingerprint recorded {rec.dtype}{list(rec.shape)}")
-                continue
-            if tensor_sha256(ckpt.read_slice(ckey, rec.axis, rec.index)) == rec.sha256:
+            ckey = first.checkpoint_key
+            if all(v.ok for v in verdicts):  # intact or equivalent (e.g. a bf16 re-save): nothing to restore
                 results[key] = SliceRepair(key, ckey, "intact")
                 continue
-            plan.setdefault(ckpt.shard_of(ckey), {}).setdefault(ckey, []).append(rec)
+            bad = [v for v in verdicts if not v.ok]
+            wrong = [v for v in bad if v.status is SliceStatus.shape_mismatch or v.actual_dtype != rec.dtype]
+            if wrong:
+                v = wrong[0]
+                results[key] = SliceRepair(key, ckey, "unrepairable",
+                                           f"tensor is {v.actual_dtype}{list(v.actual_shape or ())} in {v.shard}, "
+                                           f"the fingerprint recorded {rec.dtype}{list(rec.shape)}")
+                continue
+            for v in bad:
+                plan.setdefault(v.shard, {}).setdefault(ckey, []).append(rec)
             results[key] = SliceRepair(key, ckey, "restored")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    from achilles_guard.staging import staged_dir
+
+    with staged_dir(out) as staging:
         for item in source.iterdir():
-            if item.is_file() and item.name not in plan:
-                shutil.copy2(item, staging / item.name)
+            if item.is_file() and item.name not in plan and item.name != TAMPER_MARKER:
+                shutil.copy2(item, staging / item.name)  # a repaired copy is no longer "tampered by guard"
         for shard, tensors in plan.items():
             _rewrite_shard(source / shard, staging / shard, tensors, fp)
         verified = _verify(staging, fp, results)
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        staging.rename(out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     try:
         matches = config_sha256(source) == fp.config_sha256
     except Exception:  # noqa: BLE001 - a missing config is reported, not fatal to the weights' repair
@@ -127,11 +131,12 @@ def _rewrite_shard(src: Path, dst: Path, tensors: dict[str, list], fp) -> None:
 
 
 def _verify(root: Path, fp, results: dict[str, SliceRepair]) -> bool:
+    from achilles_guard.detectors.integrity import judge_slice
+
     with Checkpoint.open(root) as ckpt:
         for key, res in results.items():
             if res.status == "unrepairable":
                 continue
-            rec = fp.slices[key]
-            if tensor_sha256(ckpt.read_slice(res.checkpoint_key, rec.axis, rec.index)) != rec.sha256:
+            if not all(v.ok for v in judge_slice(ckpt, fp.slices[key], fp.tensors[key])):
                 return False
     return True

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from achilles_guard.checkpoint import Checkpoint, resolve_key, tensor_sha256
+from achilles_guard.checkpoint import Checkpoint, find_slice, tensor_sha256
 from achilles_guard.errors import InputError, UsageError
 from achilles_guard.fingerprint import Fingerprint, NeuronRecord, SliceRecord
 
@@ -46,6 +46,7 @@ __all__ = [
     "check_config",
     "functional_check",
     "OK_STATUSES",
+    "judge_slice",
 ]
 
 
@@ -169,6 +170,8 @@ class IntegrityReport:
     verify_s: float
     shards_read: tuple[str, ...] = field(default=())
     functional_skipped: str | None = None  # why --functional did not run, when it did not
+    ambiguities: tuple[str, ...] = field(default=())  # layout ambiguities (Checkpoint.ambiguities): a finding
+    loaded_files: tuple[str, ...] = field(default=())  # the files the transformers loader reads
 
     @property
     def tampered_slices(self) -> tuple[SliceVerdict, ...]:
@@ -190,11 +193,15 @@ class IntegrityReport:
     @property
     def ok(self) -> bool:
         functional_ok = self.functional is None or self.functional.ok
-        return not self.tampered_slices and self.config.matches and functional_ok
+        return not self.tampered_slices and self.config.matches and functional_ok and not self.ambiguities
 
     @property
     def verdict(self) -> str:
-        return "intact" if self.ok else "tampered"
+        """intact, tampered (a slice, the config or the behaviour changed), or ambiguous (layout only)."""
+        functional_ok = self.functional is None or self.functional.ok
+        if self.tampered_slices or not self.config.matches or not functional_ok:
+            return "tampered"
+        return "ambiguous" if self.ambiguities else "intact"
 
 
 def verify_checkpoint(
@@ -222,6 +229,7 @@ def verify_checkpoint(
             record = fingerprint.slices[key]
             verdicts.append(_verify_slice(ckpt, record, fingerprint.tensors[key], tuple(by_key.get(key, ()))))
         shards = ckpt.opened_shards
+        ambiguities, loaded = tuple(ckpt.ambiguities), tuple(ckpt.files)
     verify_s = time.perf_counter() - t0
     check, skipped = None, None
     if functional is not None:
@@ -233,7 +241,7 @@ def verify_checkpoint(
     return IntegrityReport(
         checkpoint=str(checkpoint_dir), fingerprint=fingerprint.path, signature=signature, config=config,
         slices=tuple(verdicts), neurons=fingerprint.neurons, functional=check, verify_s=verify_s, shards_read=shards,
-        functional_skipped=skipped,
+        functional_skipped=skipped, ambiguities=ambiguities, loaded_files=loaded,
     )
 
 
@@ -296,22 +304,38 @@ def classify(reference: torch.Tensor, current: torch.Tensor, null_value: float) 
 
 
 def _verify_slice(ckpt: Checkpoint, record: SliceRecord, reference: torch.Tensor, neurons: tuple[NeuronRecord, ...]) -> SliceVerdict:
+    """Judge every loaded copy of the slice; a tensor held by two loaded files reports its worst copy."""
+    verdicts = judge_slice(ckpt, record, reference, neurons)
+    return next((v for v in verdicts if not v.ok), verdicts[0])
+
+
+def judge_slice(ckpt: Checkpoint, record: SliceRecord, reference: torch.Tensor, neurons: tuple[NeuronRecord, ...] = ()) -> list[SliceVerdict]:
+    """The one slice lookup: find a fingerprinted slice in a checkpoint (`find_slice`) and judge each copy.
+
+    Used by verify-checkpoint, `guard tamper` and `guard repair`, so what one calls `equivalent`
+    the others accept as intact too.
+    """
     base = dict(key=record.key, param=record.param, neurons=neurons, expected_dtype=record.dtype, expected_shape=record.shape)
-    name = record.checkpoint_key if record.checkpoint_key in ckpt.weight_map else resolve_key(ckpt.weight_map, record.param)
+    name = find_slice(ckpt, record)
     if name is None:
-        return SliceVerdict(**base, checkpoint_key=None, shard=record.shard, status=SliceStatus.missing, actual_dtype=None, actual_shape=None)
-    shape, dtype = ckpt.shape_dtype(name)
-    shard = ckpt.shard_of(name)
-    common = dict(base, checkpoint_key=name, shard=shard, actual_dtype=dtype, actual_shape=shape)
-    if shape != record.shape:
-        return SliceVerdict(**common, status=SliceStatus.shape_mismatch)
-    current = ckpt.read_slice(name, record.axis, record.index)  # (k,) or () for a bias entry
-    if dtype == record.dtype and tensor_sha256(current) == record.sha256:
-        return SliceVerdict(**common, status=SliceStatus.intact, factor=1.0, rel_l2=0.0, max_abs_diff=0.0)
-    if dtype not in _ST_DTYPES or not current.is_floating_point():
-        return SliceVerdict(**common, status=SliceStatus.perturbed)
-    status, factor, rel_l2, max_abs = classify(reference, current, record.null_value)
-    return SliceVerdict(**common, status=status, factor=factor, rel_l2=rel_l2, max_abs_diff=max_abs)
+        return [SliceVerdict(**base, checkpoint_key=None, shard=record.shard, status=SliceStatus.missing, actual_dtype=None, actual_shape=None)]
+    out = []
+    for shard in ckpt.copies.get(name, [ckpt.shard_of(name)]):
+        shape, dtype = ckpt.shape_dtype(name, shard)
+        common = dict(base, checkpoint_key=name, shard=shard, actual_dtype=dtype, actual_shape=shape)
+        if shape != record.shape:
+            out.append(SliceVerdict(**common, status=SliceStatus.shape_mismatch))
+            continue
+        current = ckpt.read_slice(name, record.axis, record.index, shard)  # (k,) or () for a bias entry
+        if dtype == record.dtype and tensor_sha256(current) == record.sha256:
+            out.append(SliceVerdict(**common, status=SliceStatus.intact, factor=1.0, rel_l2=0.0, max_abs_diff=0.0))
+            continue
+        if dtype not in _ST_DTYPES or not current.is_floating_point():
+            out.append(SliceVerdict(**common, status=SliceStatus.perturbed))
+            continue
+        status, factor, rel_l2, max_abs = classify(reference, current, record.null_value)
+        out.append(SliceVerdict(**common, status=status, factor=factor, rel_l2=rel_l2, max_abs_diff=max_abs))
+    return out
 
 
 def _prefetch(ckpt: Checkpoint, records) -> None:
@@ -325,7 +349,7 @@ def _prefetch(ckpt: Checkpoint, records) -> None:
         return
     wanted: dict[str, list[tuple[str, SliceRecord]]] = {}
     for r in records:
-        name = r.checkpoint_key if r.checkpoint_key in ckpt.weight_map else resolve_key(ckpt.weight_map, r.param)
+        name = find_slice(ckpt, r)
         if name is not None and r.axis == 0:
             wanted.setdefault(ckpt.shard_of(name), []).append((name, r))
     for shard, items in wanted.items():
@@ -408,6 +432,7 @@ RULES: dict[str, tuple[str, str, str]] = {
     "perturbed": ("AG104", "CriticalSlicePerturbed", "7.5"),
     "missing": ("AG105", "CriticalSliceMissing", "8.0"),
     "shape-mismatch": ("AG106", "CriticalSliceShapeMismatch", "8.0"),
+    "ambiguous": ("AG107", "AmbiguousCheckpointLayout", "8.0"),
     "config": ("AG110", "ConfigChanged", "6.5"),
     "functional": ("AG111", "FunctionalRegression", "9.0"),
 }
@@ -427,6 +452,7 @@ def report_doc(report: IntegrityReport) -> dict:
                         "architecture": report.config.expected_architecture, "signature": report.signature,
                         "slices": len(report.slices), "neurons": len(report.neurons)},
         "verdict": report.verdict,
+        "layout": {"loaded_files": list(report.loaded_files), "ambiguities": list(report.ambiguities)},
         "config_matches": report.config.matches,
         "counts": report.counts,
         "tampered_neurons": [_neuron_doc(n) for n in report.tampered_neurons],
@@ -465,6 +491,12 @@ def report_sarif(doc: dict) -> dict:
             "locations": [_location(root, s["shard"])],
             "properties": {k: s[k] for k in ("key", "param", "status", "factor", "rel_l2", "shard")},
         })
+    for line in doc.get("layout", {}).get("ambiguities", []):
+        results.append({
+            "ruleId": RULES["ambiguous"][0], "level": "error",
+            "message": {"text": f"ambiguous checkpoint layout: {line}"},
+            "locations": [_location(root, ".")],
+        })
     if not doc["config_matches"]:
         results.append({
             "ruleId": RULES["config"][0], "level": "error",
@@ -496,6 +528,7 @@ _RULE_TEXT = {
     "perturbed": "A weight slice producing a fingerprinted neuron changed beyond dtype rounding",
     "missing": "A fingerprinted weight tensor is missing from the checkpoint",
     "shape-mismatch": "A fingerprinted weight tensor changed shape",
+    "ambiguous": "The checkpoint's files are ambiguous: a tensor in two files, a stray safetensors file, or an index that disagrees with the files",
     "config": "config.json differs from the one that was fingerprinted",
     "functional": "The probe loss rose past the tolerance, or the critical set is no longer critical",
 }
