@@ -248,6 +248,8 @@ class _Handler(BaseHTTPRequestHandler):
     def send_error(self, code, message=None, explain=None):
         """The stdlib's errors (400, 408, 414, 431, 501, 505...) as JSON, and the connection closed."""
         self.close_connection = True
+        if getattr(self, "request_version", "") == "HTTP/0.9":  # the stdlib's default before the version is read:
+            self.request_version = "HTTP/1.0"  # an error always gets a status line and headers
         try:
             phrase = HTTPStatus(code).phrase
         except ValueError:
