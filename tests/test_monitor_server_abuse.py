@@ -260,8 +260,7 @@ def test_stdlib_errors_are_json(serve, payload, expected):
 
 
 @pytest.mark.parametrize(("option", "value"), [
-    ("--request-timeout", "0"), ("--request-timeout", "-1"), ("--request-timeout", "nan"),
-    ("--max-connections", "0"), ("--max-connections", "100000"),
+    ("--request-timeout", "0"), ("--request-timeout", "nan"), ("--max-connections", "0"),
 ])
 def test_bad_server_options_exit_2_with_one_line(planted, planted_fp, option, value):
     proc = run_guard(["monitor", str(planted[0]), "--fingerprint", str(planted_fp), "--serve", "--port", "0", option, value], timeout=120)
