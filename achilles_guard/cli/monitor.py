@@ -48,6 +48,8 @@ def monitor_command(
     max_prompt_tokens: int = typer.Option(2048, help="Longest accepted prompt in tokens (--serve)."),
     max_new_tokens: int = typer.Option(256, help="Largest accepted max_tokens (--serve)."),
     max_in_flight: int = typer.Option(4, help="Completion requests served at once; more get HTTP 429 (--serve)."),
+    request_timeout: float = typer.Option(10.0, help="Seconds a client has to send a whole request (line, headers, body); slower ones get 408 and are closed (--serve)."),
+    max_connections: int = typer.Option(64, help="Connections served at once; the next ones get a fast HTTP 429 and are closed (--serve)."),
     model_name: Optional[str] = typer.Option(None, help="The `model` label on every metric (default: the directory name)."),
     enable_test_endpoints: bool = typer.Option(False, "--enable-test-endpoints", help="Expose POST /v1/test/disrupt and /v1/test/restore, which zero a fingerprinted neuron's weights in memory. Never in production."),
     verify_key: Optional[str] = typer.Option(None, help="Refuse a fingerprint whose HMAC does not verify with this key (file or env:VAR)."),
@@ -77,10 +79,15 @@ def monitor_command(
         raise UsageError(f"--interval must be > 0 seconds (got {interval})")
     if iterations is not None and iterations < 1:
         raise UsageError(f"--iterations must be >= 1 (got {iterations})")
-    limits = ServerLimits(max_body_bytes=max_body_bytes, max_prompt_tokens=max_prompt_tokens,
-                          max_new_tokens=max_new_tokens, max_in_flight=max_in_flight)
     if min(max_body_bytes, max_prompt_tokens, max_new_tokens, max_in_flight) < 1:
         raise UsageError("--max-body-bytes, --max-prompt-tokens, --max-new-tokens and --max-in-flight must be >= 1")
+    if not 0 < request_timeout <= 3600:  # also false for NaN
+        raise UsageError(f"--request-timeout must be > 0 and <= 3600 seconds (got {request_timeout})")
+    if not 1 <= max_connections <= 10000:
+        raise UsageError(f"--max-connections must be 1-10000 (got {max_connections})")
+    limits = ServerLimits(max_body_bytes=max_body_bytes, max_prompt_tokens=max_prompt_tokens,
+                          max_new_tokens=max_new_tokens, max_in_flight=max_in_flight,
+                          request_timeout_s=request_timeout, max_connections=max_connections)
     config = MonitorConfig(tolerance=tolerance, massive_factor=massive_factor,
                            integrity_interval_s=integrity_interval, canary_interval_s=canary_interval).validated()
     fp = load_fingerprint(fingerprint, verify_key=read_key(verify_key) if verify_key else None)
@@ -89,7 +96,7 @@ def monitor_command(
     log = stderr()
     server = None
     if serve:  # bind before the slow model load: a taken port fails at once
-        server = build_server(None, host=host, port=port)
+        server = build_server(None, host=host, port=port, limits=limits)
     try:
         if demo:
             from achilles_guard.demo import demo_model_dir
