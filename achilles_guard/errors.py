@@ -1,6 +1,6 @@
 """Errors that reach the user: each carries its exit code and a message that says what to do.
 
-Exit codes (DESIGN.md): 0 ok, 1 finding, 2 usage or input error, 3 runtime failure.
+Exit codes (docs/design.md): 0 ok, 1 finding, 2 usage or input error, 3 runtime failure.
 """
 
 from __future__ import annotations

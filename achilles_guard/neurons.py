@@ -1,7 +1,7 @@
 """The neuron model: which neurons a model has, and which weights produce each one.
 
 A neuron is `(module, channel)`: `module` is the qualified name of a leaf module inside a decoder
-block, `channel` an index into the last dimension of its output (DESIGN.md, "The neuron model").
+block, `channel` an index into the last dimension of its output (docs/design.md, "The neuron model").
 
     cands = discover(model, components="all")        # CandidateSet, modules in forward order
     cands.neuron(1234)                               # -> Neuron("model.layers.0.mlp.down_proj", 7)

@@ -1,4 +1,4 @@
-"""PCICN, exactly as DESIGN.md "PCICN, exactly" states it.
+"""PCICN, exactly as docs/design.md "The algorithm" states it.
 
 Stage 1 (`rank`): K noisy copies of the input embeddings, `x + alpha * eps_k`, eps_k ~ N(0, I) drawn
 one by one from a CPU `torch.Generator` seeded with `seed` (so the noise does not depend on the

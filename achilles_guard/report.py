@@ -53,7 +53,7 @@ def neuron_record(neuron: Neuron, candidates_by_name: dict, **extra: Any) -> dic
 
 
 def scan_report(result, *, demo: bool = False) -> dict:
-    """The scan report document (DESIGN.md "report.json (scan)")."""
+    """The scan report document (docs/design.md, "The scan report")."""
     lm, params = result.lm, result.params
     by_name = result.candidates.by_name()
     texts = [_text_record(t, by_name, params.keep) for t in result.texts]

@@ -1,7 +1,7 @@
 """Scan speed: PCICN stage 1 + stage 2 against the same forward passes run bare.
 
 A planted Llama of ~40 M parameters (hidden 512, 8 layers, FFN 1536; the plant in layer 0, see
-FIXTURES.md for why not later) and a ~100-token probe. The bare baseline runs, one at a time and
+docs/fixtures.md for why not later) and a ~100-token probe. The bare baseline runs, one at a time and
 without any hook, the forwards the scan needs: K + 1 forwards of the base model (clean + K noisy
 inputs) and one full forward per candidate n tried in stage 2 (plus the clean loss).
 

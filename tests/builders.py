@@ -10,14 +10,21 @@
 from __future__ import annotations
 
 import functools
+import http.client
+import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from achilles_guard.demo import DEMO_PLANT, Plant, build_tokenizer, plant_massive
+from achilles_guard.texts import default_texts
 
 REPO = Path(__file__).resolve().parent.parent
 FAMILIES = ("llama", "mistral", "qwen2", "gemma", "phi3", "gpt2", "gpt_neox", "opt")
@@ -166,3 +173,70 @@ def planted_fingerprint(model_dir: Path, out: Path, *, samples: int = 10, top: i
     lm = load_model(model_dir)
     result = run_scan(lm, [tokenize_probe(lm, "probe", PROBE)], ScanParams(samples=samples))
     return write_fingerprint(out, result, top=top)
+
+
+# --- shared by the monitor tests (test_monitor, test_monitor_server, test_monitor_protect) ---
+
+
+def varied_prompts(n: int = 60) -> list[str]:
+    """Distinct prompts: odd inputs (code, digits, unicode, one char, repeats) and word windows of
+    the packaged texts with lengths from 1 to ~80 words, starting all over them."""
+    odd = ["x", "1234567890 " * 5, "def f(x):\n    return x * 2\n", "Größe, naïve café — 東京 🙂", "the the the the the the",
+           "!!!???...", "A" * 200, "    leading spaces", "MiXeD CaSe WoRdS", "\n\n\n"]
+    words = " ".join(t for _, t in default_texts()).split()
+    windows = [" ".join(words[(37 * i) % (len(words) - 80):][: 1 + (13 * i) % 80]) for i in range(n)]
+    return list(dict.fromkeys(odd + windows))[:n]
+
+
+class Server:
+    """A `guard monitor --serve` subprocess on a free loopback port."""
+
+    def __init__(self, args: list[str]):
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "achilles_guard", "monitor", *args, "--port", "0"],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        self.log = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = self.proc.stderr.readline()
+            if not line:
+                raise RuntimeError(f"server exited ({self.proc.wait()}): {''.join(self.log)}")
+            self.log.append(line)
+            found = re.search(r"listening on http://([\d.]+):(\d+)", line)
+            if found:
+                self.host, self.port = found.group(1), int(found.group(2))
+                return
+        raise RuntimeError("server did not start")
+
+    def request(self, method: str, path: str, body=None, *, raw: bytes | None = None, headers=None):
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=60)
+        try:
+            payload = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+            conn.request(method, path, body=payload, headers=headers or {})
+            resp = conn.getresponse()
+            data = resp.read()
+            return resp.status, (json.loads(data) if resp.getheader("Content-Type", "").startswith("application/json") else data.decode())
+        finally:
+            conn.close()
+
+    def complete(self, prompt: str, max_tokens: int = 4, **kw):
+        status, doc = self.request("POST", "/v1/completions", {"prompt": prompt, "max_tokens": max_tokens, **kw})
+        assert status == 200, doc
+        return doc
+
+    def scrape(self) -> dict[tuple, float]:
+        status, text = self.request("GET", "/metrics")
+        assert status == 200
+        self.last_scrape = text
+        return {(s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k != "model"))): s.value
+                for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+    def stop(self, sig=signal.SIGTERM) -> tuple[int, str]:
+        self.proc.send_signal(sig)
+        _, err = self.proc.communicate(timeout=60)
+        return self.proc.returncode, "".join(self.log) + err
+
+
+def delta(after: dict, before: dict, name: str, **labels) -> float:
+    key = (name, tuple(sorted(labels.items())))
+    return after.get(key, 0.0) - before.get(key, 0.0)

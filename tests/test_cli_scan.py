@@ -22,7 +22,7 @@ SECOND = (
 
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
-    """Every kind of bad model directory, plus a word-level tokenizer that Qwen2 ignores (FIXTURES.md 5)."""
+    """Every kind of bad model directory, plus a word-level tokenizer that Qwen2 ignores (docs/fixtures.md, "Tokenizer trap")."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 

@@ -41,8 +41,8 @@ def test_short_run_raises_n_star_and_reports_the_original_mask(planted, scan_dir
     assert v.before.n_star == 3
     assert not v.after.converged or v.after.n_star > 3  # the re-run search no longer finds the 3 neurons
     assert max(v.clean_cost_probe, v.clean_cost_held_out) <= 0.01
-    # measured honestly: the original mask is re-applied and decides the verdict
-    assert outcome.verdict == ("mitigated" if v.original_attack_after < 1 else "not mitigated")
+    # measured (docs/defenses.md): the re-applied original mask still collapses the always-on fixture
+    assert v.original_attack_after > 10 and outcome.verdict == "not mitigated"
 
 
 def test_resume_after_interruption_equals_a_straight_run(planted, scan_dir, corpus, tmp_path):

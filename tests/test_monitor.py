@@ -18,17 +18,7 @@ from achilles_guard.masking import MaskPlan, masked
 from achilles_guard.model import load_model
 from achilles_guard.monitor import ActivationMonitor, MonitorConfig, disrupt, disrupted
 from achilles_guard.monitor.generate import complete
-from achilles_guard.texts import default_texts
-
-
-def varied_prompts(n: int = 60) -> list[str]:
-    """Distinct prompts: odd inputs (code, digits, unicode, one char, repeats) and word windows of
-    the packaged texts with lengths from 1 to ~80 words, starting all over them."""
-    odd = ["x", "1234567890 " * 5, "def f(x):\n    return x * 2\n", "Größe, naïve café — 東京 🙂", "the the the the the the",
-           "!!!???...", "A" * 200, "    leading spaces", "MiXeD CaSe WoRdS", "\n\n\n"]
-    words = " ".join(t for _, t in default_texts()).split()
-    windows = [" ".join(words[(37 * i) % (len(words) - 80):][: 1 + (13 * i) % 80]) for i in range(n)]
-    return list(dict.fromkeys(odd + windows))[:n]
+from tests.builders import varied_prompts
 
 
 @pytest.fixture(scope="module")

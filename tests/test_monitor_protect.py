@@ -16,9 +16,7 @@ from achilles_guard.fingerprint import load_fingerprint
 from achilles_guard.model import load_model
 from achilles_guard.monitor import ActivationMonitor, disrupted
 from achilles_guard.monitor.generate import complete
-from tests.builders import scanned
-from tests.test_monitor import varied_prompts
-from tests.test_monitor_server import Server, delta
+from tests.builders import Server, delta, scanned, varied_prompts
 
 PROMPTS = ("The river rose", "Farmers moved their cattle", "def f(x):")
 

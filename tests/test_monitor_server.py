@@ -3,76 +3,21 @@
 from __future__ import annotations
 
 import http.client
-import json
-import os
-import re
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 
 import pytest
 from prometheus_client import CollectorRegistry
-from prometheus_client.parser import text_string_to_metric_families
 
 from achilles_guard.fingerprint import load_fingerprint
 from achilles_guard.model import load_model
 from achilles_guard.monitor import ActivationMonitor
 from achilles_guard.monitor.server import ServeContext, ServerLimits, build_server
-from tests.builders import REPO, run_guard
-from tests.test_monitor import varied_prompts
-
-
-class Server:
-    """A `guard monitor --serve` subprocess on a free loopback port."""
-
-    def __init__(self, args: list[str]):
-        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "achilles_guard", "monitor", *args, "--port", "0"],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        self.log = []
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            line = self.proc.stderr.readline()
-            if not line:
-                raise RuntimeError(f"server exited ({self.proc.wait()}): {''.join(self.log)}")
-            self.log.append(line)
-            found = re.search(r"listening on http://([\d.]+):(\d+)", line)
-            if found:
-                self.host, self.port = found.group(1), int(found.group(2))
-                return
-        raise RuntimeError("server did not start")
-
-    def request(self, method: str, path: str, body=None, *, raw: bytes | None = None, headers=None):
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=60)
-        try:
-            payload = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-            conn.request(method, path, body=payload, headers=headers or {})
-            resp = conn.getresponse()
-            data = resp.read()
-            return resp.status, (json.loads(data) if resp.getheader("Content-Type", "").startswith("application/json") else data.decode())
-        finally:
-            conn.close()
-
-    def complete(self, prompt: str, max_tokens: int = 4, **kw):
-        status, doc = self.request("POST", "/v1/completions", {"prompt": prompt, "max_tokens": max_tokens, **kw})
-        assert status == 200, doc
-        return doc
-
-    def scrape(self) -> dict[tuple, float]:
-        status, text = self.request("GET", "/metrics")
-        assert status == 200
-        self.last_scrape = text
-        return {(s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k != "model"))): s.value
-                for fam in text_string_to_metric_families(text) for s in fam.samples}
-
-    def stop(self, sig=signal.SIGTERM) -> tuple[int, str]:
-        self.proc.send_signal(sig)
-        _, err = self.proc.communicate(timeout=60)
-        return self.proc.returncode, "".join(self.log) + err
+from tests.builders import Server, delta, run_guard, varied_prompts
 
 
 @pytest.fixture(scope="module")
@@ -84,11 +29,6 @@ def server(planted, planted_fp):
     if srv.proc.poll() is None:
         srv.proc.kill()
         srv.proc.communicate()
-
-
-def delta(after: dict, before: dict, name: str, **labels) -> float:
-    key = (name, tuple(sorted(labels.items())))
-    return after.get(key, 0.0) - before.get(key, 0.0)
 
 
 def test_completions_move_the_counters_by_the_right_amounts(server):

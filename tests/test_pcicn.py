@@ -27,7 +27,7 @@ def ids():
 
 
 def reference_importance(model, ids, candidates, *, alpha, samples, seed) -> torch.Tensor:
-    """DESIGN.md stage 1 written plainly: K forwards one at a time, (N,) importance in forward order."""
+    """docs/design.md stage 1 written plainly: K forwards one at a time, (N,) importance in forward order."""
     names = [c.name for c in candidates.candidates]
     T = ids.shape[1]
     acts: dict[str, torch.Tensor] = {}

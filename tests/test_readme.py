@@ -24,3 +24,31 @@ def test_readme_first_command_runs_the_demo():
     first = _bash_blocks((REPO / "README.md").read_text())[0].strip()
     assert first.endswith("guard scan --demo")
     assert "torch==2.13.0" in first
+
+
+def _docs() -> list:
+    return [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
+def test_every_relative_link_in_readme_and_docs_points_to_a_file():
+    """[text](target) links that are not URLs or pure anchors name files that exist in the repository."""
+    broken = []
+    for page in _docs():
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)  # links inside code blocks are examples
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z][a-z0-9+.-]*:", target) or target.startswith("#"):
+                continue
+            path = target.split("#", 1)[0]
+            if not (page.parent / path).exists():
+                broken.append(f"{page.relative_to(REPO)}: {target}")
+    assert not broken, broken
+
+
+def test_readme_is_a_front_door_linking_every_docs_page():
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.splitlines()) <= 250
+    assert readme.index("## Layout") < readme.index("## The flow")
+    for page in sorted((REPO / "docs").glob("*.md")):
+        assert f"docs/{page.name}" in readme or page.name in (REPO / "docs" / "index.md").read_text(), page.name
+    for line in ("**Security model**", "**Real model**", "**GPU**"):
+        assert line in readme

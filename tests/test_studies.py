@@ -82,7 +82,7 @@ def test_texts_agreement_and_min_length(ctx, tmp_path):
     result = studies.texts_study(ctx, lengths=[2, 12, 30], texts=[("other", "A different paragraph about rivers, bridges and bread in the town.")])
     doc = _check(result, tmp_path)
     assert doc["rows"][0]["same_set"] is True
-    assert doc["params"]["min_agreeing_length"] is not None
+    assert doc["params"]["min_agreeing_length"] == 2  # the planted value is on at every token: 2 tokens already agree
 
 
 def test_components_and_compare(ctx, tmp_path):

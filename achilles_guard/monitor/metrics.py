@@ -1,6 +1,6 @@
 """Every Prometheus metric the monitor exports, on a registry the caller owns.
 
-DESIGN.md "Prometheus metrics": prefix `guard_`, base units, counters end in `_total`, bounded
+docs/design.md "Prometheus metrics": prefix `guard_`, base units, counters end in `_total`, bounded
 labels (`model`; `neuron` only for the fixed critical set; `kind`, `endpoint`, `code` from fixed
 sets), and a `guard_build_info`.
 

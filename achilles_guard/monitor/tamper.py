@@ -1,7 +1,7 @@
 """Disrupt fingerprinted neurons in memory, and restore them: for tests, demos and drills only.
 
 This is the attack the monitor exists to catch: set the weight slices that produce a neuron to
-their null value (DESIGN.md: zeroing them is the same attack as masking the neuron).
+their null value (docs/design.md: zeroing them is the same attack as masking the neuron).
 
     with disrupted(model, fingerprint, [neuron]):
         ...                            # the monitor should now alarm

@@ -1,4 +1,4 @@
-"""The paper's studies, one command each (`guard study NAME`). See README "Reproducing the paper".
+"""The paper's studies, one command each (`guard study NAME`). See docs/research.md.
 
     ctx = StudyContext(lm, probe, corpus, ScanParams(samples=100), report=ReportRanking.load(path, lm))
     result = lesion_study(ctx)          # StudyResult: table rows + PlotSpec
