@@ -1,6 +1,6 @@
 """The monitor server under abuse (issue 14): trickled requests, connection floods, bursts, aborted
 clients, hostile JSON and the stdlib's own errors. In-process servers on 127.0.0.1 with small
-limits; every client loop is bounded in time and count. See docs/security-server.md."""
+limits; every client loop is bounded in time and count. See docs/security.md (Monitor server)."""
 
 from __future__ import annotations
 

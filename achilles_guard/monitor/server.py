@@ -16,7 +16,7 @@ Every error is a JSON body `{"error": {"message", "type"}}` with a 4xx/5xx statu
 errors included (501 unknown method, 414 request line too long, 431 headers too large); a bad
 request never stops the server.
 
-Abuse bounds (docs/security-server.md): each request (line, headers and body) must arrive within
+Abuse bounds (docs/security.md (Monitor server)): each request (line, headers and body) must arrive within
 `request_timeout_s` (else 408 and close, or a silent close when nothing came); at most
 `max_connections` connections are served at once, the next ones (up to `3 * max_connections` more)
 get a fast 429 and are closed, and beyond those new connections are closed at once; the listen
