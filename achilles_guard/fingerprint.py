@@ -175,8 +175,12 @@ def write_fingerprint(path: str | Path, result, *, top: int = 64, sign_key: byte
     if top < 0:
         raise UsageError(f"--fingerprint-top must be >= 0 (got {top})")
     lm, ranking = result.lm, result.primary.ranking
+    # the paper's sets, every portfolio attack's set, the top-R of the primary and of every other ranking
     critical = {n for t in result.texts for n in t.result.critical_set}
-    chosen = list(dict.fromkeys([*result.primary.result.critical_set, *sorted(critical), *ranking.top(min(top, len(ranking)))]))
+    critical |= {n for t in result.texts if t.portfolio for n in t.portfolio.neurons()}
+    others = [n for t in result.texts if t.portfolio for r in t.portfolio.rankings.values() if r is not t.ranking
+              for n in r.top(min(top, len(r)))]
+    chosen = list(dict.fromkeys([*result.primary.result.critical_set, *sorted(critical), *ranking.top(min(top, len(ranking))), *others]))
     by_name = result.candidates.by_name()
     # rank of every neuron: inverse permutation of the ranking order
     position = torch.empty_like(ranking.order)
