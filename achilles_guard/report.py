@@ -196,22 +196,6 @@ def scan_sarif(doc: dict, *, fail_under: int | None = None) -> dict:
             "locations": [location],
             "properties": {k: neuron[k] for k in ("module", "channel", "layer", "component", "rank")},
         })
-    strongest = doc.get("strongest")
-    listed = {(n["module"], n["channel"]) for n in doc["critical_set"]}
-    for neuron in (strongest or {}).get("critical_set", []):
-        if (neuron["module"], neuron["channel"]) in listed:
-            continue
-        results.append({
-            "ruleId": "AG001",
-            "level": "warning",
-            "message": {
-                "text": f"{neuron['module']} channel {neuron['channel']} (layer {neuron['layer']}, {neuron['component']}) "
-                f"is in a critical set of {strongest['n']} found by the {strongest['attack']} attack: masking the set "
-                f"raises log10 perplexity by {'inf' if strongest['delta_log10'] is None else format(strongest['delta_log10'], '.2f')}"
-            },
-            "locations": [location],
-            "properties": {**{k: neuron[k] for k in ("module", "channel", "layer", "component")}, "attack": strongest["attack"]},
-        })
     smallest = gate_size(doc)
     if fail_under is not None and smallest is not None and smallest <= fail_under:
         results.append({
@@ -219,6 +203,11 @@ def scan_sarif(doc: dict, *, fail_under: int | None = None) -> dict:
             "level": "error",
             "message": {"text": f"critical set of {smallest} neuron(s) <= --fail-under {fail_under}" + _by(doc)},
             "locations": [location],
+            # the gated set itself: the strongest attack's (AG001 lists the paper's PCICN set)
+            **({"properties": {"attack": doc["strongest"]["attack"], "text": doc["strongest"].get("text"),
+                               "critical_set": [{k: n[k] for k in ("module", "channel", "layer", "component")}
+                                                for n in doc["strongest"]["critical_set"]]}}
+               if doc.get("strongest") else {}),
         })
     return {
         "$schema": SARIF_SCHEMA,
