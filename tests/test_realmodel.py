@@ -153,7 +153,7 @@ def test_monitor_sees_the_sink_disrupted(smol_scan, smol_lm):
         with disrupted(smol_lm.model, fp, [target]), torch.no_grad():
             smol_lm.model(input_ids=ids)
             reading = monitor.state().last
-        assert str(target) in reading.anomalous and "collapse" in reading.kinds
+        assert str(target) in reading.anomalous and reading.score > 1.0 and reading.kinds  # the sink went missing
 
 
 @pytest.fixture(scope="session")
