@@ -147,8 +147,11 @@ def test_fingerprint_covers_every_attack(planted, tmp_path):
     path, critical = planted
     assert _scan([str(path), "--text", PROBE], tmp_path).exit_code == 0
     fp = load_fingerprint(tmp_path / "fingerprint.safetensors")
-    watched = {r.neuron for r in fp.neurons if r.critical}
+    watched = {r.neuron for r in fp.neurons}  # the monitor watches every fingerprinted neuron
     assert critical | {UNIT} <= watched
+    found = {n["module"]: n["attacks"] for n in json.loads(fp.metadata["neurons"]) if n["attacks"]}
+    assert found[UNIT.module] == ["greedy"]
+    assert {r.neuron for r in fp.neurons if r.critical} == critical  # `critical` stays the paper's set
     assert set(fp.critical_set) == critical  # the paper's set, as before
 
 
