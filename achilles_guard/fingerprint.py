@@ -5,7 +5,8 @@ neuron — the critical set(s) plus the top-R ranked neurons — named `WeightSl
 `model.layers.0.mlp.down_proj.weight@0:17`. Metadata (str -> str, JSON-encoded structure):
 
     format, schema_version, tool_version, config_sha256, model_type, architecture,
-    scan_params, critical_set, neurons (with slices and activation baselines), slices (param,
+    scan_params, critical_set, neurons (with slices, activation baselines, and `attacks`: the
+    portfolio attacks whose set holds the neuron; `critical` stays the paper's PCICN sets), slices (param,
     checkpoint key, axis, index, null value, shard, dtype, shape, sha256), baseline (probe loss),
     probe_texts, and optionally hmac_sha256 (HMAC-SHA256 over tensors + metadata).
 
@@ -193,8 +194,17 @@ def fingerprint_bytes(result, *, top: int = 64, sign_key: bytes | None = None) -
     if top < 0:
         raise UsageError(f"--fingerprint-top must be >= 0 (got {top})")
     lm, ranking = result.lm, result.primary.ranking
+    # the paper's sets, every portfolio attack's set, the top-R of the primary and of every other ranking
     critical = {n for t in result.texts for n in t.result.critical_set}
-    chosen = list(dict.fromkeys([*result.primary.result.critical_set, *sorted(critical), *ranking.top(min(top, len(ranking)))]))
+    found_by: dict[Neuron, set[str]] = {}  # portfolio attacks whose (pruned) set holds the neuron
+    for t in result.texts:
+        for a in (t.portfolio.attacks if t.portfolio else ()):
+            for n in a.critical_set:
+                found_by.setdefault(n, set()).add(a.attack)
+    others = [n for t in result.texts if t.portfolio for r in t.portfolio.rankings.values() if r is not t.ranking
+              for n in r.top(min(top, len(r)))]
+    chosen = list(dict.fromkeys([*result.primary.result.critical_set, *sorted(critical), *sorted(found_by),
+                                 *ranking.top(min(top, len(ranking))), *others]))
     check_fingerprint_nonempty(len(chosen))
     by_name = result.candidates.by_name()
     # rank of every neuron: inverse permutation of the ranking order
@@ -232,6 +242,7 @@ def fingerprint_bytes(result, *, top: int = 64, sign_key: bytes | None = None) -
             neurons_meta.append({
                 "module": neuron.module, "channel": neuron.channel, "layer": cand.layer, "component": cand.component,
                 "rank": rank, "importance": _finite(float(ranking.importance[rank - 1])), "critical": neuron in critical,
+                "attacks": sorted(found_by.get(neuron, ())),  # additive: the portfolio sets it is in
                 "slices": keys,
                 "baseline": {"mean": base.mean, "std": base.std, "max_abs": base.max_abs, "mean_abs": base.mean_abs},
             })

@@ -74,6 +74,24 @@ class MaskPlan:
         return MaskPlan(channels, factors)
 
     @staticmethod
+    def per_row(
+        module_names: "list[str] | tuple[str, ...]",
+        module_index: torch.Tensor,
+        channels: torch.Tensor,
+        hit: torch.Tensor,
+        *,
+        scale: float = 0.0,
+    ) -> "MaskPlan":
+        """Row b masks the neurons j with `hit[b, j]`; neuron j is channel `channels[j]` of
+        `module_names[module_index[j]]` (j over a pool of distinct neurons, hit shape (R, P))."""
+        out_channels, out_factors = {}, {}
+        for m in torch.unique(module_index).tolist():
+            cols = (module_index == m).nonzero().flatten()  # (k,) pool positions in this module
+            out_channels[module_names[m]] = channels[cols]
+            out_factors[module_names[m]] = torch.where(hit[:, cols], float(scale), 1.0).float()
+        return MaskPlan(out_channels, out_factors)
+
+    @staticmethod
     def top_n(
         module_names: "list[str] | tuple[str, ...]",
         module_index: torch.Tensor,

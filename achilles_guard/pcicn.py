@@ -113,8 +113,12 @@ def rank(
     seed: int = 42,
     batch_size: int | None = None,
     progress: Progress | None = None,
+    also: dict | None = None,
 ) -> Ranking:
-    """Stage 1: rank every candidate neuron (see module docstring)."""
+    """Stage 1: rank every candidate neuron (see module docstring).
+
+    `also`: for method "pcicn", a dict that receives `also["activation"]`, the activation ranking
+    computed from the same clean forward (the portfolio's rankings share it)."""
     if method not in RANKINGS:
         raise UsageError(f"--ranking {method!r}: use one of {', '.join(RANKINGS)}")
     if method == "random":
@@ -128,7 +132,11 @@ def rank(
     elif method == "gradient":
         scores = _gradient_scores(model, embeds, input_ids, candidates)
     else:
-        scores = _pcicn_scores(model, embeds, candidates, alpha, samples, seed, batch_size, progress)
+        clean_means: dict[str, torch.Tensor] | None = {} if also is not None else None
+        scores = _pcicn_scores(model, embeds, candidates, alpha, samples, seed, batch_size, progress, clean_means)
+        if also is not None:
+            names = [c.name for c in candidates.candidates]
+            also["activation"] = Ranking.from_scores("activation", candidates, torch.cat([clean_means[n] for n in names]))
     return Ranking.from_scores(method, candidates, scores)
 
 
@@ -207,7 +215,7 @@ def _losses_for(model, input_ids, ranking: Ranking, ns: Sequence[int], scale: fl
     return row_losses(logits, batch)
 
 
-def _pcicn_scores(model, embeds, candidates: CandidateSet, alpha, samples, seed, batch_size, progress):
+def _pcicn_scores(model, embeds, candidates: CandidateSet, alpha, samples, seed, batch_size, progress, clean_means=None):
     """(N,) importance: max over positions of mean_k |A_clean - A_k|, in forward order."""
     names = [c.name for c in candidates.candidates]
     clean: dict[str, torch.Tensor] = {}
@@ -219,6 +227,8 @@ def _pcicn_scores(model, embeds, candidates: CandidateSet, alpha, samples, seed,
         def fn(output):
             clean[name] = _per_position(output, T)[0].float().clone()  # (T, C), never an alias of the output
             sums[name] = torch.zeros_like(clean[name])
+            if clean_means is not None:  # the activation ranking's score, from this same clean forward
+                clean_means[name] = clean[name].abs().mean(0).cpu()
         return fn
 
     def accumulate(name):

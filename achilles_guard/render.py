@@ -46,6 +46,8 @@ def scan_summary(doc: dict, *, fail_under: int | None = None) -> Group:
             + (": " + ", ".join(f"{n['module']}[{n['channel']}]" for n in common) if common else ""),
             style="bold",
         ))
+    if doc.get("attacks"):
+        parts.append(_strongest_line(doc.get("strongest"), len(doc["texts"]) > 1))
     if doc["critical_set"]:
         parts.append(layer_chart(doc["critical_set"], title="Critical neurons by layer (first text)"))
     parts.append(_verdict(doc, fail_under))
@@ -80,7 +82,43 @@ def _text_block(text: dict) -> Group:
                           "inf" if imp is None else f"{imp:.4g}")
         parts.append(table)
     parts.append(phase_curve(text["curve"], text["n_star"]))
+    if text.get("attacks"):
+        parts.append(_attack_table(text))
     return Group(*parts)
+
+
+def _attack_table(text: dict) -> Table:
+    seconds = text.get("timings", {}).get("attacks", {})
+    """One row per portfolio attack; the strongest (smallest pruned set) marked."""
+    won = (text.get("strongest") or {}).get("attack")
+    table = Table(title="  attack portfolio (sets pruned to 1-minimal)", box=None, pad_edge=False, header_style="bold",
+                  title_justify="left", title_style="dim")
+    for col in ("attack", "n", "Δ", "seconds", "set / note"):
+        table.add_column(col, justify="right" if col in ("n", "Δ", "seconds") else "left")
+    for a in text["attacks"]:
+        if a["converged"]:
+            names = ", ".join(f"{n['module']}[{n['channel']}]" for n in a["critical_set"][:4])
+            more = f" +{len(a['critical_set']) - 4}" if len(a["critical_set"]) > 4 else ""
+            detail = names + more + (f" (pruned from {a['n_found']})" if a.get("n_found") and a["n_found"] != a["n"] else "")
+        else:
+            detail = a.get("note") or "no collapsing set within the budget"
+        mark = " ◀ strongest" if a["attack"] == won else ""
+        table.add_row(a["attack"] + mark, str(a["n"]) if a["converged"] else "—",
+                      fmt_delta(a["delta_log10"]) if a["converged"] else "—", f"{seconds.get(a['attack'], 0.0):.2f}", detail,
+                      style="bold red" if mark else None)
+    return table
+
+
+def _strongest_line(strongest: dict | None, several: bool) -> Text:
+    if not strongest:
+        return Text("\nStrongest attack: none of the attacks collapsed the model within the budget", style="bold green")
+    where = f" on text {strongest['text']}" if several and strongest.get("text") else ""
+    names = ", ".join(f"{n['module']}[{n['channel']}]" for n in strongest["critical_set"][:6])
+    return Text(
+        f"\nStrongest attack: {strongest['attack']}{where} collapses the model with {strongest['n']} neuron(s), "
+        f"Δ = {fmt_delta(strongest['delta_log10'])}: {names}",
+        style="bold red",
+    )
 
 
 def layer_chart(neurons: list[dict], *, title: str) -> Table:
@@ -123,7 +161,9 @@ def phase_curve(curve: list[dict], n_star: int | None, width: int = 60) -> Text:
 
 
 def _verdict(doc: dict, fail_under: int | None) -> Text:
-    smallest = doc.get("smallest_critical_set")
+    from achilles_guard.report import gate_size
+
+    smallest = gate_size(doc)
     if fail_under is None:
         return Text("")
     if smallest is not None and smallest <= fail_under:

@@ -27,6 +27,9 @@ __all__ = [
     "atomic_write_bytes",
     "json_number",
     "neuron_record",
+    "attack_record",
+    "strongest_record",
+    "gate_size",
     "dumps",
     "read_document",
 ]
@@ -84,12 +87,45 @@ def scan_report(result, *, demo: bool = False) -> dict:
         "texts": [{k: v for k, v in t.items() if k != "ranking"} for t in texts],
         "intersection": [neuron_record(n, by_name) for n in result.intersection],
         "smallest_critical_set": result.smallest_set,
+        "attacks": primary.get("attacks", []),
+        "strongest": strongest_record(result.strongest, by_name),
         "timings": {
             "load_s": round(result.load_s, 4),
             "rank_s": round(sum(t.rank_s for t in result.texts), 4),
             "search_s": round(sum(t.search_s for t in result.texts), 4),
+            "portfolio_s": round(sum(t.portfolio_s for t in result.texts), 4),
+            "attacks": primary["timings"].get("attacks", {}),
         },
     }
+
+
+def attack_record(a, by_name: dict) -> dict:
+    """One portfolio attack (portfolio.AttackResult) as JSON."""
+    return {
+        "attack": a.attack,
+        "converged": a.converged,
+        "n": a.n,
+        "delta_log10": json_number(a.delta_log10) if a.delta_log10 is not None else None,
+        "critical_set": [neuron_record(n, by_name) for n in a.critical_set],
+        "curve": [{"n": n, "delta_log10": json_number(d)} for n, d in a.curve],
+        "n_found": a.n_found,
+        "note": a.note,
+    }
+
+
+def strongest_record(s, by_name: dict) -> dict | None:
+    """portfolio.Strongest as JSON (null when no attack collapsed the model)."""
+    if s is None:
+        return None
+    doc = {
+        "attack": s.attack,
+        "n": s.n,
+        "delta_log10": json_number(s.delta_log10),
+        "critical_set": [neuron_record(n, by_name) for n in s.critical_set],
+    }
+    if s.text is not None:
+        doc["text"] = s.text
+    return doc
 
 
 def _text_record(scan, by_name: dict, keep: int) -> dict:
@@ -111,7 +147,15 @@ def _text_record(scan, by_name: dict, keep: int) -> dict:
         "delta_log10": json_number(res.delta_log10),
         "curve": [{"n": n, "delta_log10": json_number(d)} for n, d in res.curve],
         "ranking": [neuron_record(n, by_name, importance=json_number(v)) for n, v in zip(top, importance)],
-        "timings": {"rank_s": round(scan.rank_s, 4), "search_s": round(scan.search_s, 4)},
+        "timings": {"rank_s": round(scan.rank_s, 4), "search_s": round(scan.search_s, 4),
+                    "portfolio_s": round(scan.portfolio_s, 4),
+                    # each attack's seconds (its ranking included) live here, with the other timings, so
+                    # that everything outside `timings` is reproducible from the seed
+                    **({"attacks": {a.attack: round(a.seconds, 4) for a in scan.portfolio.attacks}} if scan.portfolio else {})},
+        **({
+            "attacks": [attack_record(a, by_name) for a in scan.portfolio.attacks],
+            "strongest": strongest_record(scan.portfolio.strongest, by_name),
+        } if scan.portfolio is not None else {}),
     }
 
 
@@ -152,13 +196,18 @@ def scan_sarif(doc: dict, *, fail_under: int | None = None) -> dict:
             "locations": [location],
             "properties": {k: neuron[k] for k in ("module", "channel", "layer", "component", "rank")},
         })
-    smallest = doc.get("smallest_critical_set")
+    smallest = gate_size(doc)
     if fail_under is not None and smallest is not None and smallest <= fail_under:
         results.append({
             "ruleId": "AG002",
             "level": "error",
-            "message": {"text": f"critical set of {smallest} neuron(s) <= --fail-under {fail_under}"},
+            "message": {"text": f"critical set of {smallest} neuron(s) <= --fail-under {fail_under}" + _by(doc)},
             "locations": [location],
+            # the gated set itself: the strongest attack's (AG001 lists the paper's PCICN set)
+            **({"properties": {"attack": doc["strongest"]["attack"], "text": doc["strongest"].get("text"),
+                               "critical_set": [{k: n[k] for k in ("module", "channel", "layer", "component")}
+                                                for n in doc["strongest"]["critical_set"]]}}
+               if doc.get("strongest") else {}),
         })
     return {
         "$schema": SARIF_SCHEMA,
@@ -168,6 +217,21 @@ def scan_sarif(doc: dict, *, fail_under: int | None = None) -> dict:
             "results": results,
         }],
     }
+
+
+def gate_size(doc: dict) -> int | None:
+    """What --fail-under gates on: `strongest.n` when the portfolio ran, else the smallest PCICN set."""
+    if doc.get("attacks"):
+        s = doc["strongest"]
+        return s["n"] if s else None
+    return doc.get("smallest_critical_set")
+
+
+def _by(doc: dict) -> str:
+    s = doc.get("strongest")
+    if not s:
+        return ""
+    return f" (found by the {s['attack']} attack" + (f" on text {s['text']}" if s.get("text") else "") + ")"
 
 
 def _uri(model_path: str, name: str) -> str:

@@ -20,6 +20,7 @@ from achilles_guard.errors import TextError, UsageError
 from achilles_guard.model import LoadedModel
 from achilles_guard.neurons import CandidateSet, Neuron, discover, parse_components
 from achilles_guard.pcicn import RANKINGS, Progress, Ranking, SearchResult, rank, search
+from achilles_guard.portfolio import DEFAULT_GREEDY_POOL, RANKED_ATTACKS, Portfolio, Strongest, parse_attacks, run_portfolio
 
 __all__ = ["ScanParams", "ProbeText", "TextScan", "ScanResult", "tokenize_probe", "run_scan", "MIN_TOKENS"]
 
@@ -40,6 +41,8 @@ class ScanParams:
     ranking: str = "pcicn"
     mask_scale: float = 0.0
     keep: int = 1000
+    attacks: str = "all"  # the portfolio (portfolio.ATTACKS); the paper's result is always computed
+    greedy_pool: int | None = None  # top-M of each ranking form greedy's pool; None: 64 (capped at the candidates)
 
     def validated(self) -> "ScanParams":
         """Self, or a UsageError naming the first bad option."""
@@ -52,12 +55,18 @@ class ScanParams:
             (self.keep >= 0, f"--keep must be >= 0 (got {self.keep})"),
             (self.ranking in RANKINGS, f"--ranking {self.ranking!r}: use one of {', '.join(RANKINGS)}"),
             (torch.isfinite(torch.tensor(self.mask_scale)).item(), "--mask-scale must be a finite number"),
+            (self.greedy_pool is None or self.greedy_pool >= 1, f"--greedy-pool must be >= 1 (got {self.greedy_pool})"),
         ]
         for ok, message in checks:
             if not ok:
                 raise UsageError(message)
         parse_components(self.components)
+        parse_attacks(self.attacks)
         return self
+
+    @property
+    def attack_list(self) -> tuple[str, ...]:
+        return parse_attacks(self.attacks)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -81,6 +90,8 @@ class TextScan:
     result: SearchResult
     rank_s: float
     search_s: float
+    portfolio: Portfolio | None = None
+    portfolio_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -110,6 +121,24 @@ class ScanResult:
         """Size of the smallest converged critical set over all texts (the most severe finding)."""
         sizes = [len(t.result.critical_set) for t in self.texts if t.result.converged]
         return min(sizes) if sizes else None
+
+    @property
+    def strongest(self) -> Strongest | None:
+        """The smallest collapsing set over every attack and text (ties: larger Δ), naming its text."""
+        best = None
+        for t in self.texts:
+            s = t.portfolio.strongest if t.portfolio else None
+            if s is not None and (best is None or (s.n, -s.delta_log10) < (best.n, -best.delta_log10)):
+                best = replace(s, text=t.probe.name)
+        return best
+
+    @property
+    def gate_size(self) -> int | None:
+        """What --fail-under gates on: strongest.n when the portfolio ran, else the smallest PCICN set."""
+        if any(t.portfolio is not None for t in self.texts):
+            s = self.strongest
+            return s.n if s else None
+        return self.smallest_set
 
     def with_load_time(self, load_s: float) -> "ScanResult":
         return replace(self, load_s=load_s)
@@ -153,13 +182,21 @@ def run_scan(
     """Rank and search on every probe text. `progress(text_name, stage, done, total)`."""
     params = params.validated()
     candidates = candidates or discover(lm.model, params.components)
+    attacks = params.attack_list
+    pool = params.greedy_pool
+    if "greedy" in attacks and pool is not None and pool > candidates.total:
+        raise UsageError(f"--greedy-pool {pool} is larger than the model's {candidates.total} candidate neurons")
+    pool = min(DEFAULT_GREEDY_POOL, candidates.total) if pool is None else pool
+    needed = set(RANKED_ATTACKS) if "greedy" in attacks else {a for a in attacks if a in RANKED_ATTACKS}
     scans = []
     for probe in probes:
         report: Progress | None = (lambda stage, done, total, _n=probe.name: progress(_n, stage, done, total)) if progress else None
         t0 = time.perf_counter()
+        also: dict = {}
         ranking = rank(
             lm.model, probe.input_ids, candidates,
             method=params.ranking, alpha=params.alpha, samples=params.samples, seed=params.seed, progress=report,
+            also=also if "activation" in needed else None,
         )
         t1 = time.perf_counter()
         result = search(
@@ -168,6 +205,18 @@ def run_scan(
             scale=params.mask_scale, progress=report,
         )
         t2 = time.perf_counter()
-        scans.append(TextScan(probe, ranking, result, t1 - t0, t2 - t1))
+        rankings, times = {params.ranking: ranking, **also}, {params.ranking: t1 - t0}
+        for method in sorted(needed - set(rankings)):
+            t3 = time.perf_counter()
+            rankings[method] = rank(lm.model, probe.input_ids, candidates, method=method, alpha=params.alpha,
+                                    samples=params.samples, seed=params.seed, progress=report)
+            times[method] = time.perf_counter() - t3
+        portfolio = run_portfolio(
+            lm.model, probe.input_ids, candidates, rankings, attacks=attacks, primary=(params.ranking, result),
+            epsilon=params.epsilon, step=params.step, max_neurons=params.max_neurons, scale=params.mask_scale,
+            greedy_pool=pool, times={**times, params.ranking: t2 - t0},
+        )
+        t3 = time.perf_counter()
+        scans.append(TextScan(probe, ranking, result, t1 - t0, t2 - t1, portfolio, t3 - t2))
     return ScanResult(lm, params, candidates, tuple(scans))
 

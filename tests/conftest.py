@@ -76,3 +76,18 @@ def planted_fp(planted, tmp_path_factory):
     from tests.builders import planted_fingerprint
 
     return planted_fingerprint(planted[0], tmp_path_factory.mktemp("planted-fp") / "fingerprint.safetensors")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """Directory of the real SmolLM2-135M-Instruct (tests/realmodel.py: fetched and converted once into the
+    user cache). Skips with one reason when it cannot be had; fails instead when CI=true."""
+    from tests.realmodel import RealModelUnavailable, smollm2_dir
+
+    try:
+        return smollm2_dir()
+    except RealModelUnavailable as err:
+        message = f"real model SmolLM2 unavailable: {err}"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message + " (CI=true: real-model tests must run)")
+        pytest.skip(message)

@@ -66,6 +66,8 @@ def scan_command(
     ranking: str = typer.Option("pcicn", help="Stage-1 ranking: pcicn, activation, gradient or random."),
     mask_scale: float = typer.Option(0.0, help="β: a masked neuron's output becomes β × its value."),
     keep: int = typer.Option(1000, help="How many top-ranked neurons report.json lists."),
+    attacks: str = typer.Option("all", "--attacks", help="Attack portfolio, comma separated: pcicn, activation, gradient, greedy, or all."),
+    greedy_pool: Optional[int] = typer.Option(None, "--greedy-pool", help="Greedy's pool: the top-M of each ranking (default 64).", show_default=False),
     allow_short: bool = typer.Option(False, "--allow-short", help="Accept probe texts under 10 tokens."),
     dtype: str = DtypeOption(),
     device: str = DeviceOption(),
@@ -91,6 +93,7 @@ def scan_command(
     params = ScanParams(
         alpha=alpha, samples=samples, seed=seed, epsilon=epsilon, step=step, max_neurons=max_neurons,
         components=components, ranking=ranking, mask_scale=mask_scale, keep=keep,
+        attacks=attacks, greedy_pool=greedy_pool,
     ).validated()
     if fingerprint_top < 0:
         raise UsageError(f"--fingerprint-top must be >= 0 (got {fingerprint_top})")
@@ -129,6 +132,6 @@ def scan_command(
 
         console.print(scan_summary(doc, fail_under=fail_under))
         console.print(f"[dim]wrote {', '.join(str(p) for p in written)}[/]")
-    smallest = result.smallest_set
+    smallest = result.gate_size
     gate_failed = fail_under is not None and smallest is not None and smallest <= fail_under
     raise typer.Exit(EXIT_FINDING if gate_failed else EXIT_OK)

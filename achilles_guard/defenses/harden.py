@@ -100,7 +100,10 @@ def auto_order(fp: Fingerprint) -> list[str]:
     from achilles_guard.defenses.rotate import ROTATABLE
     from achilles_guard.defenses.split import SPLITTABLE
 
-    components = {r.component for r in fp.critical_records}
+    # the paper's set decides (rotate/split plan from fp.critical_set); the fingerprint's `critical`
+    # flag also marks every portfolio attack's set, which the re-attack checks anyway
+    paper = set(fp.critical_set)
+    components = {r.component for r in fp.critical_records if r.neuron in paper}
     order = []
     if components & {"mlp_act", "mlp_gate", "mlp_up"} and fp.model_type in SPLITTABLE:
         order.append("split")

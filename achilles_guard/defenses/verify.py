@@ -1,12 +1,15 @@
-"""Verification, always: re-attack a hardened model with the same PCICN parameters and measure.
+"""Verification, always: re-attack a hardened model with the same scan (PCICN and the whole attack
+portfolio, portfolio.py) and measure.
 
     v = verify(original_lm, hardened_lm, fp, before_report, probes, held_out, params,
                same_basis=True, max_cost=0.01)
     v.verdict            # "mitigated" | "not mitigated"
     v.table()            # rows of the before/after table
 
-A defence counts as `mitigated` only when (a) the re-run PCICN search no longer collapses the
-hardened model within the budget, or needs >= 10x more neurons than before, (b) the original
+A defence counts as `mitigated` only when (a) no attack of the re-run portfolio (the strongest one,
+`ScanResult.strongest`; PCICN alone for reports made before the portfolio) collapses the hardened
+model within the budget, or the strongest needs >= 10x more neurons than before: a defence that
+only beats PCICN is not mitigated, (b) the original
 critical mask, re-applied where the neuron basis is unchanged, no longer reaches Δ >= epsilon, and
 (c) the clean cost - Δ log10 PPL of the hardened vs the original model on the probe texts and on
 held-out texts - is within `max_cost` orders of magnitude.
@@ -49,17 +52,36 @@ class AttackSummary:
     smallest_set: int | None  # over all probe texts
     delta_log10: float | None
     max_neurons: int
+    portfolio: bool = False  # the portfolio ran: strongest_* below are what counts
+    strongest_n: int | None = None
+    strongest_attack: str | None = None
+    strongest_delta: float | None = None
+
+    @property
+    def collapsed(self) -> bool:
+        return self.strongest_n is not None if self.portfolio else self.converged
+
+    @property
+    def best_n(self) -> int | None:
+        """Size of the strongest attack's set (PCICN's n* without a portfolio); None: no collapse."""
+        return self.strongest_n if self.portfolio else (self.n_star if self.converged else None)
 
     @staticmethod
     def of(result: ScanResult) -> "AttackSummary":
         primary = result.primary.result
+        s = result.strongest
+        ran = any(t.portfolio is not None for t in result.texts)
         return AttackSummary(primary.converged, primary.n_star, result.smallest_set,
-                             json_number(primary.delta_log10), primary.max_neurons)
+                             json_number(primary.delta_log10), primary.max_neurons, ran,
+                             s.n if s else None, s.attack if s else None, json_number(s.delta_log10) if s else None)
 
     @staticmethod
     def of_report(doc: dict) -> "AttackSummary":
+        ran = bool(doc.get("attacks"))
+        s = doc.get("strongest") if ran else None
         return AttackSummary(bool(doc["converged"]), doc.get("n_star"), doc.get("smallest_critical_set"),
-                             doc.get("delta_log10"), int(doc["params"]["max_neurons"]))
+                             doc.get("delta_log10"), int(doc["params"]["max_neurons"]), ran,
+                             s["n"] if s else None, s["attack"] if s else None, s["delta_log10"] if s else None)
 
 
 @dataclass(frozen=True)
@@ -99,6 +121,7 @@ class Verification:
         return [
             {"metric": "n* (primary probe)", "before": n_text(self.before, self.before.n_star), "after": n_text(self.after, self.after.n_star)},
             {"metric": "smallest set over probes", "before": n_text(self.before, self.before.smallest_set), "after": n_text(self.after, self.after.smallest_set)},
+            {"metric": "strongest attack: n (attack)", "before": _strong(self.before), "after": _strong(self.after)},
             {"metric": "Δ log10 PPL at n* (or last n)", "before": d_text(self.before.delta_log10), "after": d_text(self.after.delta_log10)},
             {"metric": label, "before": d_text(self.original_attack_before), "after": d_text(self.original_attack_after)},
             {"metric": "clean cost, probe texts (Δ log10 PPL)", "before": "0.000", "after": d_text(self.clean_cost_probe)},
@@ -159,16 +182,20 @@ def verify(
 
     reasons = []
     eps = params.epsilon
-    if not before.converged:
+    attack = "the re-run attack portfolio" if after.portfolio else "re-run PCICN"
+    before_n, after_n = before.best_n, after.best_n
+    if before_n is None:
         reasons.append("the original model had no critical set within the budget: nothing to mitigate")
-    if not after.converged:
-        reasons.append(f"re-run PCICN does not collapse the hardened model within {after.max_neurons} neurons")
+    if after_n is None:
+        reasons.append(f"{attack} does not collapse the hardened model within {after.max_neurons} neurons")
         search_ok = True
-    elif before.converged and before.n_star and after.n_star >= HARDER_FACTOR * before.n_star:
-        reasons.append(f"re-run PCICN needs {after.n_star} neurons, >= {HARDER_FACTOR}x the {before.n_star} before")
+    elif before_n and after_n >= HARDER_FACTOR * before_n:
+        reasons.append(f"{attack} needs {after_n} neurons, >= {HARDER_FACTOR}x the {before_n} before")
         search_ok = True
     else:
-        reasons.append(f"re-run PCICN still collapses the hardened model with {after.n_star} neurons (Δ = {_fmt(after.delta_log10)})")
+        how = (f"{after.strongest_attack} attack, Δ = {_fmt(after.strongest_delta)}" if after.portfolio
+               else f"Δ = {_fmt(after.delta_log10)}")
+        reasons.append(f"{attack} still collapses the hardened model with {after_n} neurons ({how})")
         search_ok = False
     mask_ok = True
     if same_basis and attack_after is not None:
@@ -193,6 +220,14 @@ def _existing(model, neurons: tuple[Neuron, ...]) -> tuple[Neuron, ...]:
 
 def _device(model) -> torch.device:
     return model.get_input_embeddings().weight.device
+
+
+def _strong(s: AttackSummary) -> str:
+    if not s.portfolio:
+        return "n/a (PCICN only)"
+    if s.strongest_n is None:
+        return f"none within {s.max_neurons}"
+    return f"{s.strongest_n} ({s.strongest_attack}, Δ = {_fmt(s.strongest_delta)})"
 
 
 def _fmt(x: float | None) -> str:

@@ -1,0 +1,201 @@
+"""Integration tests on a real pretrained LLM: SmolLM2-135M-Instruct (tests/realmodel.py).
+
+One scan per session (`smol_scan`, the four packaged texts, the paper's 100 samples) feeds every
+test that needs a report or a fingerprint. Every reported set is re-masked by `independent_delta`,
+a plain forward hook that zeroes the channel and a plain cross-entropy: none of the project's
+masking or loss code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.builders import run_guard
+
+pytestmark = pytest.mark.realmodel
+
+SINK = ("model.layers.11.mlp.down_proj", 507)
+
+
+def independent_delta(model, input_ids: torch.Tensor, neurons) -> float:
+    """Δ log10 PPL of zeroing `neurons` [(module, channel)], with plain hooks and plain cross-entropy."""
+    def loss() -> float:
+        with torch.no_grad():
+            logits = model(input_ids=input_ids, use_cache=False).logits[0, :-1].float()
+        return float(F.cross_entropy(logits, input_ids[0, 1:]))
+
+    clean = loss()
+    handles = []
+    for module, channel in neurons:
+        def zero(mod, args, out, c=channel):
+            out = out.clone()
+            out[..., c] = 0.0
+            return out
+        handles.append(model.get_submodule(module).register_forward_hook(zero))
+    try:
+        masked = loss()
+    finally:
+        for h in handles:
+            h.remove()
+    return (masked - clean) / math.log(10)
+
+
+@pytest.fixture(scope="session")
+def smol_lm(smollm2):
+    from achilles_guard.model import load_model
+
+    return load_model(smollm2, dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def smol_scan(smol_lm, tmp_path_factory):
+    """(ScanResult, report doc, out dir with report.json + fingerprint.safetensors): default texts, all attacks.
+
+    K = 20 noise samples instead of the paper's 100 to keep the session short: the sink neuron's
+    importance (~2e4) is three orders of magnitude above the next, so the ranking's head is the same
+    (docs/real-model.md has the K = 100 run); the sets and Δ asserted here are re-measured anyway."""
+    from achilles_guard.fingerprint import write_fingerprint
+    from achilles_guard.report import scan_report, write_json
+    from achilles_guard.scan import ScanParams, run_scan, tokenize_probe
+    from achilles_guard.texts import default_texts
+
+    probes = [tokenize_probe(smol_lm, name, text) for name, text in default_texts()]
+    result = run_scan(smol_lm, probes, ScanParams(samples=20))
+    out = tmp_path_factory.mktemp("smol-scan")
+    doc = scan_report(result)
+    write_json(out / "report.json", doc)
+    write_fingerprint(out / "fingerprint.safetensors", result, top=16)
+    return result, doc, out
+
+
+def _pairs(records) -> list[tuple[str, int]]:
+    return [(r["module"], r["channel"]) for r in records]
+
+
+def test_scan_finds_the_attention_sink_neuron(smol_scan):
+    _, doc, _ = smol_scan
+    assert len(doc["texts"]) == 4
+    for text in doc["texts"]:
+        assert text["converged"] and _pairs(text["critical_set"]) == [SINK], text["name"]
+        assert text["delta_log10"] >= 4.0
+        assert text["strongest"]["n"] == 1 and _pairs(text["strongest"]["critical_set"]) == [SINK]
+    strongest = doc["strongest"]
+    assert strongest["n"] == 1 and strongest["delta_log10"] >= 4.0 and strongest["text"] in {t["name"] for t in doc["texts"]}
+    # the other attacks only had to look below n = 1: they say so
+    for text in doc["texts"]:
+        notes = {a["attack"]: a["note"] for a in text["attacks"] if not a["converged"]}
+        assert set(notes) == {"activation", "gradient", "greedy"} and set(notes.values()) == {"none below 1"}
+
+
+def test_every_reported_set_reproduces_its_delta(smol_scan, smol_lm):
+    result, doc, _ = smol_scan
+    ids = {t.probe.name: t.probe.input_ids for t in result.texts}
+    for text in doc["texts"]:
+        for attack in [a for a in text["attacks"] if a["converged"]] + [text["strongest"]]:
+            got = independent_delta(smol_lm.model, ids[text["name"]], _pairs(attack["critical_set"]))
+            assert got == pytest.approx(attack["delta_log10"], abs=2e-3), (text["name"], attack["attack"])
+        got = independent_delta(smol_lm.model, ids[text["name"]], _pairs(text["critical_set"]))
+        assert got == pytest.approx(text["delta_log10"], abs=2e-3)
+
+
+def test_activation_attack_alone_finds_a_set_that_reproduces(smol_lm):
+    """With the sink out of reach of the paper's search, the activation attack is a separate mechanism."""
+    from achilles_guard.scan import ScanParams, run_scan, tokenize_probe
+    from achilles_guard.texts import default_texts
+
+    name, text = default_texts()[0]
+    probe = tokenize_probe(smol_lm, name, text)
+    result = run_scan(smol_lm, [probe], ScanParams(samples=2, attacks="activation", max_neurons=40, ranking="activation"))
+    attack = result.primary.portfolio.attacks[0]
+    assert attack.attack == "activation"
+    if attack.converged:  # pruned: 1-minimal, and the Δ is the set's own
+        got = independent_delta(smol_lm.model, probe.input_ids, [(n.module, n.channel) for n in attack.critical_set])
+        assert got == pytest.approx(attack.delta_log10, abs=2e-3) and got >= 1.0
+
+
+def test_verify_checkpoint_catches_a_tampered_critical_row(smol_scan, smollm2, tmp_path):
+    _, _, out = smol_scan
+    fp = out / "fingerprint.safetensors"
+    clean = run_guard(["verify-checkpoint", str(smollm2), "--fingerprint", str(fp)], timeout=120)
+    assert clean.returncode == 0, clean.stderr
+    tampered = tmp_path / "tampered"
+    done = run_guard(["tamper", str(smollm2), "--out", str(tampered), "--neuron", f"{SINK[0]}:{SINK[1]}", "--kind", "zero"], timeout=180)
+    assert done.returncode == 0, done.stderr
+    caught = run_guard(["verify-checkpoint", str(tampered), "--fingerprint", str(fp), "--format", "json"], timeout=120)
+    assert caught.returncode == 1, caught.stderr
+    assert SINK[0] in caught.stdout
+    shutil.rmtree(tampered, ignore_errors=True)
+
+
+def test_monitor_sees_the_sink_disrupted(smol_scan, smol_lm):
+    from prometheus_client import CollectorRegistry
+
+    from achilles_guard.fingerprint import load_fingerprint
+    from achilles_guard.monitor import ActivationMonitor, disrupted
+    from achilles_guard.neurons import Neuron
+
+    _, _, out = smol_scan
+    fp = load_fingerprint(out / "fingerprint.safetensors")
+    target = Neuron(*SINK)
+    assert target in fp.critical_set
+    monitor = ActivationMonitor(smol_lm.model, fp, registry=CollectorRegistry(), tokenizer=smol_lm.tokenizer, model_name="smol")
+    ids = smol_lm.tokenizer("The river rose slowly through the night, and by morning the bridge was gone.", return_tensors="pt")["input_ids"]
+    with monitor:
+        with torch.no_grad():
+            smol_lm.model(input_ids=ids)
+        assert monitor.state().last.score == 0.0
+        with disrupted(smol_lm.model, fp, [target]), torch.no_grad():
+            smol_lm.model(input_ids=ids)
+            reading = monitor.state().last
+        assert str(target) in reading.anomalous and reading.score > 1.0 and reading.kinds  # the sink went missing
+
+
+@pytest.fixture(scope="session")
+def small_fp(smol_lm, tmp_path_factory):
+    """A cheap scan for harden (one text, 10 samples, greedy pool 4): harden re-attacks with these params."""
+    from achilles_guard.fingerprint import write_fingerprint
+    from achilles_guard.report import scan_report, write_json
+    from achilles_guard.scan import ScanParams, run_scan, tokenize_probe
+    from achilles_guard.texts import default_texts
+
+    name, text = default_texts()[0]
+    result = run_scan(smol_lm, [tokenize_probe(smol_lm, name, text)], ScanParams(samples=10, max_neurons=40, greedy_pool=4))
+    out = tmp_path_factory.mktemp("smol-small")
+    write_json(out / "report.json", scan_report(result))
+    write_fingerprint(out / "fingerprint.safetensors", result, top=8)
+    return out
+
+
+@pytest.mark.parametrize("strategy", ["pin", "rotate"])
+def test_harden_verdict_matches_an_independent_re_mask(strategy, small_fp, smollm2, smol_lm, tmp_path):
+    from achilles_guard.model import load_model
+
+    target = tmp_path / strategy
+    done = run_guard(["harden", str(smollm2), "--fingerprint", str(small_fp / "fingerprint.safetensors"),
+                      "--strategy", strategy, "--out", str(target), "--format", "json"], timeout=300)
+    assert done.returncode in (0, 1), done.stderr
+    outcome = json.loads((target / "harden-report.json").read_text())
+    verdict = outcome["verdict"]
+    assert (done.returncode == 0) == (verdict == "mitigated")
+    rescan = json.loads((target / "report.json").read_text())
+    strongest = rescan["strongest"]
+    ids = smol_lm.tokenizer(rescan["texts"][0]["text"], return_tensors="pt")["input_ids"]
+    if strategy == "pin":
+        from achilles_guard.defenses.pin import PinGuard, PinnedModel
+        from achilles_guard.fingerprint import load_fingerprint
+
+        model = PinnedModel(smol_lm.model, PinGuard.from_fingerprint(load_fingerprint(small_fp / "fingerprint.safetensors")))
+    else:
+        model = load_model(target / "model", dtype="float32", device="cpu").model
+    if strongest is None:
+        assert verdict == "mitigated"
+    else:  # the re-attack's set, re-masked independently, still collapses: the verdict must say so
+        got = independent_delta(model, ids, _pairs(strongest["critical_set"]))
+        assert got == pytest.approx(strongest["delta_log10"], abs=2e-3)
+        assert got >= 1.0 and verdict == "not mitigated"
