@@ -216,7 +216,8 @@ def classify_quantized(reference: torch.Tensor, current: torch.Tensor, null_valu
         factor = float(cur @ ref) / float(ref @ ref)  # least squares cur ≈ factor · ref
         residual = cur - factor * ref
         if step is None:
-            fits = bool((np.abs(residual) <= 2 * tol * np.abs(cur) + 2 * tol * abs(factor) * np.abs(ref) + 1e-30).all())
+            # d and m (or dmin) round separately: the error scales with the block's magnitude, not the element's
+            fits = bool((np.abs(residual) <= 4 * tol * (np.abs(cur).max() + abs(factor) * np.abs(ref).max()) + 1e-30).all())
             changed = abs(factor - 1.0) > 4 * tol
         else:  # the factor's standard error from the residual (rounding noise is independent of ref)
             se = float(np.linalg.norm(residual)) / (math.sqrt(max(cur.size, 1)) * ref_norm)

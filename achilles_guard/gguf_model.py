@@ -86,6 +86,8 @@ def load_gguf_model(path: str | Path, *, dtype: str = "auto", device: str = "aut
         raise ModelLoadError(f"{path}: cannot load the GGUF model: {first_line(err)}") from None
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config  # the weights are plain float tensors now; lets harden save them
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
     model = model.to(device)
     model.eval()
     model.requires_grad_(False)
