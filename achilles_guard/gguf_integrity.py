@@ -229,7 +229,7 @@ def classify_quantized(reference: torch.Tensor, current: torch.Tensor, null_valu
         if step is not None and changed and abs(factor - 1.0) > MIN_SCALE_CHANGE:
             return SliceStatus.perturbed, None, rel_l2, max_abs
     within = bool((np.abs(diff) <= bound).all())
-    if within and step is not None:
+    if within and step is not None and np.any(step):  # float types (step 0): the element bound alone
         d = np.asarray(step, dtype=np.float64).reshape(-1)
         expected = float((d * d).mean()) / 12.0
         within = float((diff * diff).mean()) <= MSE_BOUND * expected + 1e-30

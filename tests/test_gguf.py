@@ -28,6 +28,18 @@ def gguf_scan(ggufs, tmp_path_factory):
     return scanned(ggufs["Q4_1"], tmp_path_factory.mktemp("gguf-scan"), text=TEXT, samples=4, attacks="pcicn")
 
 
+@pytest.fixture(scope="session")
+def float_scan(ggufs, tmp_path_factory):
+    """The F32 GGUF saved as a safetensors directory and scanned: a fingerprint of the float release."""
+    from achilles_guard.model import load_model
+
+    root = tmp_path_factory.mktemp("float")
+    lm = load_model(ggufs["F32"], dtype="float32", device="cpu")
+    lm.model.save_pretrained(root / "float", safe_serialization=True)
+    lm.tokenizer.save_pretrained(root / "float")
+    return scanned(root / "float", root / "scan", text=TEXT, samples=4, attacks="pcicn")
+
+
 @pytest.mark.parametrize("qtype", TYPES)
 def test_slices_read_from_blocks_equal_what_transformers_loads(ggufs, qtype):
     from transformers import AutoModelForCausalLM
@@ -95,18 +107,13 @@ def test_tamper_is_caught_and_repaired(gguf_scan, ggufs, tmp_path, kind, expecte
 
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "F16"])
-def test_safetensors_fingerprint_verifies_an_honest_quantization(ggufs, tmp_path, qtype):
+def test_safetensors_fingerprint_verifies_an_honest_quantization(ggufs, float_scan, tmp_path, qtype):
     """A fingerprint of the float model (F32 GGUF saved as safetensors) calls its quantizations equivalent,
     and still catches zero and scale 0.9 on them."""
     from achilles_guard.fingerprint import load_fingerprint
     from achilles_guard.gguf_integrity import verify_gguf
     from achilles_guard.gguf_tamper import select_gguf_targets, tamper_gguf
-    from achilles_guard.model import load_model
-
-    lm = load_model(ggufs["F32"], dtype="float32", device="cpu")
-    lm.model.save_pretrained(tmp_path / "float", safe_serialization=True)
-    lm.tokenizer.save_pretrained(tmp_path / "float")
-    out = scanned(tmp_path / "float", tmp_path / "scan", text=TEXT, samples=4, attacks="pcicn")
+    out = float_scan
     fp = load_fingerprint(out / "fingerprint.safetensors")
     report = verify_gguf(ggufs[qtype], fp)
     assert report.ok, [(v.key, v.describe()) for v in report.tampered_slices]
@@ -151,7 +158,7 @@ def test_bad_gguf_input_is_one_line_exit_2(ggufs, gguf_scan, tmp_path):
     writer = gguf.GGUFWriter(str(weird), "llama")
     writer.add_block_count(1)
     writer.add_embedding_length(256)
-    writer.add_tensor("blk.0.ffn_down.weight", np.zeros((1, 66), dtype=np.uint8), raw_shape=(1, 256),
+    writer.add_tensor("blk.0.ffn_down.weight", np.zeros((1, 66), dtype=np.uint8),
                       raw_dtype=gguf.GGMLQuantizationType.IQ2_XXS)
     writer.write_header_to_file(); writer.write_kv_data_to_file(); writer.write_tensors_to_file(); writer.close()
     alien = tmp_path / "alien.gguf"
