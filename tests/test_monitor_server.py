@@ -25,6 +25,7 @@ def server(planted, planted_fp):
     srv = Server([str(planted[0]), "--fingerprint", str(planted_fp), "--serve", "--enable-test-endpoints",
                   "--integrity-interval", "0", "--canary-interval", "0", "--max-prompt-tokens", "240",
                   "--max-new-tokens", "32", "--max-body-bytes", "16384"])
+    srv.fp = planted_fp
     yield srv
     if srv.proc.poll() is None:
         srv.proc.kill()
@@ -46,7 +47,8 @@ def test_completions_move_the_counters_by_the_right_amounts(server):
     assert delta(after, before, "guard_http_requests_total", endpoint="/v1/completions", code="200") == 3
     assert delta(after, before, "guard_http_requests_total", endpoint="/metrics", code="200") == 1  # the first scrape
     assert after[("guard_anomaly_score", ())] == 0 and after[("guard_weight_integrity_ok", ())] == 1
-    assert after[("guard_monitored_neurons", ())] == 16 + 0  # --fingerprint-top 16 in the builder
+    # every fingerprinted neuron: the top 16 of each ranking and every attack's set (the builder's scan)
+    assert after[("guard_monitored_neurons", ())] == len(load_fingerprint(server.fp).neurons) > 16
 
 
 def test_normal_traffic_raises_no_anomaly(server):
