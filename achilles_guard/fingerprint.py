@@ -217,11 +217,21 @@ def fingerprint_bytes(result, *, top: int = 64, sign_key: bytes | None = None) -
     tensors: dict[str, torch.Tensor] = {}
     slices: dict[str, dict] = {}
     neurons_meta = []
-    with Checkpoint.open(lm.directory) as ckpt:
+    from achilles_guard.gguf_file import is_gguf
+
+    gguf_source = None
+    if is_gguf(lm.directory):  # slices named by GGUF tensor, with their raw quantized blocks (gguf_integrity.py)
+        from achilles_guard.gguf_integrity import GGUFSliceSource
+
+        gguf_source = GGUFSliceSource(lm.directory)
+    with (gguf_source or Checkpoint.open(lm.directory)) as ckpt:
         for neuron in chosen:
             cand = by_name[neuron.module]
             keys = []
             for ws in producing_slices(lm.model, neuron, cand):
+                if gguf_source is not None:
+                    keys.append(gguf_source.add(ws, tensors, slices))
+                    continue
                 keys.append(ws.key)
                 if ws.key in tensors:
                     continue
@@ -264,6 +274,8 @@ def fingerprint_bytes(result, *, top: int = 64, sign_key: bytes | None = None) -
         }),
         "probe_texts": json.dumps([t.probe.text for t in result.texts]),
     }
+    if gguf_source is not None:
+        metadata["gguf"] = gguf_source.metadata_json()
     if sign_key is not None:
         metadata["hmac_sha256"] = _mac(sign_key, tensors, metadata)
     return save(tensors, metadata=metadata)

@@ -208,6 +208,12 @@ def load_model(
     allow_pickle: bool = False,
 ) -> LoadedModel:
     """Load a causal LM safely (see module docstring); errors are GuardErrors with one clear line."""
+    from achilles_guard.gguf_file import is_gguf
+
+    if is_gguf(path):  # a .gguf file: tensors and metadata only, dequantized by transformers (gguf_model.py)
+        from achilles_guard.gguf_model import load_gguf_model
+
+        return load_gguf_model(path, dtype=dtype, device=device)
     model_dir = _local_dir(path, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     config = check_model_dir(model_dir, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     check_config_size(model_dir, config)

@@ -240,3 +240,77 @@ class Server:
 def delta(after: dict, before: dict, name: str, **labels) -> float:
     key = (name, tuple(sorted(labels.items())))
     return after.get(key, 0.0) - before.get(key, 0.0)
+
+
+def _byte_vocab() -> list[str]:
+    """GPT-2's byte-level alphabet: 256 printable characters, one per byte (a BPE vocab needs no merges for them)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = keep[:], 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return [chr(c) for c in chars]
+
+
+def tiny_gguf(path: Path, qtype: str = "Q4_0", *, seed: int = 0, hidden: int = 64, ffn: int = 128, layers: int = 2,
+              heads: int = 4, kv_heads: int = 2, architecture: str = "llama") -> Path:
+    """A tiny llama GGUF written with gguf.GGUFWriter: byte-level BPE vocab (tokenizer.ggml.*), norms in F32,
+    every matrix in `qtype` (F32, F16, Q8_0, Q4_0, Q4_1...: quantized by gguf.quants). transformers loads it
+    with `gguf_file=`."""
+    import gguf
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    tokens = _byte_vocab() + ["Ġt", "Ġa", "he", "<|endoftext|>"]
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.add_block_count(layers)
+    writer.add_context_length(128)
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_vocab_size(len(tokens))
+    writer.add_rope_dimension_count(hidden // heads)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([1] * len(tokens))
+    writer.add_token_merges(["Ġ t", "Ġ a", "h e"])
+    writer.add_bos_token_id(len(tokens) - 1)
+    writer.add_eos_token_id(len(tokens) - 1)
+    quant = gguf.GGMLQuantizationType[qtype]
+
+    def add(name: str, values, q=quant) -> None:
+        values = np.asarray(values, dtype=np.float32)
+        if q == gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(name, values)
+        elif q == gguf.GGMLQuantizationType.F16:
+            writer.add_tensor(name, values.astype(np.float16))
+        else:
+            packed = gguf.quants.quantize(values, q)
+            writer.add_tensor(name, packed, raw_shape=packed.shape, raw_dtype=q)
+
+    f32 = gguf.GGMLQuantizationType.F32
+    kv = hidden * kv_heads // heads
+    add("token_embd.weight", rng.normal(0, 0.5, (len(tokens), hidden)))
+    add("output_norm.weight", 1 + rng.normal(0, 0.1, hidden), f32)
+    for i in range(layers):
+        p = f"blk.{i}."
+        add(p + "attn_norm.weight", 1 + rng.normal(0, 0.1, hidden), f32)
+        add(p + "ffn_norm.weight", 1 + rng.normal(0, 0.1, hidden), f32)
+        add(p + "attn_q.weight", rng.normal(0, 0.1, (hidden, hidden)))
+        add(p + "attn_k.weight", rng.normal(0, 0.1, (kv, hidden)))
+        add(p + "attn_v.weight", rng.normal(0, 0.1, (kv, hidden)))
+        add(p + "attn_output.weight", rng.normal(0, 0.1, (hidden, hidden)))
+        add(p + "ffn_gate.weight", rng.normal(0, 0.1, (ffn, hidden)))
+        add(p + "ffn_up.weight", rng.normal(0, 0.1, (ffn, hidden)))
+        add(p + "ffn_down.weight", rng.normal(0, 0.1, (hidden, ffn)))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -91,3 +91,16 @@ def smollm2():
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(message + " (CI=true: real-model tests must run)")
         pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf(smollm2):
+    """The real SmolLM2-135M-Instruct.Q4_1.gguf (tests/realmodel.py, cached beside the converted directory)."""
+    from tests.realmodel import RealModelUnavailable, smollm2_gguf
+
+    try:
+        return smollm2_gguf()
+    except RealModelUnavailable as err:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"real model SmolLM2 GGUF unavailable: {err} (CI=true: real-model tests must run)")
+        pytest.skip(f"real model SmolLM2 GGUF unavailable: {err}")

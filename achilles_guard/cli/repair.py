@@ -30,11 +30,20 @@ def repair_command(
     from achilles_guard.defenses.repair import check_out_dir, repair_checkpoint
     from achilles_guard.fingerprint import load_fingerprint
 
-    if not checkpoint_dir.is_dir():
-        raise InputError(f"{checkpoint_dir}: no such directory")
-    check_out_dir(checkpoint_dir, out)
-    fp = load_fingerprint(fingerprint)
-    outcome = repair_checkpoint(checkpoint_dir, fp, out)
+    from achilles_guard.gguf_file import is_gguf
+
+    if is_gguf(checkpoint_dir):  # restores the fingerprinted raw blocks into a copy of the file (gguf_tamper.py)
+        from achilles_guard.gguf_tamper import repair_gguf
+
+        if not checkpoint_dir.is_file():
+            raise InputError(f"{checkpoint_dir}: no such GGUF file")
+        outcome = repair_gguf(checkpoint_dir, load_fingerprint(fingerprint), out)
+    else:
+        if not checkpoint_dir.is_dir():
+            raise InputError(f"{checkpoint_dir}: no such directory")
+        check_out_dir(checkpoint_dir, out)
+        fp = load_fingerprint(fingerprint)
+        outcome = repair_checkpoint(checkpoint_dir, fp, out)
     doc = outcome.as_dict()
     console = stdout()
     if format is Format.json:

@@ -42,7 +42,10 @@ def read_probe_texts(texts: list[str], text_files: list[Path]) -> list[tuple[str
 def _check_fingerprintable(directory) -> None:
     """Before the long scan: the fingerprint reads safetensors slices, so pickle-only weights cannot be fingerprinted."""
     from achilles_guard.checkpoint import Checkpoint
+    from achilles_guard.gguf_file import is_gguf
 
+    if is_gguf(directory):  # a GGUF's blocks are fingerprinted directly (checked when it loaded)
+        return
     try:
         Checkpoint.open(directory).close()
     except InputError as err:

@@ -78,9 +78,20 @@ def tamper_command(
     if kind is TamperKind.noise and not (math.isfinite(noise) and noise > 0):
         raise UsageError(f"--noise {noise}: must be a finite number > 0 (nothing was written)")
     check_out(checkpoint_dir, out)
-    targets = select_targets(checkpoint_dir, neurons, neuron, top)
+    from achilles_guard.gguf_file import is_gguf
+
+    gguf = is_gguf(checkpoint_dir)  # a .gguf: its quantized blocks are edited in a copy (gguf_tamper.py)
+    if gguf:
+        from achilles_guard.gguf_tamper import select_gguf_targets, tamper_gguf
+
+        targets = select_gguf_targets(checkpoint_dir, neurons, neuron, top)
+    else:
+        targets = select_targets(checkpoint_dir, neurons, neuron, top)
     stderr().print(f"[bold yellow]{BANNER}[/]", soft_wrap=True)  # after every input check: errors stay one line
-    written = tamper_checkpoint(checkpoint_dir, out, targets, kind=kind, scale=scale, noise=noise, seed=seed)
+    if gguf:
+        written = tamper_gguf(checkpoint_dir, out, targets, kind=kind.value, scale=scale, noise=noise, seed=seed)
+    else:
+        written = tamper_checkpoint(checkpoint_dir, out, targets, kind=kind, scale=scale, noise=noise, seed=seed)
     table = Table(title=f"RED-TEAM: sabotaged copy written to {written} ({kind.value})", title_justify="left")
     for col in ("neuron", "slice", "axis", "index"):
         table.add_column(col)

@@ -20,7 +20,7 @@ __all__ = ["verify_command", "render_verification"]
 @app.command("verify-checkpoint")
 @guarded
 def verify_command(
-    checkpoint_dir: Path = typer.Argument(..., help="Checkpoint directory (safetensors, sharded or not).", show_default=False),
+    checkpoint_dir: Path = typer.Argument(..., help="Checkpoint directory (safetensors, sharded or not), or a .gguf file.", show_default=False),
     fingerprint: Path = typer.Option(..., "--fingerprint", help="fingerprint.safetensors written by `guard scan`.", show_default=False),
     functional: bool = typer.Option(False, "--functional", help="Also load the model: probe loss vs baseline, and re-mask the critical set."),
     tolerance: float = typer.Option(0.05, help="--functional fails when the probe loss rises by >= this many orders of magnitude of PPL."),
@@ -52,8 +52,18 @@ def verify_command(
     else:
         signature = "unsigned"
     params = FunctionalParams(tolerance=tolerance, dtype=dtype, device=device) if functional else None
-    report = verify_checkpoint(checkpoint_dir, fp, functional=params, signature=signature)
+    from achilles_guard.gguf_file import is_gguf
+
+    if is_gguf(checkpoint_dir):  # reads the header and the fingerprinted blocks only (gguf_integrity.py)
+        from achilles_guard.gguf_integrity import verify_gguf
+
+        report = verify_gguf(checkpoint_dir, fp, functional=params, signature=signature)
+    else:
+        report = verify_checkpoint(checkpoint_dir, fp, functional=params, signature=signature)
     doc = report_doc(report)
+    if hasattr(report, "bytes_read"):  # GGUF: what the check cost (additive fields)
+        doc["checkpoint"].update(format="gguf", bytes_read=report.bytes_read, header_bytes=report.header_bytes,
+                                 file_size=report.file_size)
     console = stdout()
     if format is Format.json:
         console.file.write(dumps(doc))
@@ -71,7 +81,9 @@ def render_verification(doc: dict) -> Group:
     parts.append(Text.assemble(
         ("checkpoint ", "dim"), (ckpt["path"], "bold"), ("  vs fingerprint ", "dim"), (fp["path"], "bold"),
         (f"  ({fp['slices']} slices of {fp['neurons']} neurons, signature {fp['signature']}, "
-         f"{len(ckpt['shards_read'])} shard(s) read in {doc['timings']['verify_s'] * 1000:.1f} ms)", "dim"),
+         f"{len(ckpt['shards_read'])} shard(s) read in {doc['timings']['verify_s'] * 1000:.1f} ms"
+         + (f", {ckpt['bytes_read']:,} bytes of {ckpt['file_size']:,} read: header {ckpt['header_bytes']:,}, "
+            f"blocks {ckpt['bytes_read'] - ckpt['header_bytes']:,}" if "bytes_read" in ckpt else "") + ")", "dim"),
     ))
     counts = ", ".join(f"{n} {status}" for status, n in doc["counts"].items() if n)
     parts.append(Text(f"slices: {counts}"))
