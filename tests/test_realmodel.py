@@ -199,3 +199,25 @@ def test_harden_verdict_matches_an_independent_re_mask(strategy, small_fp, smoll
         got = independent_delta(model, ids, _pairs(strongest["critical_set"]))
         assert got == pytest.approx(strongest["delta_log10"], abs=2e-3)
         assert got >= 1.0 and verdict == "not mitigated"
+
+
+def test_the_real_gguf_verifies_against_the_safetensors_fingerprint_and_tampers_are_caught(smol_scan, smollm2_gguf, tmp_path):
+    """Cross-format on the real Q4_1 file: the float release's fingerprint calls every slice equivalent (no false
+    positive), and a zeroed or 0.9-scaled critical row written by `guard tamper` into a GGUF copy is caught."""
+    _, _, out = smol_scan
+    fp = out / "fingerprint.safetensors"
+    clean = run_guard(["verify-checkpoint", str(smollm2_gguf), "--fingerprint", str(fp), "--format", "json"], timeout=120)
+    assert clean.returncode == 0, clean.stderr
+    doc = json.loads(clean.stdout)
+    assert doc["verdict"] == "intact" and {s["status"] for s in doc["slices"]} <= {"intact", "equivalent"}
+    assert doc["checkpoint"]["bytes_read"] < 0.03 * doc["checkpoint"]["file_size"]  # header + the fingerprinted blocks, never the whole file
+    for kind, extra, status in [("zero", [], "zeroed"), ("scale", ["--scale", "0.9"], "scaled")]:
+        copy = tmp_path / f"{kind}.gguf"
+        done = run_guard(["tamper", str(smollm2_gguf), "--out", str(copy), "--neuron", f"{SINK[0]}:{SINK[1]}",
+                          "--kind", kind, *extra], timeout=120)
+        assert done.returncode == 0, done.stderr
+        caught = run_guard(["verify-checkpoint", str(copy), "--fingerprint", str(fp), "--format", "json"], timeout=120)
+        assert caught.returncode == 1, caught.stderr
+        changed = [s for s in json.loads(caught.stdout)["slices"] if s["status"] not in ("intact", "equivalent")]
+        assert {s["status"] for s in changed} == {status} and all(s["critical"] for s in changed)
+        copy.unlink()
