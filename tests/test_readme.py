@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import subprocess
 
 from tests.builders import REPO
 
@@ -52,3 +53,17 @@ def test_readme_is_a_front_door_linking_every_docs_page():
         assert f"docs/{page.name}" in readme or page.name in (REPO / "docs" / "index.md").read_text(), page.name
     for line in ("**Security model**", "**Real model**", "**GPU**"):
         assert line in readme
+
+
+def test_no_file_cites_a_document_the_repository_lacks():
+    """The design notes this project started from live outside the repository: nothing may cite them."""
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    cited = []
+    for name in tracked:
+        path = REPO / name
+        if path.suffix not in {".py", ".md", ".toml", ".yml", ".yaml", ".txt", ".cfg"} or not path.is_file():
+            continue
+        for doc in (f"{stem}.md" for stem in ("DESIGN", "FIXTURES", "STYLE")):
+            if doc in path.read_text(errors="replace") and not (REPO / doc).exists():
+                cited.append(f"{name}: {doc}")
+    assert not cited, cited
