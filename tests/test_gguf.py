@@ -178,3 +178,32 @@ def test_bad_gguf_input_is_one_line_exit_2(ggufs, gguf_scan, tmp_path):
         lines = [line for line in done.stderr.splitlines() if line.strip()]
         assert done.returncode == 2 and len(lines) == 1 and needle in lines[0], (args, done.stderr)
     assert not (tmp_path / "o").exists()
+
+
+def test_hostile_gguf_bytes_never_crash_verify(ggufs, gguf_scan, tmp_path):
+    """Random byte edits (mostly in the header) and truncations of a GGUF: verify-checkpoint answers 0, 1 or 2
+    with at most one stderr line, never an internal error or a traceback (seeded: the same 60 files every run)."""
+    import random
+
+    from typer.testing import CliRunner
+
+    from achilles_guard.cli import app
+
+    data = ggufs["Q4_0"].read_bytes()
+    fp = str(gguf_scan / "fingerprint.safetensors")
+    rng, runner, codes = random.Random(0), CliRunner(), {}
+    for i in range(60):
+        edited = bytearray(data)
+        span = min(len(edited), 4096) if i % 2 else len(edited)
+        for _ in range(rng.randint(1, 4)):
+            edited[rng.randrange(span)] = rng.randrange(256)
+        if i % 5 == 0:
+            edited = edited[: rng.randrange(len(edited))]
+        path = tmp_path / "hostile.gguf"
+        path.write_bytes(bytes(edited))
+        result = runner.invoke(app, ["verify-checkpoint", str(path), "--fingerprint", fp])
+        err = (result.stderr or "").strip()
+        assert result.exit_code in (0, 1, 2), (i, result.exit_code, repr(result.exception), err[-400:])
+        assert "Traceback" not in err and (result.exit_code != 2 or "\n" not in err), (i, err)
+        codes[result.exit_code] = codes.get(result.exit_code, 0) + 1
+    assert codes.get(2, 0) >= 10  # most header edits are refused as input errors
