@@ -23,6 +23,7 @@ import torch
 from achilles_guard.errors import RuntimeFailure, UsageError
 from achilles_guard.masking import MaskPlan, hooks, masked
 from achilles_guard.neurons import CandidateSet, Neuron
+from achilles_guard.paper import PAPER
 from achilles_guard.perplexity import delta_log10, row_losses
 
 __all__ = [
@@ -108,9 +109,9 @@ def rank(
     candidates: CandidateSet,
     *,
     method: str = "pcicn",
-    alpha: float = 5.0,
-    samples: int = 100,
-    seed: int = 42,
+    alpha: float = PAPER.alpha,
+    samples: int = PAPER.samples,
+    seed: int = PAPER.seed,
     batch_size: int | None = None,
     progress: Progress | None = None,
     also: dict | None = None,
@@ -171,9 +172,9 @@ def search(
     input_ids: torch.Tensor,
     ranking: Ranking,
     *,
-    epsilon: float = 1.0,
-    step: int = 1,
-    max_neurons: int = 1000,
+    epsilon: float = PAPER.epsilon,
+    step: int = PAPER.step,
+    max_neurons: int = PAPER.max_neurons,
     scale: float = 0.0,
     batch_size: int | None = None,
     progress: Progress | None = None,

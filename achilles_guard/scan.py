@@ -18,6 +18,7 @@ import torch
 
 from achilles_guard.errors import TextError, UsageError
 from achilles_guard.model import LoadedModel
+from achilles_guard.paper import PAPER
 from achilles_guard.neurons import CandidateSet, Neuron, discover, parse_components
 from achilles_guard.pcicn import RANKINGS, Progress, Ranking, SearchResult, rank, search
 from achilles_guard.portfolio import DEFAULT_GREEDY_POOL, RANKED_ATTACKS, Portfolio, Strongest, parse_attacks, run_portfolio
@@ -31,15 +32,15 @@ MIN_TOKENS = 10  # the paper's minimum probe length
 class ScanParams:
     """Every knob of a scan, with the paper's defaults."""
 
-    alpha: float = 5.0
-    samples: int = 100
-    seed: int = 42
-    epsilon: float = 1.0
-    step: int = 1
-    max_neurons: int = 1000
+    alpha: float = PAPER.alpha
+    samples: int = PAPER.samples
+    seed: int = PAPER.seed
+    epsilon: float = PAPER.epsilon
+    step: int = PAPER.step
+    max_neurons: int = PAPER.max_neurons
     components: str = "all"
     ranking: str = "pcicn"
-    mask_scale: float = 0.0
+    mask_scale: float = PAPER.mask_scale
     keep: int = 1000
     attacks: str = "all"  # the portfolio (portfolio.ATTACKS); the paper's result is always computed
     greedy_pool: int | None = None  # top-M of each ranking form greedy's pool; None: 64 (capped at the candidates)

@@ -10,6 +10,7 @@ import typer
 
 from achilles_guard.cli import app
 from achilles_guard.cli.common import AllowPickleOption, DeviceOption, DtypeOption, Format, TrustRemoteCodeOption, guarded, info, prepare_out_dir, progress_bar, stdout
+from achilles_guard.paper import PAPER
 from achilles_guard.errors import EXIT_FINDING, EXIT_OK, InputError, UsageError
 from achilles_guard.fingerprint import fingerprint_bytes, read_key
 from achilles_guard.report import dumps, scan_report, scan_sarif
@@ -56,15 +57,15 @@ def scan_command(
     demo: bool = typer.Option(False, "--demo", help="Scan the built-in synthetic demonstration model (built once into the cache)."),
     text: List[str] = typer.Option([], "--text", help="Probe text (repeatable). Default: the packaged texts."),
     text_file: List[Path] = typer.Option([], "--text-file", help="File holding a probe text (repeatable)."),
-    alpha: float = typer.Option(5.0, help="Noise scale α of stage 1."),
-    samples: int = typer.Option(100, help="Monte-Carlo samples K of stage 1."),
-    seed: int = typer.Option(42, help="Seed of the noise generator."),
-    epsilon: float = typer.Option(1.0, help="Collapse threshold ε, in orders of magnitude of perplexity."),
-    step: int = typer.Option(1, help="Search step Δn."),
-    max_neurons: int = typer.Option(1000, help="Search budget: give up (converged: false) past this many neurons."),
+    alpha: float = typer.Option(PAPER.alpha, help="Noise scale α of stage 1."),
+    samples: int = typer.Option(PAPER.samples, help="Monte-Carlo samples K of stage 1."),
+    seed: int = typer.Option(PAPER.seed, help="Seed of the noise generator."),
+    epsilon: float = typer.Option(PAPER.epsilon, help="Collapse threshold ε, in orders of magnitude of perplexity."),
+    step: int = typer.Option(PAPER.step, help="Search step Δn."),
+    max_neurons: int = typer.Option(PAPER.max_neurons, help="Search budget: give up (converged: false) past this many neurons."),
     components: str = typer.Option("all", help="Candidate modules: all, mlp-out, mlp, attention, norms, paper, or a regex."),
     ranking: str = typer.Option("pcicn", help="Stage-1 ranking: pcicn, activation, gradient or random."),
-    mask_scale: float = typer.Option(0.0, help="β: a masked neuron's output becomes β × its value."),
+    mask_scale: float = typer.Option(PAPER.mask_scale, help="β: a masked neuron's output becomes β × its value."),
     keep: int = typer.Option(1000, help="How many top-ranked neurons report.json lists."),
     attacks: str = typer.Option("all", "--attacks", help="Attack portfolio, comma separated: pcicn, activation, gradient, greedy, or all."),
     greedy_pool: Optional[int] = typer.Option(None, "--greedy-pool", help="Greedy's pool: the top-M of each ranking (default 64).", show_default=False),

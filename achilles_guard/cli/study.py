@@ -12,6 +12,7 @@ from rich.text import Text
 from achilles_guard.cli import app
 from achilles_guard.cli.common import AllowPickleOption, DeviceOption, DtypeOption, Format, TrustRemoteCodeOption, guarded, prepare_out_dir, progress_bar, stdout
 from achilles_guard.cli.eval import build_corpus, open_model, parse_list
+from achilles_guard.paper import PAPER
 from achilles_guard.errors import UsageError
 
 __all__ = ["study_command", "study_table"]
@@ -42,13 +43,13 @@ def study_command(
     max_length: Optional[int] = typer.Option(None, help="Window length for --data."),
     stride: Optional[int] = typer.Option(None, help="Window stride for --data."),
     max_tokens: Optional[int] = typer.Option(None, help="Use only the first N tokens of --data."),
-    alpha: float = typer.Option(5.0, help="α of stage 1 (where it is not the varied parameter)."),
-    samples: int = typer.Option(100, help="K of stage 1 (where it is not the varied parameter)."),
-    seed: int = typer.Option(42, help="Noise / random-ranking seed."),
-    epsilon: float = typer.Option(1.0, help="Collapse threshold ε."),
-    max_neurons: int = typer.Option(1000, help="Search budget."),
+    alpha: float = typer.Option(PAPER.alpha, help="α of stage 1 (where it is not the varied parameter)."),
+    samples: int = typer.Option(PAPER.samples, help="K of stage 1 (where it is not the varied parameter)."),
+    seed: int = typer.Option(PAPER.seed, help="Noise / random-ranking seed."),
+    epsilon: float = typer.Option(PAPER.epsilon, help="Collapse threshold ε."),
+    max_neurons: int = typer.Option(PAPER.max_neurons, help="Search budget."),
     components: str = typer.Option("all", help="Candidate modules for rankings."),
-    mask_scale: float = typer.Option(0.0, help="β of a masked neuron."),
+    mask_scale: float = typer.Option(PAPER.mask_scale, help="β of a masked neuron."),
     alphas: str = typer.Option("1,2,3,4,5,6,7,8", help="[alpha] α values."),
     samples_list: str = typer.Option("10,20,40,60,80,100,120", help="[samples] K values."),
     epsilons: str = typer.Option("0.8,1,2,3,10,20", help="[epsilon] ε values."),
