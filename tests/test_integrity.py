@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from achilles_guard.cli.tamper import TamperKind, select_targets, tamper_checkpoint
+from achilles_guard.tamper import TamperKind, select_targets, tamper_checkpoint
 from achilles_guard.detectors.integrity import (
     FunctionalParams,
     SliceStatus,

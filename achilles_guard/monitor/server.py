@@ -42,7 +42,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from achilles_guard.errors import InputError, first_line
 from achilles_guard.monitor.generate import complete
 from achilles_guard.monitor.tamper import disrupt
-from achilles_guard.neurons import Neuron
+from achilles_guard.neurons import Neuron, parse_neuron
 
 __all__ = ["ServerLimits", "ServeContext", "build_server", "bind_context", "RequestError"]
 
@@ -513,12 +513,11 @@ def _drain(stream, size: int) -> None:
 
 
 def _parse_neuron(spec) -> Neuron:
-    """`"module[channel]"` -> Neuron; RequestError otherwise."""
-    if isinstance(spec, str) and spec.endswith("]") and "[" in spec:
-        module, _, channel = spec[:-1].rpartition("[")
-        if channel.isdigit():
-            return Neuron(module, int(channel))
-    raise RequestError(400, "'neuron' must look like 'model.layers.0.mlp.down_proj[11]'")
+    """`"module[channel]"` -> Neuron (`neurons.parse_neuron`); RequestError otherwise."""
+    try:
+        return parse_neuron(spec)
+    except ValueError:
+        raise RequestError(400, "'neuron' must look like 'model.layers.0.mlp.down_proj[11]'") from None
 
 
 def _state_doc(state) -> dict:
