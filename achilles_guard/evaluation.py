@@ -34,6 +34,8 @@ __all__ = [
     "load_corpus",
     "tokenize_corpus",
     "Corpus",
+    "build_corpus",
+    "default_max_length",
     "ReportRanking",
     "parse_levels",
     "config_losses",
@@ -151,6 +153,27 @@ class Corpus:
         target_pos = starts[:, None] + torch.arange(1, length)[None, :]  # (W, L-1) position of label j+1
         scored = target_pos >= previous_end[:, None]
         return Corpus(ids, windows, scored, starts, max_length, stride)
+
+
+def default_max_length(lm, cap: int = 1024) -> int:
+    """Window length when none is given: min(cap, the model's context)."""
+    config = lm.model.config
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or cap
+    return int(min(cap, limit))
+
+
+def build_corpus(lm, data: Path | None, *, fallback_ids=None, text_field: str = "text", max_length: int | None,
+                 stride: int | None, max_tokens: int | None = None) -> tuple[Corpus, str, int]:
+    """(Corpus, source name, documents): `data` (--data) if given, else `fallback_ids` as one window."""
+    length = max_length or default_max_length(lm)
+    if max_tokens is not None and max_tokens < 2:
+        raise UsageError(f"--max-tokens must be >= 2 (got {max_tokens})")
+    if data is None:
+        ids = fallback_ids.reshape(-1).cpu()  # (T,)
+        return Corpus.build(ids, max_length=max(length, 2), stride=stride), "probe text", 1
+    docs = load_corpus(data, text_field=text_field)
+    ids = tokenize_corpus(lm, docs, max_tokens=max_tokens)
+    return Corpus.build(ids, max_length=length, stride=stride), str(data), len(docs)
 
 
 # --- which neurons a report ranked -----------------------------------------------------------

@@ -35,6 +35,7 @@ from achilles_guard.errors import EXIT_FINDING, GuardError, InputError, UsageErr
 from achilles_guard.masking import hooks
 from achilles_guard.neurons import Neuron, producing_slices
 from achilles_guard.perplexity import log10_ppl
+from achilles_guard.report import json_number
 
 __all__ = [
     "FORMAT",
@@ -241,7 +242,7 @@ def fingerprint_bytes(result, *, top: int = 64, sign_key: bytes | None = None) -
             base = baselines[neuron]
             neurons_meta.append({
                 "module": neuron.module, "channel": neuron.channel, "layer": cand.layer, "component": cand.component,
-                "rank": rank, "importance": _finite(float(ranking.importance[rank - 1])), "critical": neuron in critical,
+                "rank": rank, "importance": json_number(float(ranking.importance[rank - 1])), "critical": neuron in critical,
                 "attacks": sorted(found_by.get(neuron, ())),  # additive: the portfolio sets it is in
                 "slices": keys,
                 "baseline": {"mean": base.mean, "std": base.std, "max_abs": base.max_abs, "mean_abs": base.mean_abs},
@@ -337,5 +338,4 @@ def _mac(key: bytes, tensors: dict[str, torch.Tensor], metadata: dict[str, str])
     return mac.hexdigest()
 
 
-def _finite(x: float) -> float | None:
-    return x if x == x and abs(x) != float("inf") else None
+

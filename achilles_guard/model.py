@@ -11,8 +11,8 @@ custom code (`auto_map`) is refused unless the caller opts in (`trust_remote_cod
 from __future__ import annotations
 
 import hashlib
-import pickle
 import json
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path

@@ -17,7 +17,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from achilles_guard.adapters import PAPER_NAME_RE, PRESETS, Adapter, adapter_for
+from achilles_guard.adapters import PAPER_NAME_RE, PRESETS, adapter_for
 from achilles_guard.errors import UsageError
 from achilles_guard.masking import hooks
 

@@ -12,7 +12,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-__all__ = ["scan_summary", "layer_chart", "phase_curve", "fmt_delta"]
+__all__ = ["scan_summary", "layer_chart", "phase_curve", "fmt_delta", "study_table"]
 
 _BLOCKS = " ▁▂▃▄▅▆▇█"
 
@@ -169,3 +169,24 @@ def _verdict(doc: dict, fail_under: int | None) -> Text:
     if smallest is not None and smallest <= fail_under:
         return Text(f"\nGATE FAILED: a critical set of {smallest} neuron(s) <= --fail-under {fail_under}", style="bold red")
     return Text(f"\nGate passed: no critical set of <= {fail_under} neuron(s)", style="bold green")
+
+
+def study_table(doc: dict):
+    """A Rich rendering of a study document (`guard study`, `guard report`)."""
+    table = Table(title=doc["title"], title_justify="left", header_style="bold")
+    for col in doc["columns"]:
+        table.add_column(col, justify="left" if col in ("subset", "text", "genre", "language", "component", "ranking", "dtype") else "right")
+    for row in doc["rows"]:
+        table.add_row(*(_cell(row[c]) for c in doc["columns"]))
+    parts = [table, *(Text(f"  {note}", style="dim") for note in doc.get("notes", []))]
+    return Group(*parts)
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) >= 1e4 or (value and abs(value) < 1e-3) else f"{value:.3f}"
+    return str(value)

@@ -12,18 +12,26 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, replace
 from functools import cached_property
+from pathlib import Path
 from typing import Callable
 
 import torch
 
-from achilles_guard.errors import TextError, UsageError
+from achilles_guard.errors import InputError, TextError, UsageError
 from achilles_guard.model import LoadedModel
-from achilles_guard.paper import PAPER
 from achilles_guard.neurons import CandidateSet, Neuron, discover, parse_components
+from achilles_guard.paper import PAPER
 from achilles_guard.pcicn import RANKINGS, Progress, Ranking, SearchResult, rank, search
-from achilles_guard.portfolio import DEFAULT_GREEDY_POOL, RANKED_ATTACKS, Portfolio, Strongest, parse_attacks, run_portfolio
+from achilles_guard.portfolio import (
+    DEFAULT_GREEDY_POOL,
+    RANKED_ATTACKS,
+    Portfolio,
+    Strongest,
+    parse_attacks,
+    run_portfolio,
+)
 
-__all__ = ["ScanParams", "ProbeText", "TextScan", "ScanResult", "tokenize_probe", "run_scan", "MIN_TOKENS"]
+__all__ = ["ScanParams", "ProbeText", "TextScan", "ScanResult", "read_probe_texts", "tokenize_probe", "run_scan", "MIN_TOKENS"]
 
 MIN_TOKENS = 10  # the paper's minimum probe length
 
@@ -143,6 +151,26 @@ class ScanResult:
 
     def with_load_time(self, load_s: float) -> "ScanResult":
         return replace(self, load_s=load_s)
+
+
+def read_probe_texts(texts: list[str], text_files: list[Path]) -> list[tuple[str, str]]:
+    """`[(name, text)]` from --text / --text-file, else the packaged default texts."""
+    probes = [(f"text-{i + 1}", t) for i, t in enumerate(texts)]
+    for path in text_files:
+        if not path.is_file():
+            raise InputError(f"--text-file {path}: no such file")
+        try:
+            content = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise InputError(f"--text-file {path}: cannot read it as UTF-8 text ({err})") from None
+        if not content.strip():
+            raise InputError(f"--text-file {path}: the file is empty")
+        probes.append((path.stem, content.strip()))
+    if not probes:
+        from achilles_guard.texts import default_texts
+
+        probes = default_texts()
+    return probes
 
 
 def tokenize_probe(lm: LoadedModel, name: str, text: str, *, allow_short: bool = False) -> ProbeText:

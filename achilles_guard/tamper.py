@@ -17,6 +17,7 @@ import shutil
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+
 import torch
 
 from achilles_guard.errors import InputError, UsageError, first_line

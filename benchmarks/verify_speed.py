@@ -89,12 +89,12 @@ def build_checkpoint(root: Path, layers: int, seed: int = 0) -> int:
 def write_benchmark_fingerprint(root: Path, path: Path, layers: int) -> int:
     """64 neurons spread over the layers, their producing slices read from the checkpoint."""
     from safetensors.torch import save
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
     from achilles_guard.checkpoint import Checkpoint, tensor_sha256
     from achilles_guard.fingerprint import FORMAT, SCHEMA_VERSION
     from achilles_guard.model import config_sha256
     from achilles_guard.neurons import Candidate, Neuron, producing_slices
-    from transformers import AutoModelForCausalLM, LlamaConfig
 
     cfg = {k: v for k, v in llama_config(layers).items() if k not in ("architectures", "model_type")}
     with torch.device("meta"):  # module tree only: which rows produce which neuron
@@ -144,7 +144,7 @@ def drop_cache(root: Path) -> None:
 
 
 def time_verify(root: Path, fp_path: Path) -> tuple[float, str]:
-    from achilles_guard.detectors.integrity import verify_checkpoint
+    from achilles_guard.detectors.checkpoint_verify import verify_checkpoint
     from achilles_guard.fingerprint import load_fingerprint
 
     t0 = time.perf_counter()
@@ -170,7 +170,7 @@ def main() -> None:
     parser.add_argument("--tmp", default="/tmp")
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
-    import achilles_guard.detectors.integrity  # noqa: F401 - imports are not part of the timing
+    import achilles_guard.detectors.checkpoint_verify  # noqa: F401 - imports are not part of the timing
     import achilles_guard.model  # noqa: F401
 
     work = Path(tempfile.mkdtemp(prefix="guard-verify-bench-", dir=args.tmp))

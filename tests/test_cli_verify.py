@@ -77,14 +77,16 @@ def test_sarif_rules_severity_and_location(planted_scan, zeroed):
     assert uri.startswith(str(dst)) and uri.endswith(".safetensors")
 
 
-def test_functional_flag_and_tolerance(planted_scan, zeroed):
+def test_functional_flag_and_max_delta_log10(planted_scan, zeroed):
     _, _, out = planted_scan
     _, dst = zeroed
     result = verify(dst, "--fingerprint", out / "fingerprint.safetensors", "--functional", "--format", "json")
     assert result.exit_code == 1
     fc = json.loads(result.stdout)["functional"]
     assert fc["delta_log10"] >= 1 and fc["loss_ok"] is False
-    assert verify(dst, "--fingerprint", out / "fingerprint.safetensors", "--tolerance", "0").exit_code == 2
+    assert verify(dst, "--fingerprint", out / "fingerprint.safetensors", "--max-delta-log10", "0").exit_code == 2
+    old = verify(dst, "--fingerprint", out / "fingerprint.safetensors", "--tolerance", "0")  # deprecated alias
+    assert old.exit_code == 2 and "--tolerance is deprecated" in old.stderr
 
 
 def test_signature_gate(planted_scan, zeroed, tmp_path):

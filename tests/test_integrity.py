@@ -1,4 +1,4 @@
-"""detectors.integrity: every slice status, single-file and sharded, re-saves, and the functional check."""
+"""detectors.checkpoint_verify: every slice status, single-file and sharded, re-saves, and the functional check."""
 
 from __future__ import annotations
 
@@ -10,16 +10,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from achilles_guard.tamper import TamperKind, select_targets, tamper_checkpoint
-from achilles_guard.detectors.integrity import (
-    FunctionalParams,
-    SliceStatus,
-    classify,
-    report_doc,
-    report_sarif,
-    verify_checkpoint,
-)
+from achilles_guard.detectors.checkpoint_verify import FunctionalParams, SliceStatus, classify, verify_checkpoint
 from achilles_guard.fingerprint import load_fingerprint
+from achilles_guard.report import verify_document, verify_sarif
+from achilles_guard.tamper import TamperKind, select_targets, tamper_checkpoint
 from tests.builders import reshard
 
 DOWN = "model.layers.0.mlp.down_proj.weight"
@@ -75,9 +69,9 @@ def test_every_tamper_kind_is_classified(planted_scan, fp, sharded, tmp_path, la
         assert all(abs(v.rel_l2 - 0.05) < 1e-3 for v in report.tampered_slices)
     untouched = [v for v in report.slices if v.param != DOWN]
     assert untouched and all(v.status is SliceStatus.intact for v in untouched)
-    doc = report_doc(report)
+    doc = verify_document(report)
     assert doc["verdict"] == "tampered" and doc["counts"][status.value] == len(critical)
-    sarif = report_sarif(doc)
+    sarif = verify_sarif(doc)
     results = sarif["runs"][0]["results"]
     assert len(results) == len(critical)
     assert {r["locations"][0]["physicalLocation"]["artifactLocation"]["uri"] for r in results} == {f"{tampered}/{shard}"}
@@ -141,7 +135,7 @@ def test_config_change_same_architecture_is_a_finding(planted_scan, fp, tmp_path
     (dst / "config.json").write_text(json.dumps(config))
     report = verify_checkpoint(dst, fp)
     assert not report.config.matches and not report.ok and not report.tampered_slices
-    assert any(r["ruleId"] == "AG110" for r in report_sarif(report_doc(report))["runs"][0]["results"])
+    assert any(r["ruleId"] == "AG110" for r in verify_sarif(verify_document(report))["runs"][0]["results"])
 
 
 def test_classify_rules():
@@ -171,7 +165,7 @@ def test_functional_shows_collapse_of_zeroed_checkpoint(planted_scan, fp, tmp_pa
     assert intact.ok and abs(intact.functional.delta_log10) < 1e-4 and intact.functional.still_critical
     targets = select_targets(path, out / "fingerprint.safetensors", [], None)
     zeroed = tamper_checkpoint(path, tmp_path / "z", targets, kind=TamperKind.zero)
-    report = verify_checkpoint(zeroed, fp, functional=FunctionalParams(tolerance=0.05))
+    report = verify_checkpoint(zeroed, fp, functional=FunctionalParams(max_delta_log10=0.05))
     fc = report.functional
     assert fc.delta_log10 >= 1.0 and not fc.loss_ok and not report.ok
     assert fc.still_critical is False  # masking the already-zeroed set changes nothing any more

@@ -198,5 +198,7 @@ def test_watch_cli_bad_inputs(planted, planted_fp, random_llama_dir, tmp_path):
     assert missing.exit_code == 2 and "no such file" in missing.output
     both = runner.invoke(app, ["monitor", str(planted[0]), "--demo", "--fingerprint", str(planted_fp)])
     assert both.exit_code == 2 and "exactly one" in both.output
-    bad = runner.invoke(app, ["monitor", str(planted[0]), "--fingerprint", str(planted_fp), "--tolerance", "0.5"])
-    assert bad.exit_code == 2 and "--tolerance" in bad.output
+    bad = runner.invoke(app, ["monitor", str(planted[0]), "--fingerprint", str(planted_fp), "--drift-factor", "0.5"])
+    assert bad.exit_code == 2 and "--drift-factor" in bad.output
+    old = runner.invoke(app, ["monitor", str(planted[0]), "--fingerprint", str(planted_fp), "--tolerance", "0.5"])
+    assert old.exit_code == 2 and "--tolerance is deprecated" in old.output  # the old name still works, with a warning

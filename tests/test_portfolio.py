@@ -14,11 +14,11 @@ from typer.testing import CliRunner
 
 from achilles_guard.cli import app, main
 from achilles_guard.demo import Plant
+from achilles_guard.errors import UsageError
 from achilles_guard.model import load_model
 from achilles_guard.neurons import Neuron, discover
 from achilles_guard.pcicn import clean_loss, masked_losses, rank
 from achilles_guard.portfolio import ATTACKS, parse_attacks, prune, set_losses
-from achilles_guard.errors import UsageError
 from achilles_guard.report import scan_report
 from achilles_guard.scan import ScanParams, run_scan, tokenize_probe
 from tests.builders import PROBE

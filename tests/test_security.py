@@ -16,7 +16,8 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from achilles_guard.cli import app
-from tests.builders import PROBE as PROBE_TEXT, reshard
+from tests.builders import PROBE as PROBE_TEXT
+from tests.builders import reshard
 
 runner = CliRunner()
 DOWN = "model.layers.0.mlp.down_proj.weight"

@@ -9,15 +9,15 @@ import traceback
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from achilles_guard.errors import EXIT_RUNTIME, GuardError, InputError
+from achilles_guard.errors import EXIT_RUNTIME, GuardError, InputError, UsageError
 
-__all__ = ["DtypeOption", "DeviceOption", "TrustRemoteCodeOption", "AllowPickleOption", "Format", "stdout", "stderr", "info", "guarded", "progress_bar", "prepare_out_dir", "fail"]
+__all__ = ["DtypeOption", "DeviceOption", "TrustRemoteCodeOption", "AllowPickleOption", "Format", "stdout", "stderr", "info", "guarded", "progress_bar", "prepare_out_dir", "fail", "DeprecatedOption", "deprecated_alias", "parse_list", "rows_progress"]
 
 
 # The model-loading options every command that loads a model shares (one help text each).
@@ -138,3 +138,40 @@ def prepare_out_dir(out: Path) -> Path:
     except OSError as err:
         raise InputError(f"--out {out}: not writable ({err.strerror or err})") from None
     return out
+
+
+def DeprecatedOption(old: str, new: str):  # noqa: N802 - reads like the typer.Option it returns
+    """A hidden option kept so old command lines still work: `old` is read as `new` (see deprecated_alias)."""
+    return typer.Option(None, old, hidden=True, help=f"Deprecated alias of {new}.")
+
+
+def deprecated_alias(value, old_value, *, old: str, new: str):
+    """`old_value` (with a warning on stderr) when the deprecated option was given, else `value`."""
+    if old_value is None:
+        return value
+    stderr().print(f"[yellow]warning:[/] {old} is deprecated; use {new}")
+    return old_value
+
+
+def parse_list(spec: str, kind: Callable, option: str) -> list:
+    """`"1,2,4"` -> `[1, 2, 4]` for a comma-list option; UsageError naming the option otherwise."""
+    try:
+        values = [kind(p.strip()) for p in spec.split(",") if p.strip()]
+    except ValueError:
+        raise UsageError(f"{option} {spec!r}: expected a comma-separated list of {kind.__name__} values") from None
+    if not values:
+        raise UsageError(f"{option} is empty")
+    return values
+
+
+@contextmanager
+def rows_progress(description: str) -> Iterator[Callable[[int, int], None]]:
+    """`update(done, total)`: a Rich bar on stderr when it is a terminal, else nothing."""
+    if not sys.stderr.isatty():
+        yield lambda done, total: None
+        return
+    progress = Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                        console=stderr(), transient=True)
+    task = progress.add_task(description, total=None)
+    with progress:
+        yield lambda done, total: progress.update(task, completed=done, total=total)

@@ -13,6 +13,7 @@ from rich.text import Text
 
 from achilles_guard.cli import app
 from achilles_guard.cli.common import Format, guarded, stdout
+from achilles_guard.report import json_number
 
 __all__ = ["fingerprint_app", "show_command", "fingerprint_doc"]
 
@@ -70,7 +71,7 @@ def fingerprint_doc(fp, *, signature: str) -> dict:
         "neurons": [{
             "rank": r.rank, "module": r.neuron.module, "channel": r.neuron.channel, "layer": r.layer,
             "component": r.component, "critical": r.critical,
-            "importance": r.importance if r.importance == r.importance and abs(r.importance) != float("inf") else None,
+            "importance": json_number(r.importance),
             "slices": list(r.slices),
             "baseline": {"mean": r.baseline.mean, "std": r.baseline.std, "max_abs": r.baseline.max_abs, "mean_abs": r.baseline.mean_abs},
         } for r in fp.neurons],

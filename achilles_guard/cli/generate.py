@@ -11,10 +11,18 @@ import typer
 from rich.table import Table
 
 from achilles_guard.cli import app
-from achilles_guard.cli.common import AllowPickleOption, DeviceOption, DtypeOption, Format, TrustRemoteCodeOption, guarded, stdout
-from achilles_guard.cli.eval import open_model
+from achilles_guard.cli.common import (
+    AllowPickleOption,
+    DeviceOption,
+    DtypeOption,
+    Format,
+    TrustRemoteCodeOption,
+    guarded,
+    stdout,
+)
 from achilles_guard.errors import TextError, UsageError
 from achilles_guard.masking import masked
+from achilles_guard.model import load_model
 
 __all__ = ["generate_command", "greedy", "topk_levels"]
 
@@ -84,7 +92,7 @@ def generate_command(
         require_matplotlib()
     ranked = ReportRanking.load(report)
     neurons = ranked.require_critical_set()
-    lm = open_model(model_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    lm = load_model(model_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     ranked.check_model(lm, cross_model=cross_model)
     scale = ranked.mask_scale if mask_scale is None else mask_scale
     plan = MaskPlan.fixed(neurons, scale)

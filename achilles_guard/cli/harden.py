@@ -8,7 +8,16 @@ from typing import List, Optional
 import typer
 
 from achilles_guard.cli import app
-from achilles_guard.cli.common import DeviceOption, DtypeOption, Format, guarded, prepare_out_dir, progress_bar, stderr, stdout
+from achilles_guard.cli.common import (
+    DeviceOption,
+    DtypeOption,
+    Format,
+    guarded,
+    prepare_out_dir,
+    progress_bar,
+    stderr,
+    stdout,
+)
 from achilles_guard.errors import EXIT_FINDING, EXIT_OK, InputError, UsageError
 from achilles_guard.report import dumps
 

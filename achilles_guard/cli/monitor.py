@@ -23,7 +23,17 @@ from typing import Optional
 import typer
 
 from achilles_guard.cli import app
-from achilles_guard.cli.common import AllowPickleOption, DeviceOption, DtypeOption, TrustRemoteCodeOption, guarded, stderr, stdout
+from achilles_guard.cli.common import (
+    AllowPickleOption,
+    DeprecatedOption,
+    DeviceOption,
+    DtypeOption,
+    TrustRemoteCodeOption,
+    deprecated_alias,
+    guarded,
+    stderr,
+    stdout,
+)
 from achilles_guard.errors import EXIT_FINDING, EXIT_OK, UsageError
 
 __all__ = ["monitor_command", "status_table"]
@@ -42,7 +52,8 @@ def monitor_command(
     iterations: Optional[int] = typer.Option(None, help="Stop after N refreshes (without --serve); default: until Ctrl-C."),
     integrity_interval: float = typer.Option(30.0, help="Seconds between in-memory weight re-hashes (--serve; 0 = at start only)."),
     canary_interval: float = typer.Option(300.0, help="Seconds between canary probe runs (--serve; 0 = at start only)."),
-    tolerance: float = typer.Option(10.0, help="Factor a critical activation may drift from its baseline before it is anomalous."),
+    drift_factor: float = typer.Option(10.0, help="Factor a critical activation may drift from its baseline before it is anomalous."),
+    tolerance: Optional[float] = DeprecatedOption("--tolerance", "--drift-factor"),
     massive_factor: float = typer.Option(20.0, help="A baseline max |a| this many times the median counts as a massive activation."),
     max_body_bytes: int = typer.Option(65536, help="Largest accepted request body (--serve)."),
     max_prompt_tokens: int = typer.Option(2048, help="Longest accepted prompt in tokens (--serve)."),
@@ -88,7 +99,8 @@ def monitor_command(
     limits = ServerLimits(max_body_bytes=max_body_bytes, max_prompt_tokens=max_prompt_tokens,
                           max_new_tokens=max_new_tokens, max_in_flight=max_in_flight,
                           request_timeout_s=request_timeout, max_connections=max_connections)
-    config = MonitorConfig(tolerance=tolerance, massive_factor=massive_factor,
+    drift_factor = deprecated_alias(drift_factor, tolerance, old="--tolerance", new="--drift-factor")
+    config = MonitorConfig(drift_factor=drift_factor, massive_factor=massive_factor,
                            integrity_interval_s=integrity_interval, canary_interval_s=canary_interval).validated()
     fp = load_fingerprint(fingerprint, verify_key=read_key(verify_key) if verify_key else None)
     if protect and not fp.critical_set:
@@ -189,6 +201,7 @@ def status_table(state, name: str):
     integ = state.integrity
     table.add_row("weight integrity", "-" if integ is None else ok if integ.ok else bad,
                   "" if integ is None else f"{integ.checked} slices hashed, {len(integ.mismatched)} changed"
+                  + (f", {integ.skipped} offloaded (not checked)" if integ.skipped else "")
                   + (f": {', '.join(integ.mismatched[:3])}" if integ.mismatched else ""))
     can = state.canary
     table.add_row("canary", "-" if can is None else ok if can.ok else bad,

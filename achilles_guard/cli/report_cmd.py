@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 from pathlib import Path
 from typing import List, Optional
 
@@ -13,7 +12,6 @@ import typer
 
 from achilles_guard.cli import app
 from achilles_guard.cli.common import guarded, stdout
-from achilles_guard.errors import InputError
 
 __all__ = ["report_command", "html_page"]
 
@@ -52,7 +50,7 @@ def report_command(
     if html_out is not None:
         atomic_write_bytes(html_out, html_page(doc, studies, plots=plots).encode())
     if html_out is None and png is None:
-        from achilles_guard.cli.study import study_table
+        from achilles_guard.render import study_table
 
         console.print(scan_summary(doc))
         for s in studies:

@@ -9,35 +9,26 @@ from typing import List, Optional
 import typer
 
 from achilles_guard.cli import app
-from achilles_guard.cli.common import AllowPickleOption, DeviceOption, DtypeOption, Format, TrustRemoteCodeOption, guarded, info, prepare_out_dir, progress_bar, stdout
-from achilles_guard.paper import PAPER
+from achilles_guard.cli.common import (
+    AllowPickleOption,
+    DeviceOption,
+    DtypeOption,
+    Format,
+    TrustRemoteCodeOption,
+    guarded,
+    info,
+    prepare_out_dir,
+    progress_bar,
+    stdout,
+)
 from achilles_guard.errors import EXIT_FINDING, EXIT_OK, InputError, UsageError
 from achilles_guard.fingerprint import fingerprint_bytes, read_key
+from achilles_guard.paper import PAPER
 from achilles_guard.report import dumps, scan_report, scan_sarif
+from achilles_guard.scan import ScanParams, read_probe_texts, run_scan, tokenize_probe
 from achilles_guard.staging import publish_files
-from achilles_guard.scan import ScanParams, run_scan, tokenize_probe
 
-__all__ = ["scan_command", "read_probe_texts"]
-
-
-def read_probe_texts(texts: list[str], text_files: list[Path]) -> list[tuple[str, str]]:
-    """`[(name, text)]` from --text / --text-file, else the packaged default texts."""
-    probes = [(f"text-{i + 1}", t) for i, t in enumerate(texts)]
-    for path in text_files:
-        if not path.is_file():
-            raise InputError(f"--text-file {path}: no such file")
-        try:
-            content = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as err:
-            raise InputError(f"--text-file {path}: cannot read it as UTF-8 text ({err})") from None
-        if not content.strip():
-            raise InputError(f"--text-file {path}: the file is empty")
-        probes.append((path.stem, content.strip()))
-    if not probes:
-        from achilles_guard.texts import default_texts
-
-        probes = default_texts()
-    return probes
+__all__ = ["scan_command"]
 
 
 def _check_fingerprintable(directory) -> None:

@@ -6,16 +6,25 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.table import Table
-from rich.text import Text
 
 from achilles_guard.cli import app
-from achilles_guard.cli.common import AllowPickleOption, DeviceOption, DtypeOption, Format, TrustRemoteCodeOption, guarded, prepare_out_dir, progress_bar, stdout
-from achilles_guard.cli.eval import build_corpus, open_model, parse_list
-from achilles_guard.paper import PAPER
+from achilles_guard.cli.common import (
+    AllowPickleOption,
+    DeviceOption,
+    DtypeOption,
+    Format,
+    TrustRemoteCodeOption,
+    guarded,
+    parse_list,
+    prepare_out_dir,
+    progress_bar,
+    stdout,
+)
 from achilles_guard.errors import UsageError
+from achilles_guard.paper import PAPER
+from achilles_guard.render import study_table
 
-__all__ = ["study_command", "study_table"]
+__all__ = ["study_command"]
 
 HELP = {
     "alpha": "n* as α varies (Fig. 4 left)",
@@ -76,10 +85,10 @@ def study_command(
     Exit 0 ok, 2 bad input (unknown study, bad list, matplotlib missing for a PNG), 3 runtime failure.
     """
     from achilles_guard import studies
-    from achilles_guard.cli.scan import read_probe_texts
-    from achilles_guard.evaluation import ReportRanking
+    from achilles_guard.evaluation import ReportRanking, build_corpus
+    from achilles_guard.model import load_model
     from achilles_guard.report import atomic_write_bytes, dumps, write_json
-    from achilles_guard.scan import ScanParams, tokenize_probe
+    from achilles_guard.scan import ScanParams, read_probe_texts, tokenize_probe
 
     if name not in studies.STUDIES:
         raise UsageError(f"unknown study {name!r}; use one of {', '.join(studies.STUDIES)}")
@@ -100,7 +109,7 @@ def study_command(
     out = prepare_out_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     load_kwargs = {"trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle}
-    lm = open_model(model_dir, dtype=dtype, device=device, **load_kwargs)
+    lm = load_model(model_dir, dtype=dtype, device=device, **load_kwargs)
     if ranked is not None:
         ranked.check_model(lm)
     probe_name, probe_text = read_probe_texts(text, text_file)[0]
@@ -162,26 +171,3 @@ def _runner(name, studies, *, alphas, samples_list, epsilons, betas, dtypes, len
         return lambda ctx: studies.components_study(ctx, presets=names, counts=sizes, runs=runs)
     values, methods = parse_list(ns, int, "--ns"), parse_list(rankings, str, "--rankings")
     return lambda ctx: studies.compare_study(ctx, ns=values, rankings=methods, runs=runs)
-
-
-def study_table(doc: dict):
-    """A Rich rendering of a study document (also used by `guard report`)."""
-    from rich.console import Group
-
-    table = Table(title=doc["title"], title_justify="left", header_style="bold")
-    for col in doc["columns"]:
-        table.add_column(col, justify="left" if col in ("subset", "text", "genre", "language", "component", "ranking", "dtype") else "right")
-    for row in doc["rows"]:
-        table.add_row(*(_cell(row[c]) for c in doc["columns"]))
-    parts = [table, *(Text(f"  {note}", style="dim") for note in doc.get("notes", []))]
-    return Group(*parts)
-
-
-def _cell(value) -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return f"{value:.4g}" if abs(value) >= 1e4 or (value and abs(value) < 1e-3) else f"{value:.3f}"
-    return str(value)

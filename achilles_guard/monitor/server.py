@@ -43,6 +43,7 @@ from achilles_guard.errors import InputError, first_line
 from achilles_guard.monitor.generate import complete
 from achilles_guard.monitor.tamper import disrupt
 from achilles_guard.neurons import Neuron, parse_neuron
+from achilles_guard.report import json_number
 
 __all__ = ["ServerLimits", "ServeContext", "build_server", "bind_context", "RequestError"]
 
@@ -530,16 +531,15 @@ def _state_doc(state) -> dict:
         "status": "ok" if state.healthy else "unhealthy",
         "reasons": reasons,
         "forwards": state.forwards,
-        "anomaly_score": _num(state.last.score) if state.last else 0.0,
+        "anomaly_score": json_number(state.last.score) if state.last else 0.0,
         "anomalous_neurons": list(state.last.anomalous) if state.last else [],
         "integrity_ok": state.integrity.ok if state.integrity else None,
         "mismatched_slices": list(state.integrity.mismatched) if state.integrity else [],
-        "canary_delta_log10": _num(state.canary.delta_log10) if state.canary else None,
+        "canary_delta_log10": json_number(state.canary.delta_log10) if state.canary else None,
         "canary_ok": state.canary.ok if state.canary else None,
         "protected": state.interventions is not None,
         "pin_interventions": state.interventions or 0,
     }
 
 
-def _num(x: float):
-    return x if x == x and abs(x) != float("inf") else None
+

@@ -96,7 +96,7 @@ def lesion_study(ctx: StudyContext, *, epsilon: float | None = None) -> StudyRes
                     (Series("Δ", tuple(range(len(records))), tuple(r[4] for r in records)),),
                     xticklabels=tuple(r[0] for r in records), hline=eps, hline_label=f"ε = {eps:g}")
     collapsing = [r[0] for r in records if r[5]]
-    notes = (f"neurons: " + ", ".join(f"{i}={n}" for i, n in enumerate(neurons)),
+    notes = ("neurons: " + ", ".join(f"{i}={n}" for i, n in enumerate(neurons)),
              f"subsets with Δ >= ε: {', '.join(collapsing) if collapsing else 'none'}")
     return StudyResult("lesion", title, ("subset", "size", "log10_ppl", "ppl", "delta_log10", "collapsed"),
                        tuple(records), {"epsilon": eps, "critical_set": [str(n) for n in neurons],
