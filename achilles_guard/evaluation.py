@@ -197,7 +197,9 @@ class ReportRanking:
         return int(self.channels.numel())
 
     def top(self, n: int) -> list[Neuron]:
-        return [Neuron(self.module_names[m], c) for m, c in zip(self.module_index[:n].tolist(), self.channels[:n].tolist())]
+        return [
+            Neuron(self.module_names[m], c) for m, c in zip(self.module_index[:n].tolist(), self.channels[:n].tolist())
+        ]
 
     def plan(self, ns: Sequence[int], scale: float = 0.0) -> MaskPlan:
         """Row b masks the top ns[b] ranked neurons."""
@@ -248,10 +250,16 @@ class ReportRanking:
             try:
                 module = lm.model.get_submodule(name)
             except AttributeError:
-                raise InputError(f"--report {self.path} names module {name!r}, which this model does not have") from None
+                raise InputError(
+                    f"--report {self.path} names module {name!r}, which this model does not have"
+                ) from None
             width = output_width(module)
             used = [n.channel for n in self.critical_set if n.module == name]
-            used += self.channels[self.module_index == self.module_names.index(name)].tolist() if name in self.module_names else []
+            used += (
+                self.channels[self.module_index == self.module_names.index(name)].tolist()
+                if name in self.module_names
+                else []
+            )
             if width is not None and used and max(used) >= width:
                 raise InputError(f"--report {self.path} names channel {max(used)} of {name}, which has only {width}")
 
@@ -272,7 +280,9 @@ def parse_levels(spec: str, ranking: ReportRanking) -> list[int]:
             continue
         if part in ("n*", "nstar", "n_star"):
             if ranking.n_star is None:
-                raise UsageError(f"--levels {spec!r}: n* is undefined because the scan in {ranking.path} did not converge")
+                raise UsageError(
+                    f"--levels {spec!r}: n* is undefined because the scan in {ranking.path} did not converge"
+                )
             levels.append(int(ranking.n_star))
             continue
         try:
@@ -382,10 +392,19 @@ class EvalResult:
                 "stride": self.corpus.stride,
             },
             "mask_scale": self.mask_scale,
-            "baseline": {"loss": self.baseline_loss, "log10_ppl": self.baseline_loss / LN10, "ppl": math.exp(self.baseline_loss)},
+            "baseline": {
+                "loss": self.baseline_loss,
+                "log10_ppl": self.baseline_loss / LN10,
+                "ppl": math.exp(self.baseline_loss),
+            },
             "levels": [
-                {"n": r.n, "loss": json_number(r.loss), "log10_ppl": json_number(r.log10_ppl),
-                 "ppl": json_number(r.ppl) if r.ppl is not None else None, "delta_log10": json_number(r.delta_log10)}
+                {
+                    "n": r.n,
+                    "loss": json_number(r.loss),
+                    "log10_ppl": json_number(r.log10_ppl),
+                    "ppl": json_number(r.ppl) if r.ppl is not None else None,
+                    "delta_log10": json_number(r.delta_log10),
+                }
                 for r in self.levels
             ],
         }

@@ -38,7 +38,9 @@ def run_harness(lm, ranked, levels: list[int], tasks: list[str], *, include_path
     manager = TaskManager(include_path=str(include_path) if include_path else None)
     unknown = [t for t in tasks if not manager.match_tasks([t])]
     if unknown:
-        raise UsageError(f"--tasks: unknown to lm-eval: {', '.join(unknown)} (see 'lm_eval ls tasks', or --include-path)")
+        raise UsageError(
+            f"--tasks: unknown to lm-eval: {', '.join(unknown)} (see 'lm_eval ls tasks', or --include-path)"
+        )
     harness_model = HFLM(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=batch_size)
     out = []
     for level in levels:

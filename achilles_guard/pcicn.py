@@ -137,7 +137,9 @@ def rank(
         scores = _pcicn_scores(model, embeds, candidates, alpha, samples, seed, batch_size, progress, clean_means)
         if also is not None:
             names = [c.name for c in candidates.candidates]
-            also["activation"] = Ranking.from_scores("activation", candidates, torch.cat([clean_means[n] for n in names]))
+            also["activation"] = Ranking.from_scores(
+                "activation", candidates, torch.cat([clean_means[n] for n in names])
+            )
     return Ranking.from_scores(method, candidates, scores)
 
 
@@ -216,7 +218,9 @@ def _losses_for(model, input_ids, ranking: Ranking, ns: Sequence[int], scale: fl
     return row_losses(logits, batch)
 
 
-def _pcicn_scores(model, embeds, candidates: CandidateSet, alpha, samples, seed, batch_size, progress, clean_means=None):
+def _pcicn_scores(
+    model, embeds, candidates: CandidateSet, alpha, samples, seed, batch_size, progress, clean_means=None
+):
     """(N,) importance: max over positions of mean_k |A_clean - A_k|, in forward order."""
     names = [c.name for c in candidates.candidates]
     clean: dict[str, torch.Tensor] = {}

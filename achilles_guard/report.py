@@ -155,21 +155,33 @@ def _text_record(scan, by_name: dict, keep: int) -> dict:
         "converged": res.converged,
         "n_star": res.n_star,
         "critical_set": [
-            neuron_record(n, by_name, rank=rank_of[n], importance=json_number(importance[rank_of[n] - 1]) if rank_of[n] <= len(importance) else None)
+            neuron_record(
+                n,
+                by_name,
+                rank=rank_of[n],
+                importance=json_number(importance[rank_of[n] - 1]) if rank_of[n] <= len(importance) else None,
+            )
             for n in res.critical_set
         ],
         "delta_log10": json_number(res.delta_log10),
         "curve": [{"n": n, "delta_log10": json_number(d)} for n, d in res.curve],
         "ranking": [neuron_record(n, by_name, importance=json_number(v)) for n, v in zip(top, importance)],
-        "timings": {"rank_s": round(scan.rank_s, 4), "search_s": round(scan.search_s, 4),
-                    "portfolio_s": round(scan.portfolio_s, 4),
-                    # each attack's seconds (its ranking included) live here, with the other timings, so
-                    # that everything outside `timings` is reproducible from the seed
-                    **({"attacks": {a.attack: round(a.seconds, 4) for a in scan.portfolio.attacks}} if scan.portfolio else {})},
-        **({
-            "attacks": [attack_record(a, by_name) for a in scan.portfolio.attacks],
-            "strongest": strongest_record(scan.portfolio.strongest, by_name),
-        } if scan.portfolio is not None else {}),
+        "timings": {
+            "rank_s": round(scan.rank_s, 4),
+            "search_s": round(scan.search_s, 4),
+            "portfolio_s": round(scan.portfolio_s, 4),
+            # each attack's seconds (its ranking included) live here, with the other timings, so
+            # that everything outside `timings` is reproducible from the seed
+            **({"attacks": {a.attack: round(a.seconds, 4) for a in scan.portfolio.attacks}} if scan.portfolio else {}),
+        },
+        **(
+            {
+                "attacks": [attack_record(a, by_name) for a in scan.portfolio.attacks],
+                "strongest": strongest_record(scan.portfolio.strongest, by_name),
+            }
+            if scan.portfolio is not None
+            else {}
+        ),
     }
 
 
@@ -199,17 +211,20 @@ def scan_sarif(doc: dict, *, fail_under: int | None = None) -> dict:
     results = []
     delta = doc["delta_log10"]
     for neuron in doc["critical_set"]:
-        results.append({
-            "ruleId": "AG001",
-            "level": "warning",
-            "message": {
-                "text": f"{neuron['module']} channel {neuron['channel']} (layer {neuron['layer']}, {neuron['component']}) "
-                f"is in a critical set of {doc['n_star']}: masking the set raises log10 perplexity by "
-                f"{'inf' if delta is None else f'{delta:.2f}'}"
-            },
-            "locations": [location],
-            "properties": {k: neuron[k] for k in ("module", "channel", "layer", "component", "rank")},
-        })
+        results.append(
+            {
+                "ruleId": "AG001",
+                "level": "warning",
+                "message": {
+                    "text": f"{neuron['module']} channel {neuron['channel']} (layer {neuron['layer']}, "
+                            f"{neuron['component']}) "
+                    f"is in a critical set of {doc['n_star']}: masking the set raises log10 perplexity by "
+                    f"{'inf' if delta is None else f'{delta:.2f}'}"
+                },
+                "locations": [location],
+                "properties": {k: neuron[k] for k in ("module", "channel", "layer", "component", "rank")},
+            }
+        )
     smallest = gate_size(doc)
     if fail_under is not None and smallest is not None and smallest <= fail_under:
         results.append({
@@ -277,22 +292,40 @@ def verify_document(report) -> dict:
     return {
         "schema": VERIFY_SCHEMA,
         "tool": dict(TOOL),
-        "checkpoint": {"path": report.checkpoint, "config_sha256": report.config.actual_sha256,
-                       "architecture": report.config.actual_architecture, "shards_read": list(report.shards_read)},
-        "fingerprint": {"path": report.fingerprint, "config_sha256": report.config.expected_sha256,
-                        "architecture": report.config.expected_architecture, "signature": report.signature,
-                        "slices": len(report.slices), "neurons": len(report.neurons)},
+        "checkpoint": {
+            "path": report.checkpoint,
+            "config_sha256": report.config.actual_sha256,
+            "architecture": report.config.actual_architecture,
+            "shards_read": list(report.shards_read),
+        },
+        "fingerprint": {
+            "path": report.fingerprint,
+            "config_sha256": report.config.expected_sha256,
+            "architecture": report.config.expected_architecture,
+            "signature": report.signature,
+            "slices": len(report.slices),
+            "neurons": len(report.neurons),
+        },
         "verdict": report.verdict,
         "layout": {"loaded_files": list(report.loaded_files), "ambiguities": list(report.ambiguities)},
         "config_matches": report.config.matches,
         "counts": report.counts,
         "tampered_neurons": [_neuron_doc(n) for n in report.tampered_neurons],
         "slices": [_slice_doc(v) for v in report.slices],
-        "functional": None if fc is None else {
-            "baseline_loss": json_number(fc.baseline_loss), "loss": json_number(fc.loss), "delta_log10": json_number(fc.delta_log10),
-            "tolerance": fc.max_delta_log10, "loss_ok": fc.loss_ok, "masked_loss": json_number(fc.masked_loss),
-            "masked_delta_log10": json_number(fc.masked_delta_log10), "epsilon": fc.epsilon,
-            "still_critical": fc.still_critical, "ok": fc.ok, "load_s": round(fc.load_s, 4),
+        "functional": None
+        if fc is None
+        else {
+            "baseline_loss": json_number(fc.baseline_loss),
+            "loss": json_number(fc.loss),
+            "delta_log10": json_number(fc.delta_log10),
+            "tolerance": fc.max_delta_log10,
+            "loss_ok": fc.loss_ok,
+            "masked_loss": json_number(fc.masked_loss),
+            "masked_delta_log10": json_number(fc.masked_delta_log10),
+            "epsilon": fc.epsilon,
+            "still_critical": fc.still_critical,
+            "ok": fc.ok,
+            "load_s": round(fc.load_s, 4),
         },
         "functional_skipped": report.functional_skipped,
         "timings": {"verify_s": round(report.verify_s, 6)},
@@ -313,13 +346,20 @@ def verify_sarif(doc: dict) -> dict:
         if s["status"] in ("intact", "equivalent"):
             continue
         rid = VERIFY_RULES[s["status"]][0]
-        who = ", ".join(f"{n['module']}[{n['channel']}]" + (" (critical)" if n["critical"] else "") for n in s["neurons"])
-        results.append({
-            "ruleId": rid, "level": "error",
-            "message": {"text": f"{s['key']} in {s['shard']}: {s['description']}; produces {who or 'no recorded neuron'}"},
-            "locations": [_location(root, s["shard"])],
-            "properties": {k: s[k] for k in ("key", "param", "status", "factor", "rel_l2", "shard")},
-        })
+        who = ", ".join(
+            f"{n['module']}[{n['channel']}]" + (" (critical)" if n["critical"] else "") for n in s["neurons"]
+        )
+        results.append(
+            {
+                "ruleId": rid,
+                "level": "error",
+                "message": {
+                    "text": f"{s['key']} in {s['shard']}: {s['description']}; produces {who or 'no recorded neuron'}"
+                },
+                "locations": [_location(root, s["shard"])],
+                "properties": {k: s[k] for k in ("key", "param", "status", "factor", "rel_l2", "shard")},
+            }
+        )
     for line in doc.get("layout", {}).get("ambiguities", []):
         results.append({
             "ruleId": VERIFY_RULES["ambiguous"][0], "level": "error",
@@ -327,20 +367,32 @@ def verify_sarif(doc: dict) -> dict:
             "locations": [_location(root, ".")],
         })
     if not doc["config_matches"]:
-        results.append({
-            "ruleId": VERIFY_RULES["config"][0], "level": "error",
-            "message": {"text": f"config.json sha256 {doc['checkpoint']['config_sha256'][:12]}… differs from the fingerprinted "
-                        f"{doc['fingerprint']['config_sha256'][:12]}… (same architecture {doc['checkpoint']['architecture']})"},
-            "locations": [_location(root, "config.json")],
-        })
+        results.append(
+            {
+                "ruleId": VERIFY_RULES["config"][0],
+                "level": "error",
+                "message": {
+                    "text": f"config.json sha256 {doc['checkpoint']['config_sha256'][:12]}… differs from the "
+                            "fingerprinted "
+                    f"{doc['fingerprint']['config_sha256'][:12]}… (same architecture "
+                    f"{doc['checkpoint']['architecture']})"
+                },
+                "locations": [_location(root, "config.json")],
+            }
+        )
     fc = doc["functional"]
     if fc is not None and not fc["ok"]:
-        results.append({
-            "ruleId": VERIFY_RULES["functional"][0], "level": "error",
-            "message": {"text": f"probe loss Δ = {fc['delta_log10']} orders of magnitude (tolerance {fc['tolerance']}); "
-                        f"critical set still critical: {fc['still_critical']}"},
-            "locations": [_location(root, "config.json")],
-        })
+        results.append(
+            {
+                "ruleId": VERIFY_RULES["functional"][0],
+                "level": "error",
+                "message": {
+                    "text": f"probe loss Δ = {fc['delta_log10']} orders of magnitude (tolerance {fc['tolerance']}); "
+                    f"critical set still critical: {fc['still_critical']}"
+                },
+                "locations": [_location(root, "config.json")],
+            }
+        )
     return sarif_log(rules, results)
 
 
@@ -351,7 +403,8 @@ _VERIFY_RULE_TEXT = {
     "perturbed": "A weight slice producing a fingerprinted neuron changed beyond dtype rounding",
     "missing": "A fingerprinted weight tensor is missing from the checkpoint",
     "shape-mismatch": "A fingerprinted weight tensor changed shape",
-    "ambiguous": "The checkpoint's files are ambiguous: a tensor in two files, a stray safetensors file, or an index that disagrees with the files",
+    "ambiguous": "The checkpoint's files are ambiguous: a tensor in two files, a stray safetensors file, or an index "
+                 "that disagrees with the files",
     "config": "config.json differs from the one that was fingerprinted",
     "functional": "The probe loss rose past the tolerance, or the critical set is no longer critical",
 }
@@ -359,11 +412,21 @@ _VERIFY_RULE_TEXT = {
 
 def _slice_doc(v) -> dict:
     return {
-        "key": v.key, "param": v.param, "checkpoint_key": v.checkpoint_key, "shard": v.shard,
-        "status": v.status.value, "description": v.describe(), "factor": json_number(v.factor), "rel_l2": json_number(v.rel_l2),
-        "max_abs_diff": json_number(v.max_abs_diff), "expected_dtype": v.expected_dtype, "actual_dtype": v.actual_dtype,
-        "expected_shape": list(v.expected_shape), "actual_shape": None if v.actual_shape is None else list(v.actual_shape),
-        "critical": v.critical, "neurons": [_neuron_doc(n) for n in v.neurons],
+        "key": v.key,
+        "param": v.param,
+        "checkpoint_key": v.checkpoint_key,
+        "shard": v.shard,
+        "status": v.status.value,
+        "description": v.describe(),
+        "factor": json_number(v.factor),
+        "rel_l2": json_number(v.rel_l2),
+        "max_abs_diff": json_number(v.max_abs_diff),
+        "expected_dtype": v.expected_dtype,
+        "actual_dtype": v.actual_dtype,
+        "expected_shape": list(v.expected_shape),
+        "actual_shape": None if v.actual_shape is None else list(v.actual_shape),
+        "critical": v.critical,
+        "neurons": [_neuron_doc(n) for n in v.neurons],
     }
 
 
@@ -386,7 +449,10 @@ def read_document(path: str | Path, *, schema: str, option: str, hint: str = "")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise InputError(f"{option} {path}: not a readable JSON file ({err})") from None
     if not isinstance(doc, dict) or doc.get("schema") != schema:
-        raise InputError(f"{option} {path}: not a {schema} document (schema {doc.get('schema') if isinstance(doc, dict) else None!r})")
+        raise InputError(
+            f"{option} {path}: not a {schema} document (schema "
+            f"{doc.get('schema') if isinstance(doc, dict) else None!r})"
+        )
     return doc
 
 

@@ -31,7 +31,16 @@ from achilles_guard.portfolio import (
     run_portfolio,
 )
 
-__all__ = ["ScanParams", "ProbeText", "TextScan", "ScanResult", "read_probe_texts", "tokenize_probe", "run_scan", "MIN_TOKENS"]
+__all__ = [
+    "ScanParams",
+    "ProbeText",
+    "TextScan",
+    "ScanResult",
+    "read_probe_texts",
+    "tokenize_probe",
+    "run_scan",
+    "MIN_TOKENS",
+]
 
 MIN_TOKENS = 10  # the paper's minimum probe length
 
@@ -219,7 +228,9 @@ def run_scan(
     needed = set(RANKED_ATTACKS) if "greedy" in attacks else {a for a in attacks if a in RANKED_ATTACKS}
     scans = []
     for probe in probes:
-        report: Progress | None = (lambda stage, done, total, _n=probe.name: progress(_n, stage, done, total)) if progress else None
+        report: Progress | None = (
+            (lambda stage, done, total, _n=probe.name: progress(_n, stage, done, total)) if progress else None
+        )
         t0 = time.perf_counter()
         also: dict = {}
         ranking = rank(

@@ -29,7 +29,9 @@ __all__ = [
 ]
 
 MARKER = "TAMPERED_BY_GUARD.json"
-BANNER = "RED-TEAM TOOL: this writes a deliberately SABOTAGED copy of the checkpoint, for testing gates. Never deploy it."
+BANNER = (
+    "RED-TEAM TOOL: this writes a deliberately SABOTAGED copy of the checkpoint, for testing gates. Never deploy it."
+)
 
 
 class TamperKind(str, Enum):
@@ -66,7 +68,9 @@ def scaled_slice(value: torch.Tensor, factor: float, null_value: float = 0.0) ->
 def check_kind_options(kind: TamperKind, scale: float, noise: float) -> None:
     """UsageError for a `--scale` that changes nothing or a `--noise` that is not a positive size."""
     if kind is TamperKind.scale and (not math.isfinite(scale) or scale == 1.0):
-        raise UsageError(f"--scale {scale}: must be a finite factor other than 1.0 (1.0 changes nothing; nothing was written)")
+        raise UsageError(
+            f"--scale {scale}: must be a finite factor other than 1.0 (1.0 changes nothing; nothing was written)"
+        )
     if kind is TamperKind.noise and not (math.isfinite(noise) and noise > 0):
         raise UsageError(f"--noise {noise}: must be a finite number > 0 (nothing was written)")
 
@@ -94,14 +98,18 @@ def select_targets(src: Path, source: Path | None, explicit: list[str], top: int
         except AttributeError:
             raise InputError(f"neuron {n}: the model has no module {n.module}") from None
         except (IndexError, ValueError) as err:
-            raise InputError(f"neuron {n}: channel {n.channel} is out of range for {n.module} ({first_line(err)})") from None
+            raise InputError(
+                f"neuron {n}: channel {n.channel} is out of range for {n.module} ({first_line(err)})"
+            ) from None
         for ws in slices:
             try:
                 size = model.get_parameter(ws.param).shape[ws.axis]
             except (AttributeError, IndexError):
                 continue
             if not 0 <= ws.index < size:
-                raise InputError(f"neuron {n}: channel {n.channel} is out of range ({ws.param} has {size} along axis {ws.axis})")
+                raise InputError(
+                    f"neuron {n}: channel {n.channel} is out of range ({ws.param} has {size} along axis {ws.axis})"
+                )
         if not slices:
             raise InputError(f"neuron {n}: no weight produces it (not a linear, norm or activation module)")
         for ws in slices:
@@ -151,13 +159,31 @@ def tamper_checkpoint(
                 view = tensors[t.checkpoint_key].select(t.axis, t.index)  # (k,) view into the tensor
                 view.copy_(_tampered(view, t, kind, scale, noise, generator))
             save_file(tensors, str(tmp / shard), metadata=metadata)
-        (tmp / MARKER).write_text(json.dumps({
-            "warning": BANNER, "source": str(src), "kind": kind.value, "scale": scale if kind is TamperKind.scale else None,
-            "noise": noise if kind is TamperKind.noise else None,
-            "slices": [{"neuron": str(t.neuron), "module": t.neuron.module, "channel": t.neuron.channel,
-                        "key": t.checkpoint_key, "axis": t.axis, "index": t.index, "shard": shard_of[t.checkpoint_key]}
-                       for t in targets],
-        }, indent=2) + "\n")
+        (tmp / MARKER).write_text(
+            json.dumps(
+                {
+                    "warning": BANNER,
+                    "source": str(src),
+                    "kind": kind.value,
+                    "scale": scale if kind is TamperKind.scale else None,
+                    "noise": noise if kind is TamperKind.noise else None,
+                    "slices": [
+                        {
+                            "neuron": str(t.neuron),
+                            "module": t.neuron.module,
+                            "channel": t.neuron.channel,
+                            "key": t.checkpoint_key,
+                            "axis": t.axis,
+                            "index": t.index,
+                            "shard": shard_of[t.checkpoint_key],
+                        }
+                        for t in targets
+                    ],
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     return out
 
 
@@ -165,14 +191,18 @@ def check_out(src: Path, out: Path) -> None:
     """Refuse an --out that exists (the input included), sits inside the input, or has no parent."""
     src, out = Path(src), Path(out)
     if out.exists() or out.resolve() == src.resolve():
-        raise InputError(f"--out {out}: already exists; guard tamper refuses to write over anything (its input included)")
+        raise InputError(
+            f"--out {out}: already exists; guard tamper refuses to write over anything (its input included)"
+        )
     if src.resolve() in out.resolve().parents:
         raise InputError(f"--out {out}: is inside the input checkpoint; guard tamper refuses to write into its input")
     if not out.parent.is_dir():
         raise InputError(f"--out {out}: parent directory {out.parent} does not exist")
 
 
-def _tampered(view: torch.Tensor, t: TamperTarget, kind: TamperKind, scale: float, noise: float, generator) -> torch.Tensor:
+def _tampered(
+    view: torch.Tensor, t: TamperTarget, kind: TamperKind, scale: float, noise: float, generator
+) -> torch.Tensor:
     value = view.double()
     if kind is TamperKind.zero:
         return torch.full_like(view, t.null_value)
@@ -190,7 +220,11 @@ def _targets_from_fingerprint(path: Path, top: int | None, weight_map: dict) -> 
     from achilles_guard.fingerprint import load_fingerprint
 
     fp = load_fingerprint(path)
-    records = sorted(fp.neurons, key=lambda r: r.rank)[:top] if top else [r for r in fp.neurons if r.critical and r.neuron in set(fp.critical_set)]
+    records = (
+        sorted(fp.neurons, key=lambda r: r.rank)[:top]
+        if top
+        else [r for r in fp.neurons if r.critical and r.neuron in set(fp.critical_set)]
+    )
     if not records:
         raise InputError(f"{path}: names no critical set (the scan did not converge); use --top N")
     targets = []
@@ -212,7 +246,9 @@ def _neurons_from_report(path: Path, top: int | None) -> list[Neuron]:
         entries = doc["ranking"][:top] if top else doc["critical_set"]
         chosen = [Neuron(str(e["module"]), int(e["channel"])) for e in entries]
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
-        raise InputError(f"--neurons {path}: not a guard scan report.json or fingerprint ({type(err).__name__}: {err})") from None
+        raise InputError(
+            f"--neurons {path}: not a guard scan report.json or fingerprint ({type(err).__name__}: {err})"
+        ) from None
     if not chosen:
         raise InputError(f"--neurons {path}: names no critical set (the scan did not converge); use --top N")
     return chosen
@@ -222,7 +258,9 @@ def _neuron_option(spec: str) -> Neuron:
     try:
         return parse_neuron(spec)
     except ValueError:
-        raise UsageError(f"--neuron {spec!r}: use MODULE[CHANNEL] or MODULE:CHANNEL, e.g. model.layers.0.mlp.down_proj[11]") from None
+        raise UsageError(
+            f"--neuron {spec!r}: use MODULE[CHANNEL] or MODULE:CHANNEL, e.g. model.layers.0.mlp.down_proj[11]"
+        ) from None
 
 
 def _meta_model(src: Path):

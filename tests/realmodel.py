@@ -89,7 +89,9 @@ def _convert(gguf_dir: Path, name: str, target: Path) -> None:
     try:
         import gguf  # noqa: F401 - transformers needs it to read GGUF
     except ImportError:
-        raise RealModelUnavailable("the `gguf` package is not installed (pip install 'gguf>=0.10', in the test extra)") from None
+        raise RealModelUnavailable(
+            "the `gguf` package is not installed (pip install 'gguf>=0.10', in the test extra)"
+        ) from None
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

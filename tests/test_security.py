@@ -355,7 +355,9 @@ def test_tamper_channel_out_of_range_and_noop_scale(layouts, tmp_path):
     out = tmp_path / "t"
     r = guard("tamper", model, "--out", out, "--neuron", "model.layers.0.mlp.down_proj:100000")
     assert r.exit_code == 2 and "out of range" in one_line_error(r) and not out.exists()
-    r = guard("tamper", model, "--out", out, "--neuron", "model.layers.0.mlp.down_proj:3", "--kind", "scale", "--scale", "1.0")
+    r = guard(
+        "tamper", model, "--out", out, "--neuron", "model.layers.0.mlp.down_proj:3", "--kind", "scale", "--scale", "1.0"
+    )
     assert r.exit_code == 2 and "1.0" in one_line_error(r) and not out.exists()
 
 

@@ -37,7 +37,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
 ) -> None:
     """Find, fingerprint, monitor and harden the handful of neurons that can collapse an LLM.
 
@@ -72,7 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     except _click_errors.NoArgsIsHelpError:
         return 2  # typer already printed the help
     except _click_errors.UsageError as err:
-        hint = f" (see 'guard {err.ctx.info_name} --help')" if err.ctx and err.ctx.info_name != "guard" else " (see 'guard --help')"
+        hint = (
+            f" (see 'guard {err.ctx.info_name} --help')"
+            if err.ctx and err.ctx.info_name != "guard"
+            else " (see 'guard --help')"
+        )
         typer.echo(f"error: {err.format_message()}{hint}", err=True)
         return 2
     except typer.Abort:

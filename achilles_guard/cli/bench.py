@@ -56,7 +56,9 @@ def bench_command(
     task_list = parse_list(tasks, str, "--tasks")
     ranked = ReportRanking.load(report)
     wanted = parse_levels(levels, ranked)
-    lm = load_model(model_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    lm = load_model(
+        model_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
+    )
     ranked.check_model(lm)
     scale = ranked.mask_scale if mask_scale is None else mask_scale
     rows = run_harness(lm, ranked, wanted, task_list, include_path=include_path, limit=limit, num_fewshot=num_fewshot,

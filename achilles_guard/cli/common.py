@@ -17,23 +17,44 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from achilles_guard.errors import EXIT_RUNTIME, GuardError, InputError, UsageError
 
-__all__ = ["DtypeOption", "DeviceOption", "TrustRemoteCodeOption", "AllowPickleOption", "Format", "stdout", "stderr", "info", "guarded", "progress_bar", "prepare_out_dir", "fail", "DeprecatedOption", "deprecated_alias", "parse_list", "rows_progress"]
+__all__ = [
+    "DtypeOption",
+    "DeviceOption",
+    "TrustRemoteCodeOption",
+    "AllowPickleOption",
+    "Format",
+    "stdout",
+    "stderr",
+    "info",
+    "guarded",
+    "progress_bar",
+    "prepare_out_dir",
+    "fail",
+    "DeprecatedOption",
+    "deprecated_alias",
+    "parse_list",
+    "rows_progress",
+]
 
 
 # The model-loading options every command that loads a model shares (one help text each).
-def DtypeOption():  # noqa: N802 - reads like the typer.Option it returns
-    return typer.Option("auto", "--dtype", help="auto (float16 on CUDA, float32 on CPU), float16, bfloat16, float32, float64.")
+def DtypeOption():  # reads like the typer.Option it returns
+    return typer.Option(
+        "auto", "--dtype", help="auto (float16 on CUDA, float32 on CPU), float16, bfloat16, float32, float64."
+    )
 
 
-def DeviceOption():  # noqa: N802
+def DeviceOption():
     return typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N (several GPUs: auto spreads the model).")
 
 
-def TrustRemoteCodeOption():  # noqa: N802
-    return typer.Option(False, "--trust-remote-code", help="Allow the model's own Python code to run (off: it is refused).")
+def TrustRemoteCodeOption():
+    return typer.Option(
+        False, "--trust-remote-code", help="Allow the model's own Python code to run (off: it is refused)."
+    )
 
 
-def AllowPickleOption():  # noqa: N802
+def AllowPickleOption():
     return typer.Option(False, "--allow-pickle", help="Allow pickle weights (*.bin), which can run code when loaded.")
 
 
@@ -79,12 +100,14 @@ def guarded(fn):
             raise fail("out of memory; try a smaller --samples batch, --dtype float16 or a GPU", EXIT_RUNTIME) from None
         except typer.Exit:
             raise
-        except Exception as err:  # noqa: BLE001 - the last line of defence: one line, exit 3
+        except Exception as err:  # the last line of defence: one line, exit 3
             if type(err).__name__ == "OutOfMemoryError":
                 raise fail("the device ran out of memory; try --device cpu or fewer --samples", EXIT_RUNTIME) from None
             if os.environ.get("GUARD_DEBUG"):
                 traceback.print_exc()
-            raise fail(f"internal error: {type(err).__name__}: {err} (set GUARD_DEBUG=1 for a traceback)", EXIT_RUNTIME) from None
+            raise fail(
+                f"internal error: {type(err).__name__}: {err} (set GUARD_DEBUG=1 for a traceback)", EXIT_RUNTIME
+            ) from None
 
     return wrapper
 
@@ -140,7 +163,7 @@ def prepare_out_dir(out: Path) -> Path:
     return out
 
 
-def DeprecatedOption(old: str, new: str):  # noqa: N802 - reads like the typer.Option it returns
+def DeprecatedOption(old: str, new: str):  # reads like the typer.Option it returns
     """A hidden option kept so old command lines still work: `old` is read as `new` (see deprecated_alias)."""
     return typer.Option(None, old, hidden=True, help=f"Deprecated alias of {new}.")
 

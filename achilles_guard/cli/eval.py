@@ -34,8 +34,12 @@ def eval_command(
     model_dir: str = typer.Argument(..., help="Local model directory (the one the report was made for)."),
     report: Path = typer.Option(..., "--report", help="report.json written by 'guard scan' (its ranking is masked)."),
     data: Path = typer.Option(..., "--data", help="Corpus: a .txt/.raw file, a .jsonl file or a directory of them."),
-    levels: str = typer.Option("0,1,2,4,n*", help="Numbers of top-ranked neurons to mask; n* = the report's critical set."),
-    max_length: Optional[int] = typer.Option(None, help="Window length in tokens (default: min(1024, the model's context))."),
+    levels: str = typer.Option(
+        "0,1,2,4,n*", help="Numbers of top-ranked neurons to mask; n* = the report's critical set."
+    ),
+    max_length: Optional[int] = typer.Option(
+        None, help="Window length in tokens (default: min(1024, the model's context))."
+    ),
     stride: Optional[int] = typer.Option(None, help="New tokens scored per window (default: max-length / 2)."),
     max_tokens: Optional[int] = typer.Option(None, help="Use only the first N tokens of the corpus."),
     text_field: str = typer.Option("text", help="Field holding the text in .jsonl files."),
@@ -45,7 +49,11 @@ def eval_command(
     device: str = DeviceOption(),
     format: Format = typer.Option(Format.table, "--format", help="table or json."),
     out: Optional[Path] = typer.Option(None, help="Also write the JSON result to this file (atomically)."),
-    cross_model: bool = typer.Option(False, "--cross-model", help="Apply a report made for another model of the same architecture (paper Table 10: variants)."),
+    cross_model: bool = typer.Option(
+        False,
+        "--cross-model",
+        help="Apply a report made for another model of the same architecture (paper Table 10: variants).",
+    ),
     trust_remote_code: bool = TrustRemoteCodeOption(),
     allow_pickle: bool = AllowPickleOption(),
 ) -> None:
@@ -64,7 +72,9 @@ def eval_command(
         raise UsageError("--format sarif is for scans; use table or json")
     ranked = ReportRanking.load(report)
     wanted = parse_levels(levels, ranked)
-    lm = load_model(model_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    lm = load_model(
+        model_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
+    )
     ranked.check_model(lm, cross_model=cross_model)
     corpus, source, documents = build_corpus(lm, data, text_field=text_field, max_length=max_length, stride=stride,
                                              max_tokens=max_tokens)
@@ -72,8 +82,15 @@ def eval_command(
     with rows_progress("eval · windows × levels") as update:
         result = evaluate_levels(lm, corpus, ranked, wanted, data=source, documents=documents, scale=scale,
                                  batch_size=batch_size, progress=update)
-    doc = result.as_dict({"path": lm.path, "architecture": lm.architecture, "dtype": str(lm.dtype).removeprefix("torch."),
-                          "device": lm.device, "config_sha256": lm.config_sha256})
+    doc = result.as_dict(
+        {
+            "path": lm.path,
+            "architecture": lm.architecture,
+            "dtype": str(lm.dtype).removeprefix("torch."),
+            "device": lm.device,
+            "config_sha256": lm.config_sha256,
+        }
+    )
     doc["report"] = str(report)
     if out is not None:
         write_json(out, doc)
@@ -92,9 +109,14 @@ def eval_command(
                   f"{doc['baseline']['ppl']:.4g}", "0.000")
     for level in doc["levels"]:
         ppl = level["ppl"]
-        table.add_row(str(level["n"]) + (" (n*)" if level["n"] == ranked.n_star else ""), _fmt(level["loss"], 4),
-                      _fmt(level["log10_ppl"]), "overflow" if ppl is None else f"{ppl:.4g}", _fmt(level["delta_log10"]),
-                      style="bold red" if (level["delta_log10"] is None or level["delta_log10"] >= ranked.epsilon) else None)
+        table.add_row(
+            str(level["n"]) + (" (n*)" if level["n"] == ranked.n_star else ""),
+            _fmt(level["loss"], 4),
+            _fmt(level["log10_ppl"]),
+            "overflow" if ppl is None else f"{ppl:.4g}",
+            _fmt(level["delta_log10"]),
+            style="bold red" if (level["delta_log10"] is None or level["delta_log10"] >= ranked.epsilon) else None,
+        )
     console.print(table)
     if out is not None:
         console.print(f"[dim]wrote {out}[/]")

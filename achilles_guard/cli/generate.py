@@ -30,7 +30,11 @@ __all__ = ["generate_command", "greedy", "topk_levels"]
 def greedy(lm, prompt: str, plan, max_new_tokens: int) -> str:
     """Greedy continuation of `prompt` (None plan: the clean model)."""
     ids = _encode(lm, prompt)
-    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=lm.tokenizer.pad_token_id or lm.tokenizer.eos_token_id)
+    kwargs = dict(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=lm.tokenizer.pad_token_id or lm.tokenizer.eos_token_id,
+    )
     with torch.no_grad():
         if plan is None:
             out = lm.model.generate(input_ids=ids, **kwargs)
@@ -75,7 +79,11 @@ def generate_command(
     format: Format = typer.Option(Format.table, "--format", help="table or json."),
     out: Optional[Path] = typer.Option(None, help="Also write the JSON result to this file."),
     png: Optional[Path] = typer.Option(None, "--png", help="Write Fig. 1's top-k panels as a PNG (needs matplotlib)."),
-    cross_model: bool = typer.Option(False, "--cross-model", help="Apply a report made for another model of the same architecture (paper Table 10: variants)."),
+    cross_model: bool = typer.Option(
+        False,
+        "--cross-model",
+        help="Apply a report made for another model of the same architecture (paper Table 10: variants).",
+    ),
     trust_remote_code: bool = TrustRemoteCodeOption(),
     allow_pickle: bool = AllowPickleOption(),
 ) -> None:
@@ -92,15 +100,26 @@ def generate_command(
         require_matplotlib()
     ranked = ReportRanking.load(report)
     neurons = ranked.require_critical_set()
-    lm = load_model(model_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    lm = load_model(
+        model_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
+    )
     ranked.check_model(lm, cross_model=cross_model)
     scale = ranked.mask_scale if mask_scale is None else mask_scale
     plan = MaskPlan.fixed(neurons, scale)
-    answers = [{"prompt": p, "clean": greedy(lm, p, None, max_new_tokens), "masked": greedy(lm, p, plan, max_new_tokens)}
-               for p in prompt]
+    answers = [
+        {"prompt": p, "clean": greedy(lm, p, None, max_new_tokens), "masked": greedy(lm, p, plan, max_new_tokens)}
+        for p in prompt
+    ]
     levels = topk_levels(lm, prompt[0], ranked, list(range(len(neurons) + 1)), top_k, scale)
-    doc = {"schema": "achilles-guard/generate/v1", "model": lm.path, "report": str(report), "mask_scale": scale,
-           "critical_set": [str(n) for n in neurons], "answers": answers, "topk": {"prompt": prompt[0], "levels": levels}}
+    doc = {
+        "schema": "achilles-guard/generate/v1",
+        "model": lm.path,
+        "report": str(report),
+        "mask_scale": scale,
+        "critical_set": [str(n) for n in neurons],
+        "answers": answers,
+        "topk": {"prompt": prompt[0], "levels": levels},
+    }
     if out is not None:
         write_json(out, doc)
     if png is not None:

@@ -44,10 +44,16 @@ HELP = {
 def study_command(
     name: str = typer.Argument(..., help="Study: " + "; ".join(f"{k}: {v}" for k, v in HELP.items()) + "."),
     model_dir: str = typer.Argument(..., help="Local model directory."),
-    report: Optional[Path] = typer.Option(None, "--report", help="report.json of 'guard scan': its critical set is used (else one is scanned)."),
-    text: List[str] = typer.Option([], "--text", help="Probe text (repeatable; the first one is ranked). Default: the packaged texts."),
+    report: Optional[Path] = typer.Option(
+        None, "--report", help="report.json of 'guard scan': its critical set is used (else one is scanned)."
+    ),
+    text: List[str] = typer.Option(
+        [], "--text", help="Probe text (repeatable; the first one is ranked). Default: the packaged texts."
+    ),
     text_file: List[Path] = typer.Option([], "--text-file", help="File holding a probe text (repeatable)."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Corpus for PPL (.txt/.jsonl/dir). Default: the probe text."),
+    data: Optional[Path] = typer.Option(
+        None, "--data", help="Corpus for PPL (.txt/.jsonl/dir). Default: the probe text."
+    ),
     text_field: str = typer.Option("text", help="Field holding the text in .jsonl files."),
     max_length: Optional[int] = typer.Option(None, help="Window length for --data."),
     stride: Optional[int] = typer.Option(None, help="Window stride for --data."),
@@ -103,9 +109,22 @@ def study_command(
     params = ScanParams(alpha=alpha, samples=samples, seed=seed, epsilon=epsilon, max_neurons=max_neurons,
                         components=components, mask_scale=mask_scale).validated()
     ranked = ReportRanking.load(report) if report is not None else None
-    run = _runner(name, studies, alphas=alphas, samples_list=samples_list, epsilons=epsilons, betas=betas, dtypes=dtypes,
-                  lengths=lengths, presets=presets, counts=counts, ns=ns, rankings=rankings, runs=runs,
-                  user_texts=[(f"text-{i + 1}", t) for i, t in enumerate(text)])
+    run = _runner(
+        name,
+        studies,
+        alphas=alphas,
+        samples_list=samples_list,
+        epsilons=epsilons,
+        betas=betas,
+        dtypes=dtypes,
+        lengths=lengths,
+        presets=presets,
+        counts=counts,
+        ns=ns,
+        rankings=rankings,
+        runs=runs,
+        user_texts=[(f"text-{i + 1}", t) for i, t in enumerate(text)],
+    )
     out = prepare_out_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     load_kwargs = {"trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle}
@@ -114,9 +133,15 @@ def study_command(
         ranked.check_model(lm)
     probe_name, probe_text = read_probe_texts(text, text_file)[0]
     probe = tokenize_probe(lm, probe_name, probe_text, allow_short=allow_short or name == "texts")
-    corpus, source, _ = build_corpus(lm, data, fallback_ids=probe.input_ids, text_field=text_field,
-                                     max_length=max_length if data is not None else probe.tokens,
-                                     stride=stride if data is not None else max(1, probe.tokens - 1), max_tokens=max_tokens)
+    corpus, source, _ = build_corpus(
+        lm,
+        data,
+        fallback_ids=probe.input_ids,
+        text_field=text_field,
+        max_length=max_length if data is not None else probe.tokens,
+        stride=stride if data is not None else max(1, probe.tokens - 1),
+        max_tokens=max_tokens,
+    )
     with progress_bar() as update:
         ctx = studies.StudyContext(lm, probe, corpus, params, ranked, batch_size, load_kwargs, update)
         result = run(ctx)

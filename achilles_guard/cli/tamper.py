@@ -20,9 +20,15 @@ __all__ = ["tamper_command"]
 def tamper_command(
     checkpoint_dir: Path = typer.Argument(..., help="Checkpoint to copy (never modified).", show_default=False),
     out: Path = typer.Option(..., "--out", help="Where the sabotaged copy goes (must not exist).", show_default=False),
-    neurons: Optional[Path] = typer.Option(None, "--neurons", help="report.json or fingerprint.safetensors naming the neurons."),
-    neuron: List[str] = typer.Option([], "--neuron", help="A neuron as MODULE[CHANNEL] (as reports print it) or MODULE:CHANNEL (repeatable)."),
-    top: Optional[int] = typer.Option(None, help="With --neurons: the top-N ranked neurons instead of the critical set."),
+    neurons: Optional[Path] = typer.Option(
+        None, "--neurons", help="report.json or fingerprint.safetensors naming the neurons."
+    ),
+    neuron: List[str] = typer.Option(
+        [], "--neuron", help="A neuron as MODULE[CHANNEL] (as reports print it) or MODULE:CHANNEL (repeatable)."
+    ),
+    top: Optional[int] = typer.Option(
+        None, help="With --neurons: the top-N ranked neurons instead of the critical set."
+    ),
     kind: TamperKind = typer.Option(TamperKind.zero, "--kind", help="zero, scale, sign-flip or noise."),
     scale: float = typer.Option(0.3, help="--kind scale: the factor β."),
     noise: float = typer.Option(0.1, help="--kind noise: relative L2 size of the added noise."),

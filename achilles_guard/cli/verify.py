@@ -20,10 +20,18 @@ __all__ = ["verify_command", "render_verification"]
 @app.command("verify-checkpoint")
 @guarded
 def verify_command(
-    checkpoint_dir: Path = typer.Argument(..., help="Checkpoint directory (safetensors, sharded or not).", show_default=False),
-    fingerprint: Path = typer.Option(..., "--fingerprint", help="fingerprint.safetensors written by `guard scan`.", show_default=False),
-    functional: bool = typer.Option(False, "--functional", help="Also load the model: probe loss vs baseline, and re-mask the critical set."),
-    max_delta_log10: float = typer.Option(0.05, help="--functional fails when the probe loss rises by >= this many orders of magnitude of PPL."),
+    checkpoint_dir: Path = typer.Argument(
+        ..., help="Checkpoint directory (safetensors, sharded or not).", show_default=False
+    ),
+    fingerprint: Path = typer.Option(
+        ..., "--fingerprint", help="fingerprint.safetensors written by `guard scan`.", show_default=False
+    ),
+    functional: bool = typer.Option(
+        False, "--functional", help="Also load the model: probe loss vs baseline, and re-mask the critical set."
+    ),
+    max_delta_log10: float = typer.Option(
+        0.05, help="--functional fails when the probe loss rises by >= this many orders of magnitude of PPL."
+    ),
     tolerance: Optional[float] = DeprecatedOption("--tolerance", "--max-delta-log10"),
     verify_key: Optional[str] = typer.Option(None, help="Require a valid HMAC signature: a key file path or env:VAR."),
     dtype: str = typer.Option("auto", help="--functional: dtype to load the model in."),
@@ -50,7 +58,9 @@ def verify_command(
         signature = "verified"
     elif fp.signed:
         signature = "not checked"
-        stderr().print("[yellow]warning:[/] the fingerprint is signed but no --verify-key was given; its signature was not checked")
+        stderr().print(
+            "[yellow]warning:[/] the fingerprint is signed but no --verify-key was given; its signature was not checked"
+        )
     else:
         signature = "unsigned"
     params = FunctionalParams(max_delta_log10=max_delta_log10, dtype=dtype, device=device) if functional else None

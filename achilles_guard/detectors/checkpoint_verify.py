@@ -109,7 +109,11 @@ class SliceVerdict:
         if s is SliceStatus.shape_mismatch:
             return f"shape {list(self.actual_shape or ())} != fingerprinted {list(self.expected_shape)}"
         if s is SliceStatus.equivalent:
-            return f"equivalent ({self.expected_dtype} -> {self.actual_dtype})" if self.expected_dtype != self.actual_dtype else "equivalent (same values)"
+            return (
+                f"equivalent ({self.expected_dtype} -> {self.actual_dtype})"
+                if self.expected_dtype != self.actual_dtype
+                else "equivalent (same values)"
+            )
         return s.value
 
 
@@ -235,7 +239,9 @@ def verify_checkpoint(
     if functional is not None:
         broken = [v for v in verdicts if v.status in (SliceStatus.missing, SliceStatus.shape_mismatch)]
         if broken:  # the model cannot load consistently; the slices already fail the check
-            skipped = f"skipped: {broken[0].param} is {broken[0].status.value}, the model cannot be loaded as fingerprinted"
+            skipped = (
+                f"skipped: {broken[0].param} is {broken[0].status.value}, the model cannot be loaded as fingerprinted"
+            )
         else:
             check = functional_check(root, fingerprint, functional)
     return VerifyResult(
@@ -251,7 +257,9 @@ def check_config(root: Path, fingerprint: Fingerprint) -> ConfigCheck:
 
     config_path = root / "config.json"
     if not root.is_dir():
-        raise InputError(f"{root}: no such directory" if not root.exists() else f"{root}: is a file; give the checkpoint's directory")
+        raise InputError(
+            f"{root}: no such directory" if not root.exists() else f"{root}: is a file; give the checkpoint's directory"
+        )
     if not config_path.is_file():
         raise InputError(f"{root}: no config.json; give a Hugging Face checkpoint directory")
     try:
@@ -268,7 +276,9 @@ def check_config(root: Path, fingerprint: Fingerprint) -> ConfigCheck:
     return ConfigCheck(fingerprint.config_sha256, config_sha256(root), fingerprint.architecture, actual_arch)
 
 
-def classify(reference: torch.Tensor, current: torch.Tensor, null_value: float) -> tuple[SliceStatus, float | None, float, float]:
+def classify(
+    reference: torch.Tensor, current: torch.Tensor, null_value: float
+) -> tuple[SliceStatus, float | None, float, float]:
     """Status, factor, relative L2 change, max |diff| of `current` vs `reference` (same shape, 1-D or 0-D).
 
     Tolerances are one ulp of the coarser of the two dtypes: what a re-save (fp32 -> fp16/bf16)
@@ -303,22 +313,37 @@ def classify(reference: torch.Tensor, current: torch.Tensor, null_value: float) 
     return SliceStatus.perturbed, None, rel_l2, max_abs
 
 
-def _verify_slice(ckpt: Checkpoint, record: SliceRecord, reference: torch.Tensor, neurons: tuple[NeuronRecord, ...]) -> SliceVerdict:
+def _verify_slice(
+    ckpt: Checkpoint, record: SliceRecord, reference: torch.Tensor, neurons: tuple[NeuronRecord, ...]
+) -> SliceVerdict:
     """Judge every loaded copy of the slice; a tensor held by two loaded files reports its worst copy."""
     verdicts = judge_slice(ckpt, record, reference, neurons)
     return next((v for v in verdicts if not v.ok), verdicts[0])
 
 
-def judge_slice(ckpt: Checkpoint, record: SliceRecord, reference: torch.Tensor, neurons: tuple[NeuronRecord, ...] = ()) -> list[SliceVerdict]:
+def judge_slice(
+    ckpt: Checkpoint, record: SliceRecord, reference: torch.Tensor, neurons: tuple[NeuronRecord, ...] = ()
+) -> list[SliceVerdict]:
     """The one slice lookup: find a fingerprinted slice in a checkpoint (`find_slice`) and judge each copy.
 
     Used by verify-checkpoint, `guard tamper` and `guard repair`, so what one calls `equivalent`
     the others accept as intact too.
     """
-    base = dict(key=record.key, param=record.param, neurons=neurons, expected_dtype=record.dtype, expected_shape=record.shape)
+    base = dict(
+        key=record.key, param=record.param, neurons=neurons, expected_dtype=record.dtype, expected_shape=record.shape
+    )
     name = find_slice(ckpt, record)
     if name is None:
-        return [SliceVerdict(**base, checkpoint_key=None, shard=record.shard, status=SliceStatus.missing, actual_dtype=None, actual_shape=None)]
+        return [
+            SliceVerdict(
+                **base,
+                checkpoint_key=None,
+                shard=record.shard,
+                status=SliceStatus.missing,
+                actual_dtype=None,
+                actual_shape=None,
+            )
+        ]
     out = []
     for shard in ckpt.copies.get(name, [ckpt.shard_of(name)]):
         shape, dtype = ckpt.shape_dtype(name, shard)

@@ -103,7 +103,9 @@ class _NeuronTable:
         for record in fingerprint.neurons:
             per_module.setdefault(record.neuron.module, []).append(record)
         self.modules = tuple(per_module)
-        self.channels = {m: torch.tensor([r.neuron.channel for r in rs], dtype=torch.long) for m, rs in per_module.items()}
+        self.channels = {
+            m: torch.tensor([r.neuron.channel for r in rs], dtype=torch.long) for m, rs in per_module.items()
+        }
         records = [r for m in self.modules for r in per_module[m]]
         self.names = tuple(str(r.neuron) for r in records)
         self.mean_abs = np.array([r.baseline.mean_abs for r in records], dtype=np.float64)  # (K,)
@@ -140,7 +142,9 @@ class ActivationMonitor:
             try:
                 model.get_submodule(module)
             except AttributeError:
-                raise InputError(f"fingerprint {fingerprint.path}: module {module} is not in this model; it belongs to another model") from None
+                raise InputError(
+                    f"fingerprint {fingerprint.path}: module {module} is not in this model; it belongs to another model"
+                ) from None
         self.model = model
         self.fingerprint = fingerprint
         self.metrics = MonitorMetrics(registry, model=model_name)
@@ -276,7 +280,9 @@ class ActivationMonitor:
         pending.clear()
         device = parts[0].device
         watched = torch.cat([p.to(device).reshape(-1, p.shape[-1]) for p in parts], dim=-1).abs_()  # (B*T, K)
-        stats = torch.stack([watched.mean(0, dtype=torch.float32), watched.amax(0).float()]).cpu().double().numpy()  # (2, K)
+        stats = (
+            torch.stack([watched.mean(0, dtype=torch.float32), watched.amax(0).float()]).cpu().double().numpy()
+        )  # (2, K)
         positions = parts[0].shape[-2] if parts[0].dim() >= 2 else 1
         reading = _score(table, stats[0], stats[1], positions, math.log10(self.config.drift_factor))
         m = self.metrics
@@ -286,7 +292,9 @@ class ActivationMonitor:
         for kind in reading.kinds:
             m.anomalies[kind].inc()
         if len(table.critical_index):
-            ratios = ((stats[0][table.critical_index] + table.eps) / (table.mean_abs[table.critical_index] + table.eps)).tolist()
+            ratios = (
+                (stats[0][table.critical_index] + table.eps) / (table.mean_abs[table.critical_index] + table.eps)
+            ).tolist()
             for gauge, ratio in zip(self._ratio_gauges, ratios):
                 gauge.set(ratio if ratio == ratio else math.inf)
         with self._state_lock:

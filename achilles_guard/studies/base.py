@@ -115,7 +115,9 @@ class StudyContext:
              samples: int | None = None, seed: int | None = None, input_ids: torch.Tensor | None = None,
              label: str = "") -> Ranking:
         p = self.params
-        report = (lambda stage, done, total: self.progress(label or "rank", stage, done, total)) if self.progress else None
+        report = (
+            (lambda stage, done, total: self.progress(label or "rank", stage, done, total)) if self.progress else None
+        )
         return rank(
             self.lm.model, self.probe.input_ids if input_ids is None else input_ids, candidates or self.candidates(),
             method=method or p.ranking, alpha=p.alpha if alpha is None else alpha,
@@ -125,8 +127,13 @@ class StudyContext:
     def search(self, ranking: Ranking, *, epsilon: float | None = None, input_ids: torch.Tensor | None = None):
         p = self.params
         return search(
-            self.lm.model, self.probe.input_ids if input_ids is None else input_ids, ranking,
-            epsilon=p.epsilon if epsilon is None else epsilon, step=p.step, max_neurons=p.max_neurons, scale=p.mask_scale,
+            self.lm.model,
+            self.probe.input_ids if input_ids is None else input_ids,
+            ranking,
+            epsilon=p.epsilon if epsilon is None else epsilon,
+            step=p.step,
+            max_neurons=p.max_neurons,
+            scale=p.mask_scale,
         )
 
     def critical_set(self) -> tuple[Neuron, ...]:

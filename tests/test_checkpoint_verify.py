@@ -74,7 +74,9 @@ def test_every_tamper_kind_is_classified(planted_scan, fp, sharded, tmp_path, la
     sarif = verify_sarif(doc)
     results = sarif["runs"][0]["results"]
     assert len(results) == len(critical)
-    assert {r["locations"][0]["physicalLocation"]["artifactLocation"]["uri"] for r in results} == {f"{tampered}/{shard}"}
+    assert {r["locations"][0]["physicalLocation"]["artifactLocation"]["uri"] for r in results} == {
+        f"{tampered}/{shard}"
+    }
 
 
 @pytest.mark.parametrize("layout", ["single", "sharded"])
@@ -99,7 +101,9 @@ def test_missing_and_shape_mismatch(planted_scan, fp, sharded, tmp_path, layout)
         bad = report.tampered_slices
         assert not report.ok and bad and all(v.status is expected and v.param == DOWN for v in bad)
         if case == "missing":
-            assert all(v.shard == "model.safetensors" and v.checkpoint_key is None for v in bad)  # the fingerprinted shard
+            assert all(
+                v.shard == "model.safetensors" and v.checkpoint_key is None for v in bad
+            )  # the fingerprinted shard
         else:
             assert all(v.shard == _shard_holding(dst, DOWN) for v in bad)
 
@@ -117,7 +121,9 @@ def test_no_false_positive_after_resave(planted_scan, fp, tmp_path, dtype, shard
 def test_no_false_positive_after_resharding(fp, sharded):
     report = verify_checkpoint(sharded, fp)
     assert report.ok and {v.status for v in report.slices} == {SliceStatus.intact}
-    assert all(v.shard == _shard_holding(sharded, v.checkpoint_key) for v in report.slices)  # each slice read from the shard the index names
+    assert all(
+        v.shard == _shard_holding(sharded, v.checkpoint_key) for v in report.slices
+    )  # each slice read from the shard the index names
 
 
 def test_tamper_after_dtype_change_still_caught(planted_scan, fp, tmp_path):
@@ -148,7 +154,10 @@ def test_classify_rules():
     assert status is SliceStatus.scaled and abs(factor - 0.3) < 1e-6 and abs(rel - 0.7) < 1e-6
     assert classify(ref, -ref, 0.0)[0] is SliceStatus.sign_flipped
     via_bf16 = ref.to(torch.bfloat16).to(torch.float32)  # cast down and back up: rounding only
-    assert classify(torch.tensor([1.001, -2.003, 3.0]), torch.tensor([1.001, -2.003, 3.0]).bfloat16().float(), 0.0)[0] is SliceStatus.equivalent
+    assert (
+        classify(torch.tensor([1.001, -2.003, 3.0]), torch.tensor([1.001, -2.003, 3.0]).bfloat16().float(), 0.0)[0]
+        is SliceStatus.equivalent
+    )
     assert classify(ref, via_bf16, 0.0)[0] is SliceStatus.equivalent
     tiny = ref.clone()
     tiny[0] += 1e-6  # a same-dtype change below fp16 rounding is still a change
