@@ -31,7 +31,7 @@ def server(planted, planted_fp):
         srv.proc.communicate()
 
 
-def test_completions_move_the_counters_by_the_right_amounts(server):
+def test_completions_move_the_counters_by_the_right_amounts(server, planted_fp):
     before = server.scrape()
     docs = [
         server.complete(p, max_tokens=n)
@@ -51,7 +51,9 @@ def test_completions_move_the_counters_by_the_right_amounts(server):
     assert delta(after, before, "guard_http_requests_total", endpoint="/v1/completions", code="200") == 3
     assert delta(after, before, "guard_http_requests_total", endpoint="/metrics", code="200") == 1  # the first scrape
     assert after[("guard_anomaly_score", ())] == 0 and after[("guard_weight_integrity_ok", ())] == 1
-    assert after[("guard_monitored_neurons", ())] == 16 + 0  # --fingerprint-top 16 in the builder
+    # every fingerprinted neuron: the top 16 (--fingerprint-top in the builder) of each portfolio ranking, and the sets
+    monitored = after[("guard_monitored_neurons", ())]
+    assert monitored == len(load_fingerprint(planted_fp).neurons) and monitored >= 16
 
 
 def test_normal_traffic_raises_no_anomaly(server):
