@@ -30,6 +30,7 @@ __all__ = [
     "verify_document",
     "verify_sarif",
     "sarif_log",
+    "fingerprint_doc",
     "write_json",
     "atomic_write_bytes",
     "json_number",
@@ -437,6 +438,58 @@ def _neuron_doc(n) -> dict:
 
 def _location(root: str, name: str) -> dict:
     return {"physicalLocation": {"artifactLocation": {"uri": _uri(root, name)}}}
+
+
+# --- guard fingerprint show: a fingerprint as JSON ---------------------------------------------
+
+
+def fingerprint_doc(fp, *, signature: str) -> dict:
+    """A JSON view of a Fingerprint (metadata decoded, tensors summarised)."""
+    return {
+        "path": fp.path,
+        "format": fp.metadata.get("format"),
+        "schema_version": int(fp.metadata.get("schema_version", "0")),
+        "tool_version": fp.tool_version,
+        "architecture": fp.architecture,
+        "model_type": fp.model_type,
+        "config_sha256": fp.config_sha256,
+        "signature": signature,
+        "scan_params": fp.scan_params,
+        "baseline_loss": fp.baseline_loss,
+        "probe_texts": len(fp.probe_texts),
+        "critical_set": [{"module": n.module, "channel": n.channel} for n in fp.critical_set],
+        "slices": {
+            k: {
+                "param": s.param,
+                "axis": s.axis,
+                "index": s.index,
+                "shard": s.shard,
+                "dtype": s.dtype,
+                "shape": list(s.shape),
+                "sha256": s.sha256,
+            }
+            for k, s in sorted(fp.slices.items())
+        },
+        "neurons": [
+            {
+                "rank": r.rank,
+                "module": r.neuron.module,
+                "channel": r.neuron.channel,
+                "layer": r.layer,
+                "component": r.component,
+                "critical": r.critical,
+                "importance": json_number(r.importance),
+                "slices": list(r.slices),
+                "baseline": {
+                    "mean": r.baseline.mean,
+                    "std": r.baseline.std,
+                    "max_abs": r.baseline.max_abs,
+                    "mean_abs": r.baseline.mean_abs,
+                },
+            }
+            for r in fp.neurons
+        ],
+    }
 
 
 def read_document(path: str | Path, *, schema: str, option: str, hint: str = "") -> dict:
