@@ -105,7 +105,9 @@ def _read_index(index: Path) -> dict[str, str]:
     except (OSError, UnicodeDecodeError, ValueError) as err:
         raise InputError(f"{index}: unreadable shard index ({first_line(err)})") from None
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
-    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
         raise InputError(f"{index}: weight_map must be an object mapping tensor names to shard file names")
     for shard in set(weight_map.values()):
         if "/" in shard or "\\" in shard or shard.startswith("."):
@@ -159,7 +161,10 @@ class Checkpoint:
                 weight_map.setdefault(name, shard)
         for name, where in copies.items():
             if len(where) > 1:
-                ambiguities.append(f"tensor {name} is in {len(where)} loaded files ({', '.join(where)}): which copy loads is the loader's pick")
+                ambiguities.append(
+                    f"tensor {name} is in {len(where)} loaded files ({', '.join(where)}): which copy loads is the "
+                    "loader's pick"
+                )
         if index_map is not None:
             for name, shard in index_map.items():
                 if name not in copies:
@@ -199,7 +204,9 @@ class Checkpoint:
         sl = self._handle(name, shard).get_slice(name)
         shape = sl.get_shape()
         if axis >= len(shape) or not 0 <= index < shape[axis]:
-            raise InputError(f"{self.root}: {name} has shape {list(shape)}; index {index} on axis {axis} is out of range")
+            raise InputError(
+                f"{self.root}: {name} has shape {list(shape)}; index {index} on axis {axis} is out of range"
+            )
         if axis == 0:
             return sl[index]
         if axis == 1:
@@ -216,7 +223,7 @@ class Checkpoint:
         if shard not in self._handles:
             try:
                 self._handles[shard] = self._stack.enter_context(safe_open(str(self.root / shard), framework="pt"))
-            except Exception as err:  # noqa: BLE001 - SafetensorError and OSError alike
+            except Exception as err:  # SafetensorError and OSError alike
                 raise InputError(f"{self.root / shard}: not a readable safetensors file ({first_line(err)})") from None
         return self._handles[shard]
 
@@ -236,7 +243,7 @@ def _keys(shard: Path) -> list[str]:
     try:
         with safe_open(str(shard), framework="pt") as handle:
             return list(handle.keys())
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         raise InputError(f"{shard}: not a readable safetensors file ({first_line(err)})") from None
 
 

@@ -34,6 +34,8 @@ __all__ = [
     "load_corpus",
     "tokenize_corpus",
     "Corpus",
+    "build_corpus",
+    "default_max_length",
     "ReportRanking",
     "parse_levels",
     "config_losses",
@@ -153,6 +155,27 @@ class Corpus:
         return Corpus(ids, windows, scored, starts, max_length, stride)
 
 
+def default_max_length(lm, cap: int = 1024) -> int:
+    """Window length when none is given: min(cap, the model's context)."""
+    config = lm.model.config
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or cap
+    return int(min(cap, limit))
+
+
+def build_corpus(lm, data: Path | None, *, fallback_ids=None, text_field: str = "text", max_length: int | None,
+                 stride: int | None, max_tokens: int | None = None) -> tuple[Corpus, str, int]:
+    """(Corpus, source name, documents): `data` (--data) if given, else `fallback_ids` as one window."""
+    length = max_length or default_max_length(lm)
+    if max_tokens is not None and max_tokens < 2:
+        raise UsageError(f"--max-tokens must be >= 2 (got {max_tokens})")
+    if data is None:
+        ids = fallback_ids.reshape(-1).cpu()  # (T,)
+        return Corpus.build(ids, max_length=max(length, 2), stride=stride), "probe text", 1
+    docs = load_corpus(data, text_field=text_field)
+    ids = tokenize_corpus(lm, docs, max_tokens=max_tokens)
+    return Corpus.build(ids, max_length=length, stride=stride), str(data), len(docs)
+
+
 # --- which neurons a report ranked -----------------------------------------------------------
 
 
@@ -174,7 +197,9 @@ class ReportRanking:
         return int(self.channels.numel())
 
     def top(self, n: int) -> list[Neuron]:
-        return [Neuron(self.module_names[m], c) for m, c in zip(self.module_index[:n].tolist(), self.channels[:n].tolist())]
+        return [
+            Neuron(self.module_names[m], c) for m, c in zip(self.module_index[:n].tolist(), self.channels[:n].tolist())
+        ]
 
     def plan(self, ns: Sequence[int], scale: float = 0.0) -> MaskPlan:
         """Row b masks the top ns[b] ranked neurons."""
@@ -225,10 +250,16 @@ class ReportRanking:
             try:
                 module = lm.model.get_submodule(name)
             except AttributeError:
-                raise InputError(f"--report {self.path} names module {name!r}, which this model does not have") from None
+                raise InputError(
+                    f"--report {self.path} names module {name!r}, which this model does not have"
+                ) from None
             width = output_width(module)
             used = [n.channel for n in self.critical_set if n.module == name]
-            used += self.channels[self.module_index == self.module_names.index(name)].tolist() if name in self.module_names else []
+            used += (
+                self.channels[self.module_index == self.module_names.index(name)].tolist()
+                if name in self.module_names
+                else []
+            )
             if width is not None and used and max(used) >= width:
                 raise InputError(f"--report {self.path} names channel {max(used)} of {name}, which has only {width}")
 
@@ -249,7 +280,9 @@ def parse_levels(spec: str, ranking: ReportRanking) -> list[int]:
             continue
         if part in ("n*", "nstar", "n_star"):
             if ranking.n_star is None:
-                raise UsageError(f"--levels {spec!r}: n* is undefined because the scan in {ranking.path} did not converge")
+                raise UsageError(
+                    f"--levels {spec!r}: n* is undefined because the scan in {ranking.path} did not converge"
+                )
             levels.append(int(ranking.n_star))
             continue
         try:
@@ -359,10 +392,19 @@ class EvalResult:
                 "stride": self.corpus.stride,
             },
             "mask_scale": self.mask_scale,
-            "baseline": {"loss": self.baseline_loss, "log10_ppl": self.baseline_loss / LN10, "ppl": math.exp(self.baseline_loss)},
+            "baseline": {
+                "loss": self.baseline_loss,
+                "log10_ppl": self.baseline_loss / LN10,
+                "ppl": math.exp(self.baseline_loss),
+            },
             "levels": [
-                {"n": r.n, "loss": json_number(r.loss), "log10_ppl": json_number(r.log10_ppl),
-                 "ppl": json_number(r.ppl) if r.ppl is not None else None, "delta_log10": json_number(r.delta_log10)}
+                {
+                    "n": r.n,
+                    "loss": json_number(r.loss),
+                    "log10_ppl": json_number(r.log10_ppl),
+                    "ppl": json_number(r.ppl) if r.ppl is not None else None,
+                    "delta_log10": json_number(r.delta_log10),
+                }
                 for r in self.levels
             ],
         }

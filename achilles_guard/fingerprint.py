@@ -35,6 +35,7 @@ from achilles_guard.errors import EXIT_FINDING, GuardError, InputError, UsageErr
 from achilles_guard.masking import hooks
 from achilles_guard.neurons import Neuron, producing_slices
 from achilles_guard.perplexity import log10_ppl
+from achilles_guard.report import json_number
 
 __all__ = [
     "FORMAT",
@@ -167,7 +168,9 @@ def activation_baselines(model, neurons: list[Neuron], probes: list[torch.Tensor
         mean = s[0] / count
         std = (s[1] / count - mean**2).clamp_min(0).sqrt()
         for j, c in enumerate(cs.tolist()):
-            out[Neuron(m, c)] = ActivationBaseline(float(mean[j]), float(std[j]), float(s[2, j]), float(s[3, j] / count))
+            out[Neuron(m, c)] = ActivationBaseline(
+                float(mean[j]), float(std[j]), float(s[2, j]), float(s[3, j] / count)
+            )
     return out
 
 
@@ -237,7 +240,9 @@ def fingerprint_bytes(result, *, top: int = 64, sign_key: bytes | None = None) -
                     continue
                 ckpt_key = resolve_key(ckpt.weight_map, ws.param)
                 if ckpt_key is None:
-                    raise InputError(f"{lm.directory}: parameter {ws.param} is not in the checkpoint's safetensors files")
+                    raise InputError(
+                        f"{lm.directory}: parameter {ws.param} is not in the checkpoint's safetensors files"
+                    )
                 shape, dtype = ckpt.shape_dtype(ckpt_key)
                 value = ckpt.read_slice(ckpt_key, ws.axis, ws.index).contiguous()
                 tensors[ws.key] = value
@@ -249,13 +254,25 @@ def fingerprint_bytes(result, *, top: int = 64, sign_key: bytes | None = None) -
             gidx = int(offsets[module_pos[neuron.module]]) + neuron.channel
             rank = int(position[gidx]) + 1
             base = baselines[neuron]
-            neurons_meta.append({
-                "module": neuron.module, "channel": neuron.channel, "layer": cand.layer, "component": cand.component,
-                "rank": rank, "importance": _finite(float(ranking.importance[rank - 1])), "critical": neuron in critical,
-                "attacks": sorted(found_by.get(neuron, ())),  # additive: the portfolio sets it is in
-                "slices": keys,
-                "baseline": {"mean": base.mean, "std": base.std, "max_abs": base.max_abs, "mean_abs": base.mean_abs},
-            })
+            neurons_meta.append(
+                {
+                    "module": neuron.module,
+                    "channel": neuron.channel,
+                    "layer": cand.layer,
+                    "component": cand.component,
+                    "rank": rank,
+                    "importance": json_number(float(ranking.importance[rank - 1])),
+                    "critical": neuron in critical,
+                    "attacks": sorted(found_by.get(neuron, ())),  # additive: the portfolio sets it is in
+                    "slices": keys,
+                    "baseline": {
+                        "mean": base.mean,
+                        "std": base.std,
+                        "max_abs": base.max_abs,
+                        "mean_abs": base.mean_abs,
+                    },
+                }
+            )
     primary = result.primary.result
     metadata = {
         "format": FORMAT,
@@ -292,15 +309,20 @@ def load_fingerprint(path: str | Path, *, verify_key: bytes | None = None) -> Fi
         with safe_open(str(path), framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
             tensors = {k: handle.get_tensor(k) for k in handle.keys()}
-    except Exception as err:  # noqa: BLE001 - SafetensorError, OSError...
+    except Exception as err:  # SafetensorError, OSError...
         raise InputError(f"fingerprint {path}: not a readable safetensors file ({first_line(err)})") from None
     if metadata.get("format") != FORMAT:
-        raise InputError(f"fingerprint {path}: not an achilles-guard fingerprint (metadata format={metadata.get('format')!r})")
+        raise InputError(
+            f"fingerprint {path}: not an achilles-guard fingerprint (metadata format={metadata.get('format')!r})"
+        )
     version = metadata.get("schema_version", "0")
     if not (isinstance(version, str) and version.isdigit()):
         raise InputError(f"fingerprint {path}: schema_version {version!r} is not a whole number; the file is corrupt")
     if int(version) > SCHEMA_VERSION:
-        raise InputError(f"fingerprint {path}: schema {metadata['schema_version']} is newer than this guard understands; upgrade achilles-guard")
+        raise InputError(
+            f"fingerprint {path}: schema {metadata['schema_version']} is newer than this guard understands; upgrade "
+            "achilles-guard"
+        )
     if verify_key is not None:
         claimed = metadata.get("hmac_sha256")
         if not claimed:
@@ -308,7 +330,9 @@ def load_fingerprint(path: str | Path, *, verify_key: bytes | None = None) -> Fi
         if not hmac.compare_digest(claimed, _mac(verify_key, tensors, metadata)):
             raise SignatureError(f"fingerprint {path}: HMAC signature mismatch (wrong key, or the file was modified)")
     try:
-        slices = {k: SliceRecord(key=k, shape=tuple(v.pop("shape")), **v) for k, v in json.loads(metadata["slices"]).items()}
+        slices = {
+            k: SliceRecord(key=k, shape=tuple(v.pop("shape")), **v) for k, v in json.loads(metadata["slices"]).items()
+        }
         neurons = tuple(
             NeuronRecord(
                 neuron=Neuron(n["module"], n["channel"]), layer=n["layer"], component=n["component"], rank=n["rank"],
@@ -330,10 +354,15 @@ def load_fingerprint(path: str | Path, *, verify_key: bytes | None = None) -> Fi
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise InputError(f"fingerprint {path}: malformed metadata ({type(err).__name__}: {err})") from None
     if not slices or not neurons:
-        raise InputError(f"fingerprint {path}: holds 0 slices, so it would call every checkpoint intact; refusing to verify against it")
+        raise InputError(
+            f"fingerprint {path}: holds 0 slices, so it would call every checkpoint intact; refusing to verify against "
+            "it"
+        )
     for key, record in slices.items():
         if key not in tensors or tensor_sha256(tensors[key]) != record.sha256:
-            raise InputError(f"fingerprint {path}: slice {key} does not match its recorded sha256; the fingerprint is corrupt")
+            raise InputError(
+                f"fingerprint {path}: slice {key} does not match its recorded sha256; the fingerprint is corrupt"
+            )
     return fp
 
 
@@ -349,5 +378,4 @@ def _mac(key: bytes, tensors: dict[str, torch.Tensor], metadata: dict[str, str])
     return mac.hexdigest()
 
 
-def _finite(x: float) -> float | None:
-    return x if x == x and abs(x) != float("inf") else None
+

@@ -57,8 +57,16 @@ _STRING, _ARRAY = 8, 9
 # Where each block type keeps its float16 scale fields (byte offsets inside one block): multiplying
 # every one of them by β multiplies every dequantized value of the block by β (d·q + m, d·sc·q - dmin·m...).
 SCALE_FIELDS = {
-    "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
-    "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,),
+    "Q4_0": (0,),
+    "Q4_1": (0, 2),
+    "Q5_0": (0,),
+    "Q5_1": (0, 2),
+    "Q8_0": (0,),
+    "Q2_K": (80, 82),
+    "Q3_K": (108,),
+    "Q4_K": (0, 2),
+    "Q5_K": (0, 2),
+    "Q6_K": (208,),
 }
 FLOAT_TYPES = {"F32": np.float32, "F16": np.float16}
 # Types guard verifies (dequantizes through gguf.quants) and tampers with; others are refused, exit 2.
@@ -166,13 +174,17 @@ class GGUFLayout:
         info = self.tensors[name]
         shape = info.torch_shape
         if axis >= len(shape) or not 0 <= index < shape[axis]:
-            raise InputError(f"{self.path}: {name} has shape {list(shape)}; index {index} on axis {axis} is out of range")
+            raise InputError(
+                f"{self.path}: {name} has shape {list(shape)}; index {index} on axis {axis} is out of range"
+            )
         bs, ts = info.block_size, info.type_size
         if len(shape) == 1:
             block = index // bs
             return SliceBlocks(info, ((info.offset + block * ts, ts),), np.array([index % bs]), index)
         if len(shape) != 2:
-            raise InputError(f"{self.path}: {name} has {len(shape)} dims; guard maps slices of 1-D and 2-D tensors only")
+            raise InputError(
+                f"{self.path}: {name} has {len(shape)} dims; guard maps slices of 1-D and 2-D tensors only"
+            )
         rows, cols = shape  # torch (ne1, ne0)
         if axis == 0:
             row = self._gguf_row(name, index, rows)
@@ -191,7 +203,7 @@ class GGUFLayout:
         for start, n in where.runs:
             if start + n > self.file_size:
                 raise InputError(f"{self.path}: truncated: {where.tensor.name} ends past the end of the file")
-            parts.append(mapped[start:start + n])
+            parts.append(mapped[start : start + n])
             self.bytes_read += n
         return np.frombuffer(b"".join(parts), dtype=np.uint8)
 
@@ -219,7 +231,8 @@ class GGUFLayout:
 
 
 def dequantize_slice(where: SliceBlocks, raw: np.ndarray) -> np.ndarray:
-    """(k,) float32 values of the slice (0-d for an element of a 1-D tensor) from its blocks' bytes (gguf.quants.dequantize)."""
+    """(k,) float32 values of the slice (0-d for an element of a 1-D tensor) from its blocks' bytes
+    (gguf.quants.dequantize)."""
     values = _dequantize(raw, where.tensor)[where.positions].astype(np.float32)
     return values.reshape(()) if len(where.tensor.ne) == 1 else values  # a 1-D tensor's slice is one element
 
@@ -293,7 +306,7 @@ class _Cursor:
         n = self.take("Q")
         if n > self.size - self.pos:
             raise _Truncated
-        raw = self.buf[self.pos:self.pos + n]
+        raw = self.buf[self.pos : self.pos + n]
         self.pos += n
         return raw.decode("utf-8", errors="replace")
 
@@ -350,14 +363,28 @@ def _parse(path: Path, buf: mmap.mmap, size: int) -> GGUFLayout:
         block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
         elements = int(np.prod(ne)) if ne else 1
         if ne and ne[0] % block_size:
-            raise InputError(f"{path}: tensor {name}: row length {ne[0]} is not a multiple of its {qtype.name} block ({block_size})")
+            raise InputError(
+                f"{path}: tensor {name}: row length {ne[0]} is not a multiple of its {qtype.name} block ({block_size})"
+            )
         n_bytes = elements // block_size * type_size
         start = data_offset + offset
         if start + n_bytes > size:
-            raise InputError(f"{path}: truncated GGUF: tensor {name} ends at byte {start + n_bytes:,} but the file has {size:,}")
+            raise InputError(
+                f"{path}: truncated GGUF: tensor {name} ends at byte {start + n_bytes:,} but the file has {size:,}"
+            )
         tensors[name] = GGUFTensorInfo(name, ne, qtype.name, start, n_bytes, block_size, type_size)
-    return GGUFLayout(path, version, metadata, tensors, data_offset, size, header_bytes, digest.hexdigest(),
-                      bytes_read=header_bytes, _map=buf)
+    return GGUFLayout(
+        path,
+        version,
+        metadata,
+        tensors,
+        data_offset,
+        size,
+        header_bytes,
+        digest.hexdigest(),
+        bytes_read=header_bytes,
+        _map=buf,
+    )
 
 
 def _value(cur: _Cursor, vtype: int):
@@ -396,6 +423,8 @@ def _name_map(architecture: str, blocks: int):
     if key not in _NAME_MAPS:
         arch = next((a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == architecture), None)
         if arch is None:
-            raise InputError(f"GGUF architecture {architecture!r} is unknown to the gguf package; guard cannot map its tensors")
+            raise InputError(
+                f"GGUF architecture {architecture!r} is unknown to the gguf package; guard cannot map its tensors"
+            )
         _NAME_MAPS[key] = gguf.get_tensor_name_map(arch, blocks)
     return _NAME_MAPS[key]

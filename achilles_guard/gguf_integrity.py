@@ -8,7 +8,7 @@ computes with) and `KEY#blocks`, the raw bytes of exactly the blocks that hold t
 tensor's start) and the sha256 of the raw blocks.
 
     fp = load_fingerprint("guard-out/fingerprint.safetensors")
-    report = verify_gguf("model.Q4_1.gguf", fp)          # an IntegrityReport (+ bytes_read)
+    report = verify_gguf("model.Q4_1.gguf", fp)          # a VerifyResult (+ bytes_read)
 
 Verification: raw blocks identical to the fingerprinted ones -> `intact`. Otherwise the dequantized
 values are classified (`classify_quantized`). A fingerprint taken from the float safetensors release
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from achilles_guard.detectors.integrity import ConfigCheck, IntegrityReport, SliceStatus, SliceVerdict
+from achilles_guard.detectors.checkpoint_verify import ConfigCheck, SliceStatus, SliceVerdict, VerifyResult
 from achilles_guard.errors import InputError
 from achilles_guard.gguf_file import GGUFLayout, SliceBlocks, dequantize_slice, quant_step, read_layout
 
@@ -36,7 +36,7 @@ __all__ = [
     "BLOCKS_SUFFIX",
     "GGUFSliceSource",
     "GGUFConfigCheck",
-    "GGUFIntegrityReport",
+    "GGUFVerifyResult",
     "GGUFSlice",
     "classify_quantized",
     "gguf_records",
@@ -52,7 +52,7 @@ BLOCKS_SUFFIX = "#blocks"
 ELEMENT_BOUND = 1.0  # cross-format: |q(x) - x| <= ELEMENT_BOUND · d (RTN gives d/2; Q4_0's clipped top gives d)
 MSE_BOUND = 2.0  # cross-format: mean (q(x) - x)^2 <= MSE_BOUND · mean(d^2) / 12 (uniform rounding noise)
 MIN_SCALE_CHANGE = 0.02  # cross-format: a least-squares factor this far from 1 (and 6 standard errors) is `scaled`
-_FP16_REL = 2.0 ** -10  # a block's float16 scales round to this relative precision
+_FP16_REL = 2.0**-10  # a block's float16 scales round to this relative precision
 
 
 def _sha(raw: bytes | np.ndarray) -> str:
@@ -62,9 +62,9 @@ def _sha(raw: bytes | np.ndarray) -> str:
 class GGUFSliceSource:
     """What `fingerprint_bytes` reads from a GGUF instead of a safetensors checkpoint.
 
-        with GGUFSliceSource(path) as source:
-            key = source.add(weight_slice, tensors, slices)   # fills both dicts, returns the slice key
-            metadata["gguf"] = source.metadata_json()
+    with GGUFSliceSource(path) as source:
+        key = source.add(weight_slice, tensors, slices)   # fills both dicts, returns the slice key
+        metadata["gguf"] = source.metadata_json()
     """
 
     def __init__(self, path: str | Path):
@@ -93,17 +93,36 @@ class GGUFSliceSource:
         tensors[key] = value
         tensors[key + BLOCKS_SUFFIX] = torch.from_numpy(raw.copy())
         slices[key] = {
-            "param": ws.param, "checkpoint_key": name, "axis": ws.axis, "index": ws.index, "null_value": ws.null_value,
-            "shard": self.layout.path.name, "dtype": info.qtype, "shape": list(info.torch_shape),
+            "param": ws.param,
+            "checkpoint_key": name,
+            "axis": ws.axis,
+            "index": ws.index,
+            "null_value": ws.null_value,
+            "shard": self.layout.path.name,
+            "dtype": info.qtype,
+            "shape": list(info.torch_shape),
             "sha256": tensor_sha256(value),
         }
-        self.records[key] = {"tensor": name, "qtype": info.qtype, "ne": list(info.ne), "gguf_index": where.gguf_index,
-                             "runs": where.relative_runs(), "blocks_sha256": _sha(raw)}
+        self.records[key] = {
+            "tensor": name,
+            "qtype": info.qtype,
+            "ne": list(info.ne),
+            "gguf_index": where.gguf_index,
+            "runs": where.relative_runs(),
+            "blocks_sha256": _sha(raw),
+        }
         return key
 
     def metadata_json(self) -> str:
-        return json.dumps({"file": self.layout.path.name, "architecture": self.layout.architecture,
-                           "config_sha256": self.layout.config_sha256, "slices": self.records}, sort_keys=True)
+        return json.dumps(
+            {
+                "file": self.layout.path.name,
+                "architecture": self.layout.architecture,
+                "config_sha256": self.layout.config_sha256,
+                "slices": self.records,
+            },
+            sort_keys=True,
+        )
 
 
 def gguf_records(fp) -> dict | None:
@@ -132,7 +151,7 @@ class GGUFConfigCheck(ConfigCheck):
 
 
 @dataclass(frozen=True)
-class GGUFIntegrityReport(IntegrityReport):
+class GGUFVerifyResult(VerifyResult):
     bytes_read: int = 0  # header + blocks
     header_bytes: int = 0
     file_size: int = 0
@@ -156,16 +175,28 @@ def find_gguf_slice(layout: GGUFLayout, record) -> str | None:
     return name if name in layout.tensors else None
 
 
-def judge_gguf_slice(layout: GGUFLayout, fp, key: str, neurons=(), gguf_meta: dict | None = None) -> tuple[SliceVerdict, GGUFSlice | None]:
+def judge_gguf_slice(
+    layout: GGUFLayout, fp, key: str, neurons=(), gguf_meta: dict | None = None
+) -> tuple[SliceVerdict, GGUFSlice | None]:
     """The verdict on one fingerprinted slice (and what was read), shared by verify, tamper and repair."""
     record = fp.slices[key]
-    base = dict(key=key, param=record.param, neurons=tuple(neurons), expected_dtype=record.dtype, expected_shape=record.shape)
+    base = dict(
+        key=key, param=record.param, neurons=tuple(neurons), expected_dtype=record.dtype, expected_shape=record.shape
+    )
     name = find_gguf_slice(layout, record)
     if name is None:
-        return SliceVerdict(**base, checkpoint_key=None, shard=record.shard, status=SliceStatus.missing,
-                            actual_dtype=None, actual_shape=None), None
+        return SliceVerdict(
+            **base,
+            checkpoint_key=None,
+            shard=record.shard,
+            status=SliceStatus.missing,
+            actual_dtype=None,
+            actual_shape=None,
+        ), None
     info = layout.tensors[name]
-    common = dict(base, checkpoint_key=name, shard=layout.path.name, actual_dtype=info.qtype, actual_shape=info.torch_shape)
+    common = dict(
+        base, checkpoint_key=name, shard=layout.path.name, actual_dtype=info.qtype, actual_shape=info.torch_shape
+    )
     if info.torch_shape != tuple(record.shape):
         return SliceVerdict(**common, status=SliceStatus.shape_mismatch), None
     where = layout.locate(name, record.axis, record.index)
@@ -178,13 +209,15 @@ def judge_gguf_slice(layout: GGUFLayout, fp, key: str, neurons=(), gguf_meta: di
         return SliceVerdict(**common, status=SliceStatus.intact, factor=1.0, rel_l2=0.0, max_abs_diff=0.0), found
     reference = fp.tensors[key]
     step = None if same_format else quant_step(where, raw)
-    status, factor, rel_l2, max_abs = classify_quantized(reference, torch.from_numpy(np.asarray(values).copy()),
-                                                         record.null_value, step=step)
+    status, factor, rel_l2, max_abs = classify_quantized(
+        reference, torch.from_numpy(np.asarray(values).copy()), record.null_value, step=step
+    )
     return SliceVerdict(**common, status=status, factor=factor, rel_l2=rel_l2, max_abs_diff=max_abs), found
 
 
-def classify_quantized(reference: torch.Tensor, current: torch.Tensor, null_value: float, *,
-                       step: np.ndarray | None) -> tuple[SliceStatus, float | None, float, float]:
+def classify_quantized(
+    reference: torch.Tensor, current: torch.Tensor, null_value: float, *, step: np.ndarray | None
+) -> tuple[SliceStatus, float | None, float, float]:
     """Status, factor, relative L2 change and max |diff| of dequantized `current` vs `reference`.
 
     `step` None: both sides are dequantized from the same quantization type (a GGUF fingerprint);
@@ -217,7 +250,9 @@ def classify_quantized(reference: torch.Tensor, current: torch.Tensor, null_valu
         residual = cur - factor * ref
         if step is None:
             # d and m (or dmin) round separately: the error scales with the block's magnitude, not the element's
-            fits = bool((np.abs(residual) <= 4 * tol * (np.abs(cur).max() + abs(factor) * np.abs(ref).max()) + 1e-30).all())
+            fits = bool(
+                (np.abs(residual) <= 4 * tol * (np.abs(cur).max() + abs(factor) * np.abs(ref).max()) + 1e-30).all()
+            )
             changed = abs(factor - 1.0) > 4 * tol
         else:  # the factor's standard error from the residual (rounding noise is independent of ref)
             se = float(np.linalg.norm(residual)) / (math.sqrt(max(cur.size, 1)) * ref_norm)
@@ -238,7 +273,7 @@ def classify_quantized(reference: torch.Tensor, current: torch.Tensor, null_valu
     return SliceStatus.perturbed, None, rel_l2, max_abs
 
 
-def verify_gguf(path: str | Path, fingerprint, *, signature: str = "not checked", functional=None) -> GGUFIntegrityReport:
+def verify_gguf(path: str | Path, fingerprint, *, signature: str = "not checked", functional=None) -> GGUFVerifyResult:
     """Check every fingerprinted slice of a GGUF file, reading its header and those blocks only.
 
     InputError (exit 2): unreadable or truncated file, another architecture, or a fingerprint of
@@ -253,21 +288,30 @@ def verify_gguf(path: str | Path, fingerprint, *, signature: str = "not checked"
         model_type = gguf_model_type(layout)
         if model_type != fingerprint.model_type:
             raise InputError(
-                f"fingerprint {fingerprint.path} was taken from a {fingerprint.architecture} ({fingerprint.model_type}) "
-                f"but {path} is a GGUF {layout.architecture} model: architecture differs; use this model's own fingerprint"
+                f"fingerprint {fingerprint.path} was taken from a {fingerprint.architecture} "
+                f"({fingerprint.model_type}) but {path} is a GGUF {layout.architecture} model: "
+                "architecture differs; use this model's own fingerprint"
             )
         expected = meta.get("config_sha256", "") if meta is not None else fingerprint.config_sha256
-        config = GGUFConfigCheck(expected, layout.config_sha256, fingerprint.architecture, fingerprint.architecture,
-                                 comparable=meta is not None)
+        config = GGUFConfigCheck(
+            expected,
+            layout.config_sha256,
+            fingerprint.architecture,
+            fingerprint.architecture,
+            comparable=meta is not None,
+        )
         by_key: dict[str, list] = {}
         for record in fingerprint.neurons:
             for key in record.slices:
                 by_key.setdefault(key, []).append(record)
-        verdicts = [judge_gguf_slice(layout, fingerprint, key, by_key.get(key, ()), meta)[0] for key in sorted(fingerprint.slices)]
+        verdicts = [
+            judge_gguf_slice(layout, fingerprint, key, by_key.get(key, ()), meta)[0]
+            for key in sorted(fingerprint.slices)
+        ]
         if verdicts and all(v.status in (SliceStatus.missing, SliceStatus.shape_mismatch) for v in verdicts):
             raise InputError(
-                f"fingerprint {fingerprint.path} is of another model: none of its {len(verdicts)} slices has a tensor of the "
-                f"fingerprinted shape in {path}; use this model's own fingerprint"
+                f"fingerprint {fingerprint.path} is of another model: none of its {len(verdicts)} slices has a "
+                f"tensor of the fingerprinted shape in {path}; use this model's own fingerprint"
             )
         bytes_read, header_bytes, size = layout.bytes_read, layout.header_bytes, layout.file_size
     verify_s = time.perf_counter() - t0
@@ -275,15 +319,26 @@ def verify_gguf(path: str | Path, fingerprint, *, signature: str = "not checked"
     if functional is not None:
         broken = [v for v in verdicts if v.status in (SliceStatus.missing, SliceStatus.shape_mismatch)]
         if broken:
-            skipped = f"skipped: {broken[0].param} is {broken[0].status.value}, the model cannot be loaded as fingerprinted"
+            skipped = (
+                f"skipped: {broken[0].param} is {broken[0].status.value}, the model cannot be loaded as fingerprinted"
+            )
         else:
-            from achilles_guard.detectors.integrity import functional_check
+            from achilles_guard.detectors.checkpoint_verify import functional_check
 
             check = functional_check(path, fingerprint, functional)
-    return GGUFIntegrityReport(
-        checkpoint=str(path), fingerprint=fingerprint.path, signature=signature, config=config, slices=tuple(verdicts),
-        neurons=fingerprint.neurons, functional=check, verify_s=verify_s, shards_read=(path.name,),
-        functional_skipped=skipped, loaded_files=(path.name,), bytes_read=bytes_read, header_bytes=header_bytes,
+    return GGUFVerifyResult(
+        checkpoint=str(path),
+        fingerprint=fingerprint.path,
+        signature=signature,
+        config=config,
+        slices=tuple(verdicts),
+        neurons=fingerprint.neurons,
+        functional=check,
+        verify_s=verify_s,
+        shards_read=(path.name,),
+        functional_skipped=skipped,
+        loaded_files=(path.name,),
+        bytes_read=bytes_read,
+        header_bytes=header_bytes,
         file_size=size,
     )
-

@@ -22,8 +22,13 @@ from achilles_guard.gguf_file import SUPPORTED_TYPES, GGUFLayout, read_layout
 __all__ = ["check_gguf", "load_gguf_model", "gguf_model_type"]
 
 # GGUF architecture names that differ from transformers' model_type
-_MODEL_TYPES = {"command-r": "cohere", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss",
-                "minimax-m2": "minimax_m2"}
+_MODEL_TYPES = {
+    "command-r": "cohere",
+    "qwen2moe": "qwen2_moe",
+    "qwen3moe": "qwen3_moe",
+    "gpt-oss": "gpt_oss",
+    "minimax-m2": "minimax_m2",
+}
 
 
 def gguf_model_type(layout: GGUFLayout) -> str:
@@ -42,24 +47,33 @@ def check_gguf(path: str | Path) -> GGUFLayout:
     arch = layout.architecture
     if arch not in GGUF_SUPPORTED_ARCHITECTURES:
         layout.close()
-        raise ModelLoadError(f"{path}: GGUF architecture {arch!r} is not supported by transformers' GGUF loader "
-                             "(convert it to a Hugging Face safetensors directory first)")
+        raise ModelLoadError(
+            f"{path}: GGUF architecture {arch!r} is not supported by transformers' GGUF loader "
+            "(convert it to a Hugging Face safetensors directory first)"
+        )
     bad = sorted({t.qtype for t in layout.tensors.values() if t.qtype not in SUPPORTED_TYPES})
     if bad:
         layout.close()
-        raise ModelLoadError(f"{path}: quantization type(s) {', '.join(bad)} are not supported; guard reads "
-                             f"{', '.join(sorted(SUPPORTED_TYPES))}")
+        raise ModelLoadError(
+            f"{path}: quantization type(s) {', '.join(bad)} are not supported; guard reads "
+            f"{', '.join(sorted(SUPPORTED_TYPES))}"
+        )
     vocab = layout.metadata.get("tokenizer.ggml.tokens")
-    config = {"hidden_size": layout.arch_value("embedding_length"), "num_hidden_layers": layout.arch_value("block_count"),
-              "intermediate_size": layout.arch_value("feed_forward_length"),
-              "vocab_size": vocab[2] if isinstance(vocab, tuple) else layout.arch_value("vocab_size")}
+    config = {
+        "hidden_size": layout.arch_value("embedding_length"),
+        "num_hidden_layers": layout.arch_value("block_count"),
+        "intermediate_size": layout.arch_value("feed_forward_length"),
+        "vocab_size": vocab[2] if isinstance(vocab, tuple) else layout.arch_value("vocab_size"),
+    }
     config = {k: v for k, v in config.items() if isinstance(v, int) and not isinstance(v, bool)}
     on_disk = sum(int(torch.tensor(t.ne).prod()) for t in layout.tensors.values())
     implied = implied_parameters(config, path)
     if implied > SIZE_MARGIN * on_disk + 1_000_000:
         layout.close()
-        raise ModelLoadError(f"{path}: its metadata implies at least {implied:,} parameters but the file holds {on_disk:,}; "
-                             "the header is inconsistent with the tensors (refusing to allocate it)")
+        raise ModelLoadError(
+            f"{path}: its metadata implies at least {implied:,} parameters but the file holds {on_disk:,}; "
+            "the header is inconsistent with the tensors (refusing to allocate it)"
+        )
     return layout
 
 
@@ -82,7 +96,16 @@ def load_gguf_model(path: str | Path, *, dtype: str = "auto", device: str = "aut
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
     except torch.cuda.OutOfMemoryError:
         raise
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError, IndexError, NotImplementedError) as err:
+    except (
+        OSError,
+        ValueError,
+        RuntimeError,
+        KeyError,
+        TypeError,
+        AttributeError,
+        IndexError,
+        NotImplementedError,
+    ) as err:
         raise ModelLoadError(f"{path}: cannot load the GGUF model: {first_line(err)}") from None
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config  # the weights are plain float tensors now; lets harden save them
@@ -93,8 +116,14 @@ def load_gguf_model(path: str | Path, *, dtype: str = "auto", device: str = "aut
     model.requires_grad_(False)
     architecture = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
     return LoadedModel(
-        model=model, tokenizer=tokenizer, path=str(path), directory=str(path), architecture=architecture,
-        model_type=getattr(model.config, "model_type", model_type), config_sha256=config_sha, dtype=torch_dtype,
-        device=device, num_parameters=sum(p.numel() for p in model.parameters()),
+        model=model,
+        tokenizer=tokenizer,
+        path=str(path),
+        directory=str(path),
+        architecture=architecture,
+        model_type=getattr(model.config, "model_type", model_type),
+        config_sha256=config_sha,
+        dtype=torch_dtype,
+        device=device,
+        num_parameters=sum(p.numel() for p in model.parameters()),
     )
-

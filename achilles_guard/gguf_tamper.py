@@ -37,15 +37,17 @@ def gguf_targets(layout: GGUFLayout, targets) -> list[tuple[object, SliceBlocks]
     for t in targets:
         name = t.checkpoint_key if t.checkpoint_key in layout.tensors else layout.gguf_name(t.checkpoint_key)
         if name is None or name not in layout.tensors:
-            raise InputError(f"{layout.path}: parameter {t.checkpoint_key} (producing {t.neuron}) is not in the GGUF file")
+            raise InputError(
+                f"{layout.path}: parameter {t.checkpoint_key} (producing {t.neuron}) is not in the GGUF file"
+            )
         out.append((t, layout.locate(name, t.axis, t.index)))
     return out
 
 
 def select_gguf_targets(src: Path, source: Path | None, explicit: list[str], top: int | None) -> list:
     """`guard tamper`'s neuron choice (fingerprint, report.json or --neuron) resolved to slices of a GGUF file."""
-    from achilles_guard.cli.tamper import TamperTarget, _neurons_from_report, _parse_neuron
     from achilles_guard.neurons import producing_slices
+    from achilles_guard.tamper import TamperTarget, neuron_option, neurons_from_report
 
     if (source is None) == (not explicit):
         raise UsageError("give either --neurons REPORT_OR_FINGERPRINT or --neuron MODULE:CHANNEL (exactly one way)")
@@ -58,7 +60,11 @@ def select_gguf_targets(src: Path, source: Path | None, explicit: list[str], top
             from achilles_guard.gguf_integrity import find_gguf_slice
 
             fp = load_fingerprint(source)
-            records = sorted(fp.neurons, key=lambda r: r.rank)[:top] if top else [r for r in fp.neurons if r.critical and r.neuron in set(fp.critical_set)]
+            records = (
+                sorted(fp.neurons, key=lambda r: r.rank)[:top]
+                if top
+                else [r for r in fp.neurons if r.critical and r.neuron in set(fp.critical_set)]
+            )
             if not records:
                 raise InputError(f"{source}: names no critical set (the scan did not converge); use --top N")
             for r in records:
@@ -69,7 +75,7 @@ def select_gguf_targets(src: Path, source: Path | None, explicit: list[str], top
                         raise InputError(f"{src}: parameter {s.param} (producing {r.neuron}) is not in the GGUF file")
                     targets.append(TamperTarget(r.neuron, name, s.axis, s.index, s.null_value))
             return targets
-        chosen = _neurons_from_report(source, top) if source is not None else [_parse_neuron(s) for s in explicit]
+        chosen = neurons_from_report(source, top) if source is not None else [neuron_option(s) for s in explicit]
         model = _meta_model(src)
         for n in chosen:
             try:
@@ -122,8 +128,16 @@ def patched_copy(src: Path, out: Path, patches: list[tuple[int, bytes]]) -> Path
     return out
 
 
-def tamper_gguf(src: str | Path, out: str | Path, targets, *, kind: str = "zero", scale: float = 0.3,
-                noise: float = 0.1, seed: int = 0) -> Path:
+def tamper_gguf(
+    src: str | Path,
+    out: str | Path,
+    targets,
+    *,
+    kind: str = "zero",
+    scale: float = 0.3,
+    noise: float = 0.1,
+    seed: int = 0,
+) -> Path:
     """Write a sabotaged copy of a GGUF file with every target slice's blocks edited (see module docstring)."""
     src, out = Path(src), Path(out)
     if not targets:
@@ -140,20 +154,26 @@ def tamper_gguf(src: str | Path, out: str | Path, targets, *, kind: str = "zero"
 def _tampered_runs(where: SliceBlocks, raw: np.ndarray, kind: str, scale: float, noise: float, rng, null_value: float):
     info = where.tensor
     whole_blocks = len(where.positions) == raw.size // info.type_size * info.block_size  # the slice fills its blocks
-    if whole_blocks and info.qtype in SCALE_FIELDS and (kind in ("scale", "sign-flip") or (kind == "zero" and null_value == 0)):
+    if (
+        whole_blocks
+        and info.qtype in SCALE_FIELDS
+        and (kind in ("scale", "sign-flip") or (kind == "zero" and null_value == 0))
+    ):
         blocks = raw.reshape(-1, info.type_size)  # (n_blocks, bytes)
         if kind == "zero":
             blocks[:] = 0
         else:
             factor = -1.0 if kind == "sign-flip" else scale
             for off in SCALE_FIELDS[info.qtype]:
-                field = blocks[:, off:off + 2].copy().view(np.float16)  # (n_blocks, 1)
-                blocks[:, off:off + 2] = (field.astype(np.float32) * factor).astype(np.float16).view(np.uint8)
+                field = blocks[:, off : off + 2].copy().view(np.float16)  # (n_blocks, 1)
+                blocks[:, off : off + 2] = (field.astype(np.float32) * factor).astype(np.float16).view(np.uint8)
         return _runs(where, blocks.reshape(-1))
     return _runs(where, _requantized(where, raw, kind, scale, noise, rng, null_value))
 
 
-def _requantized(where: SliceBlocks, raw: np.ndarray, kind: str, scale: float, noise: float, rng, null_value: float) -> np.ndarray:
+def _requantized(
+    where: SliceBlocks, raw: np.ndarray, kind: str, scale: float, noise: float, rng, null_value: float
+) -> np.ndarray:
     """Dequantize the blocks, change the slice's elements, quantize back with gguf.quants (same bytes layout)."""
     import gguf
 
@@ -178,21 +198,24 @@ def _requantized(where: SliceBlocks, raw: np.ndarray, kind: str, scale: float, n
     try:
         packed = gguf.quants.quantize(values.astype(np.float32).reshape(-1, info.block_size), qtype)
     except NotImplementedError:
-        raise UsageError(f"--kind {kind} on a {info.qtype} tensor ({info.name}): the gguf package cannot re-quantize "
-                         f"{info.qtype}; use --kind zero, scale or sign-flip on its rows") from None
+        raise UsageError(
+            f"--kind {kind} on a {info.qtype} tensor ({info.name}): the gguf package cannot re-quantize "
+            f"{info.qtype}; use --kind zero, scale or sign-flip on its rows"
+        ) from None
     return np.asarray(packed).view(np.uint8).reshape(-1)
 
 
 def _runs(where: SliceBlocks, data: np.ndarray) -> list[tuple[int, bytes]]:
     out, at = [], 0
     for start, n in where.runs:
-        out.append((start, data[at:at + n].tobytes()))
+        out.append((start, data[at : at + n].tobytes()))
         at += n
     return out
 
 
 def repair_gguf(source: str | Path, fp, out: str | Path):
-    """A copy of a GGUF with every tampered fingerprinted slice's raw blocks restored; re-verified, removed if that fails."""
+    """A copy of a GGUF with every tampered fingerprinted slice's raw blocks restored; re-verified, removed if
+    that fails."""
     from achilles_guard.defenses.repair import RepairOutcome, SliceRepair
     from achilles_guard.gguf_integrity import BLOCKS_SUFFIX, gguf_records, judge_gguf_slice, verify_gguf
 
@@ -209,13 +232,19 @@ def repair_gguf(source: str | Path, fp, out: str | Path):
                 continue
             mine = (meta or {}).get("slices", {}).get(key)
             if found is None or mine is None or mine.get("qtype") != found.where.tensor.qtype:
-                why = ("tensor missing or reshaped" if found is None else
-                       "the fingerprint holds float values, not this file's quantized blocks (take a fingerprint of the GGUF)")
+                why = (
+                    "tensor missing or reshaped"
+                    if found is None
+                    else "the fingerprint holds float values, not this file's quantized blocks "
+                    "(take a fingerprint of the GGUF)"
+                )
                 results[key] = SliceRepair(key, verdict.checkpoint_key or "", "unrepairable", why)
                 continue
             blocks = fp.tensors[key + BLOCKS_SUFFIX].numpy().astype(np.uint8)
             if blocks.size != found.where.n_bytes:
-                results[key] = SliceRepair(key, verdict.checkpoint_key, "unrepairable", "block layout differs from the fingerprint's")
+                results[key] = SliceRepair(
+                    key, verdict.checkpoint_key, "unrepairable", "block layout differs from the fingerprint's"
+                )
                 continue
             patches.extend(_runs(found.where, blocks))
             results[key] = SliceRepair(key, verdict.checkpoint_key, "restored")
@@ -229,4 +258,3 @@ def repair_gguf(source: str | Path, fp, out: str | Path):
     if not verified:
         out.unlink()
     return RepairOutcome(str(source), str(out), tuple(results[k] for k in fp.slices), config_matches, verified)
-

@@ -11,8 +11,8 @@ custom code (`auto_map`) is refused unless the caller opts in (`trust_remote_cod
 from __future__ import annotations
 
 import hashlib
-import pickle
 import json
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -249,7 +249,7 @@ def load_model(
     except (OSError, RuntimeError, KeyError, TypeError, AttributeError, IndexError, OverflowError, EOFError,
             pickle.UnpicklingError) as err:
         raise ModelLoadError(f"{path}: cannot load the model: {first_line(err)}") from None
-    except Exception as err:  # noqa: BLE001 - safetensors' SafetensorError (truncated file, bad header) and kin
+    except Exception as err:  # safetensors' SafetensorError (truncated file, bad header) and kin
         if type(err).__name__ not in ("SafetensorError", "HeaderTooLarge", "UnpicklingError"):
             raise
         raise ModelLoadError(f"{path}: cannot load the model: {first_line(err)}") from None
@@ -294,7 +294,7 @@ def _local_dir(path: str | Path, *, trust_remote_code: bool, allow_pickle: bool)
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(str(path), allow_patterns=patterns))
-    except Exception as err:  # noqa: BLE001 - any hub failure is the same input error to the user
+    except Exception as err:  # any hub failure is the same input error to the user
         raise InputError(f"{path}: no such directory, and fetching it from the hub failed: {first_line(err)}") from None
 
 

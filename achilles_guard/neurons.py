@@ -17,12 +17,13 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from achilles_guard.adapters import PAPER_NAME_RE, PRESETS, Adapter, adapter_for
+from achilles_guard.adapters import PAPER_NAME_RE, PRESETS, adapter_for
 from achilles_guard.errors import UsageError
 from achilles_guard.masking import hooks
 
 __all__ = [
     "Neuron",
+    "parse_neuron",
     "Candidate",
     "CandidateSet",
     "WeightSlice",
@@ -43,6 +44,21 @@ class Neuron:
 
     def __str__(self) -> str:
         return f"{self.module}[{self.channel}]"
+
+
+def parse_neuron(spec: object) -> Neuron:
+    """`"module[channel]"` (how reports print a neuron) or `"module:channel"` -> Neuron; ValueError otherwise.
+
+    The one neuron syntax: every command and endpoint that takes a neuron name parses it here.
+    """
+    if isinstance(spec, str):
+        if spec.endswith("]") and "[" in spec:
+            module, _, channel = spec[:-1].rpartition("[")
+        else:
+            module, _, channel = spec.rpartition(":")
+        if module and channel.isdigit():
+            return Neuron(module, int(channel))
+    raise ValueError(f"{spec!r}: not a neuron; use MODULE[CHANNEL], e.g. model.layers.0.mlp.down_proj[11]")
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ import torch
 from achilles_guard.errors import RuntimeFailure, UsageError
 from achilles_guard.masking import MaskPlan, hooks, masked
 from achilles_guard.neurons import CandidateSet, Neuron
+from achilles_guard.paper import PAPER
 from achilles_guard.perplexity import delta_log10, row_losses
 
 __all__ = [
@@ -108,9 +109,9 @@ def rank(
     candidates: CandidateSet,
     *,
     method: str = "pcicn",
-    alpha: float = 5.0,
-    samples: int = 100,
-    seed: int = 42,
+    alpha: float = PAPER.alpha,
+    samples: int = PAPER.samples,
+    seed: int = PAPER.seed,
     batch_size: int | None = None,
     progress: Progress | None = None,
     also: dict | None = None,
@@ -136,7 +137,9 @@ def rank(
         scores = _pcicn_scores(model, embeds, candidates, alpha, samples, seed, batch_size, progress, clean_means)
         if also is not None:
             names = [c.name for c in candidates.candidates]
-            also["activation"] = Ranking.from_scores("activation", candidates, torch.cat([clean_means[n] for n in names]))
+            also["activation"] = Ranking.from_scores(
+                "activation", candidates, torch.cat([clean_means[n] for n in names])
+            )
     return Ranking.from_scores(method, candidates, scores)
 
 
@@ -171,9 +174,9 @@ def search(
     input_ids: torch.Tensor,
     ranking: Ranking,
     *,
-    epsilon: float = 1.0,
-    step: int = 1,
-    max_neurons: int = 1000,
+    epsilon: float = PAPER.epsilon,
+    step: int = PAPER.step,
+    max_neurons: int = PAPER.max_neurons,
     scale: float = 0.0,
     batch_size: int | None = None,
     progress: Progress | None = None,
@@ -215,7 +218,9 @@ def _losses_for(model, input_ids, ranking: Ranking, ns: Sequence[int], scale: fl
     return row_losses(logits, batch)
 
 
-def _pcicn_scores(model, embeds, candidates: CandidateSet, alpha, samples, seed, batch_size, progress, clean_means=None):
+def _pcicn_scores(
+    model, embeds, candidates: CandidateSet, alpha, samples, seed, batch_size, progress, clean_means=None
+):
     """(N,) importance: max over positions of mean_k |A_clean - A_k|, in forward order."""
     names = [c.name for c in candidates.candidates]
     clean: dict[str, torch.Tensor] = {}

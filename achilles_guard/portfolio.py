@@ -140,7 +140,9 @@ def prune(model, input_ids: torch.Tensor, candidates: CandidateSet, members: Seq
     while len(current) > 1:
         pool = torch.tensor(current, dtype=torch.long)
         hit = ~torch.eye(len(current), dtype=torch.bool)  # row i leaves neuron i out
-        deltas = (set_losses(model, input_ids, candidates, pool, hit, scale=scale, batch_size=batch_size) - baseline) / LN10
+        deltas = (
+            set_losses(model, input_ids, candidates, pool, hit, scale=scale, batch_size=batch_size) - baseline
+        ) / LN10
         deltas = torch.nan_to_num(deltas, nan=math.inf)  # a NaN loss is a collapse
         best = int(torch.argmax(deltas))
         if not float(deltas[best]) >= epsilon:
@@ -162,7 +164,9 @@ def greedy(model, input_ids: torch.Tensor, candidates: CandidateSet, pool: torch
         remaining = (~chosen).nonzero().flatten()  # (r,)
         hit = chosen.expand(len(remaining), P).clone()
         hit[torch.arange(len(remaining)), remaining] = True
-        deltas = (set_losses(model, input_ids, candidates, pool, hit, scale=scale, batch_size=batch_size) - baseline) / LN10
+        deltas = (
+            set_losses(model, input_ids, candidates, pool, hit, scale=scale, batch_size=batch_size) - baseline
+        ) / LN10
         deltas = torch.nan_to_num(deltas, nan=math.inf)  # a NaN loss is a collapse
         best = int(torch.argmax(deltas))  # ties: the first (pool order)
         chosen[remaining[best]] = True
@@ -220,7 +224,9 @@ def run_portfolio(model, input_ids: torch.Tensor, candidates: CandidateSet, rank
             else:
                 limit = budget()
                 if limit < step:
-                    results.append(AttackResult(name, False, None, None, (), (), times.get(name, 0.0), None, f"none below {bound}"))
+                    results.append(
+                        AttackResult(name, False, None, None, (), (), times.get(name, 0.0), None, f"none below {bound}")
+                    )
                     continue
                 res = search(model, input_ids, ranking, epsilon=epsilon, step=step, max_neurons=limit, scale=scale)
             if res.converged:
@@ -230,19 +236,33 @@ def run_portfolio(model, input_ids: torch.Tensor, candidates: CandidateSet, rank
                 results.append(AttackResult(name, False, None, res.delta_log10 if res.curve else None, (), res.curve,
                                             time.perf_counter() - t0 + times.get(name, 0.0), None, note))
         elif name == "greedy":
-            pool = torch.tensor(list(dict.fromkeys(
-                i for r in RANKED_ATTACKS if r in rankings for i in _global(rankings[r], min(greedy_pool, len(rankings[r])))
-            )), dtype=torch.long)
+            pool = torch.tensor(
+                list(
+                    dict.fromkeys(
+                        i
+                        for r in RANKED_ATTACKS
+                        if r in rankings
+                        for i in _global(rankings[r], min(greedy_pool, len(rankings[r])))
+                    )
+                ),
+                dtype=torch.long,
+            )
             limit = budget()
             if limit < 1:
-                results.append(AttackResult(name, False, None, None, (), (), times.get(name, 0.0), None, f"none below {bound}"))
+                results.append(
+                    AttackResult(name, False, None, None, (), (), times.get(name, 0.0), None, f"none below {bound}")
+                )
                 continue
             picked, curve, ok = greedy(model, input_ids, candidates, pool, baseline=baseline, epsilon=epsilon,
                                        budget=limit, scale=scale)
             if ok:
                 results.append(finish(name, t0, picked, curve))
             else:
-                note = f"none below {bound}" if bound is not None else f"no set within {min(limit, len(pool))} of a pool of {len(pool)}"
+                note = (
+                    f"none below {bound}"
+                    if bound is not None
+                    else f"no set within {min(limit, len(pool))} of a pool of {len(pool)}"
+                )
                 results.append(AttackResult(name, False, None, curve[-1][1] if curve else None, (), curve,
                                             time.perf_counter() - t0 + times.get(name, 0.0), None, note))
         else:  # pragma: no cover - parse_attacks validates names

@@ -12,7 +12,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-__all__ = ["scan_summary", "layer_chart", "phase_curve", "fmt_delta"]
+__all__ = ["scan_summary", "layer_chart", "phase_curve", "fmt_delta", "study_table"]
 
 _BLOCKS = " ▁▂▃▄▅▆▇█"
 
@@ -57,12 +57,17 @@ def scan_summary(doc: dict, *, fail_under: int | None = None) -> Group:
 def _text_block(text: dict) -> Group:
     base = text["baseline"]
     head = Text.assemble(
-        ("\n■ ", "cyan"), (text["name"], "bold cyan"),
-        (f"  {text['tokens']} tokens, baseline loss {base['loss']:.3f} nats (log10 PPL {base['log10_ppl']:.2f})", "dim"),
+        ("\n■ ", "cyan"),
+        (text["name"], "bold cyan"),
+        (
+            f"  {text['tokens']} tokens, baseline loss {base['loss']:.3f} nats (log10 PPL {base['log10_ppl']:.2f})",
+            "dim",
+        ),
     )
     if text["converged"]:
         line = Text(
-            f"  collapse: masking {text['n_star']} neuron(s) raises perplexity by {fmt_delta(text['delta_log10'])} orders of magnitude",
+            f"  collapse: masking {text['n_star']} neuron(s) raises perplexity by {fmt_delta(text['delta_log10'])} "
+            "orders of magnitude",
             style="bold red",
         )
     else:
@@ -99,13 +104,20 @@ def _attack_table(text: dict) -> Table:
         if a["converged"]:
             names = ", ".join(f"{n['module']}[{n['channel']}]" for n in a["critical_set"][:4])
             more = f" +{len(a['critical_set']) - 4}" if len(a["critical_set"]) > 4 else ""
-            detail = names + more + (f" (pruned from {a['n_found']})" if a.get("n_found") and a["n_found"] != a["n"] else "")
+            detail = (
+                names + more + (f" (pruned from {a['n_found']})" if a.get("n_found") and a["n_found"] != a["n"] else "")
+            )
         else:
             detail = a.get("note") or "no collapsing set within the budget"
         mark = " ◀ strongest" if a["attack"] == won else ""
-        table.add_row(a["attack"] + mark, str(a["n"]) if a["converged"] else "—",
-                      fmt_delta(a["delta_log10"]) if a["converged"] else "—", f"{seconds.get(a['attack'], 0.0):.2f}", detail,
-                      style="bold red" if mark else None)
+        table.add_row(
+            a["attack"] + mark,
+            str(a["n"]) if a["converged"] else "—",
+            fmt_delta(a["delta_log10"]) if a["converged"] else "—",
+            f"{seconds.get(a['attack'], 0.0):.2f}",
+            detail,
+            style="bold red" if mark else None,
+        )
     return table
 
 
@@ -131,7 +143,9 @@ def layer_chart(neurons: list[dict], *, title: str) -> Table:
     widest = max(counts.values())
     for (layer, component), count in sorted(counts.items(), key=lambda kv: (kv[0][0], kv[0][1])):
         bar = "█" * max(1, round(24 * count / widest))
-        table.add_row(f"layer {layer} {component}", Text(bar, style="red" if component == "mlp_out" else "yellow"), str(count))
+        table.add_row(
+            f"layer {layer} {component}", Text(bar, style="red" if component == "mlp_out" else "yellow"), str(count)
+        )
     return table
 
 
@@ -152,7 +166,9 @@ def phase_curve(curve: list[dict], n_star: int | None, width: int = 60) -> Text:
         values = [values[i] for i in idx]
     finite = [v for v in values if v != float("inf")]
     top = max(max(finite, default=1.0), 1.0)
-    chars = "".join(_BLOCKS[-1] if v == float("inf") else _BLOCKS[max(0, min(8, round(8 * max(v, 0) / top)))] for v in values)
+    chars = "".join(
+        _BLOCKS[-1] if v == float("inf") else _BLOCKS[max(0, min(8, round(8 * max(v, 0) / top)))] for v in values
+    )
     label = f"  Δ vs n (1..{curve[-1]['n']}, max {fmt_delta(max(values) if finite or values else None)}): "
     out = Text(label, style="dim")
     out.append(chars[:-1], style="green")
@@ -167,5 +183,33 @@ def _verdict(doc: dict, fail_under: int | None) -> Text:
     if fail_under is None:
         return Text("")
     if smallest is not None and smallest <= fail_under:
-        return Text(f"\nGATE FAILED: a critical set of {smallest} neuron(s) <= --fail-under {fail_under}", style="bold red")
+        return Text(
+            f"\nGATE FAILED: a critical set of {smallest} neuron(s) <= --fail-under {fail_under}", style="bold red"
+        )
     return Text(f"\nGate passed: no critical set of <= {fail_under} neuron(s)", style="bold green")
+
+
+def study_table(doc: dict):
+    """A Rich rendering of a study document (`guard study`, `guard report`)."""
+    table = Table(title=doc["title"], title_justify="left", header_style="bold")
+    for col in doc["columns"]:
+        table.add_column(
+            col,
+            justify="left"
+            if col in ("subset", "text", "genre", "language", "component", "ranking", "dtype")
+            else "right",
+        )
+    for row in doc["rows"]:
+        table.add_row(*(_cell(row[c]) for c in doc["columns"]))
+    parts = [table, *(Text(f"  {note}", style="dim") for note in doc.get("notes", []))]
+    return Group(*parts)
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) >= 1e4 or (value and abs(value) < 1e-3) else f"{value:.3f}"
+    return str(value)

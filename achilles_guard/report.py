@@ -1,8 +1,10 @@
-"""Serialisation in one place: scan report (schema achilles-guard/scan/v1), SARIF, atomic writes.
+"""Serialisation in one place: the scan report (achilles-guard/scan/v1), the verification document
+(achilles-guard/verify/v1), their SARIF, JSON numbers and atomic writes.
 
     doc = scan_report(result)                 # plain dict, JSON-ready
     write_json(out / "report.json", doc)      # atomic: a reader sees the old file or the new one
     sarif = scan_sarif(doc)
+    doc = verify_document(verify_checkpoint(path, fp)); sarif = verify_sarif(doc)
 """
 
 from __future__ import annotations
@@ -21,8 +23,14 @@ from achilles_guard.perplexity import log10_ppl
 
 __all__ = [
     "SCAN_SCHEMA",
+    "VERIFY_SCHEMA",
+    "VERIFY_RULES",
     "scan_report",
     "scan_sarif",
+    "verify_document",
+    "verify_sarif",
+    "sarif_log",
+    "fingerprint_doc",
     "write_json",
     "atomic_write_bytes",
     "json_number",
@@ -37,11 +45,18 @@ __all__ = [
 SCAN_SCHEMA = "achilles-guard/scan/v1"
 TOOL = {"name": "achilles-guard", "version": __version__}
 SARIF_SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
+PAPER_URI = "https://arxiv.org/abs/2510.10238"  # the paper: informationUri and helpUri of every rule
 
 
-def json_number(x: float) -> float | None:
-    """Finite floats as they are; inf/nan as null (JSON has no infinity)."""
-    return x if math.isfinite(x) else None
+def json_number(x: Any) -> Any:
+    """The one non-finite -> null rule: inf/nan become None (JSON has no infinity); finite numbers,
+    None and anything that is not a number pass through unchanged."""
+    if x is None or isinstance(x, (bool, str)):
+        return x
+    try:
+        return x if math.isfinite(x) else None
+    except TypeError:
+        return x
 
 
 def neuron_record(neuron: Neuron, candidates_by_name: dict, **extra: Any) -> dict:
@@ -141,21 +156,33 @@ def _text_record(scan, by_name: dict, keep: int) -> dict:
         "converged": res.converged,
         "n_star": res.n_star,
         "critical_set": [
-            neuron_record(n, by_name, rank=rank_of[n], importance=json_number(importance[rank_of[n] - 1]) if rank_of[n] <= len(importance) else None)
+            neuron_record(
+                n,
+                by_name,
+                rank=rank_of[n],
+                importance=json_number(importance[rank_of[n] - 1]) if rank_of[n] <= len(importance) else None,
+            )
             for n in res.critical_set
         ],
         "delta_log10": json_number(res.delta_log10),
         "curve": [{"n": n, "delta_log10": json_number(d)} for n, d in res.curve],
         "ranking": [neuron_record(n, by_name, importance=json_number(v)) for n, v in zip(top, importance)],
-        "timings": {"rank_s": round(scan.rank_s, 4), "search_s": round(scan.search_s, 4),
-                    "portfolio_s": round(scan.portfolio_s, 4),
-                    # each attack's seconds (its ranking included) live here, with the other timings, so
-                    # that everything outside `timings` is reproducible from the seed
-                    **({"attacks": {a.attack: round(a.seconds, 4) for a in scan.portfolio.attacks}} if scan.portfolio else {})},
-        **({
-            "attacks": [attack_record(a, by_name) for a in scan.portfolio.attacks],
-            "strongest": strongest_record(scan.portfolio.strongest, by_name),
-        } if scan.portfolio is not None else {}),
+        "timings": {
+            "rank_s": round(scan.rank_s, 4),
+            "search_s": round(scan.search_s, 4),
+            "portfolio_s": round(scan.portfolio_s, 4),
+            # each attack's seconds (its ranking included) live here, with the other timings, so
+            # that everything outside `timings` is reproducible from the seed
+            **({"attacks": {a.attack: round(a.seconds, 4) for a in scan.portfolio.attacks}} if scan.portfolio else {}),
+        },
+        **(
+            {
+                "attacks": [attack_record(a, by_name) for a in scan.portfolio.attacks],
+                "strongest": strongest_record(scan.portfolio.strongest, by_name),
+            }
+            if scan.portfolio is not None
+            else {}
+        ),
     }
 
 
@@ -171,7 +198,7 @@ def scan_sarif(doc: dict, *, fail_under: int | None = None) -> dict:
                 "epsilon orders of magnitude. Anyone who can write the weights can sabotage the model "
                 "by zeroing the weight slices that produce them."
             },
-            "helpUri": "https://arxiv.org/abs/2510.10238",
+            "helpUri": PAPER_URI,
             "properties": {"security-severity": "8.1", "tags": ["security", "model-integrity"]},
         },
         {
@@ -181,21 +208,24 @@ def scan_sarif(doc: dict, *, fail_under: int | None = None) -> dict:
             "properties": {"security-severity": "9.0", "tags": ["security", "gate"]},
         },
     ]
-    location = {"physicalLocation": {"artifactLocation": {"uri": _uri(doc["model"]["path"], "config.json")}}}
+    location = _location(doc["model"]["path"], "config.json")
     results = []
     delta = doc["delta_log10"]
     for neuron in doc["critical_set"]:
-        results.append({
-            "ruleId": "AG001",
-            "level": "warning",
-            "message": {
-                "text": f"{neuron['module']} channel {neuron['channel']} (layer {neuron['layer']}, {neuron['component']}) "
-                f"is in a critical set of {doc['n_star']}: masking the set raises log10 perplexity by "
-                f"{'inf' if delta is None else f'{delta:.2f}'}"
-            },
-            "locations": [location],
-            "properties": {k: neuron[k] for k in ("module", "channel", "layer", "component", "rank")},
-        })
+        results.append(
+            {
+                "ruleId": "AG001",
+                "level": "warning",
+                "message": {
+                    "text": f"{neuron['module']} channel {neuron['channel']} (layer {neuron['layer']}, "
+                            f"{neuron['component']}) "
+                    f"is in a critical set of {doc['n_star']}: masking the set raises log10 perplexity by "
+                    f"{'inf' if delta is None else f'{delta:.2f}'}"
+                },
+                "locations": [location],
+                "properties": {k: neuron[k] for k in ("module", "channel", "layer", "component", "rank")},
+            }
+        )
     smallest = gate_size(doc)
     if fail_under is not None and smallest is not None and smallest <= fail_under:
         results.append({
@@ -209,14 +239,14 @@ def scan_sarif(doc: dict, *, fail_under: int | None = None) -> dict:
                                                 for n in doc["strongest"]["critical_set"]]}}
                if doc.get("strongest") else {}),
         })
-    return {
-        "$schema": SARIF_SCHEMA,
-        "version": "2.1.0",
-        "runs": [{
-            "tool": {"driver": {"name": "achilles-guard", "version": __version__, "informationUri": "https://arxiv.org/abs/2510.10238", "rules": rules}},
-            "results": results,
-        }],
-    }
+    return sarif_log(rules, results)
+
+
+def sarif_log(rules: list[dict], results: list[dict]) -> dict:
+    """A SARIF 2.1.0 log of one run: the one tool/driver block (name, version, informationUri), shared
+    by the scan and the verification SARIF."""
+    driver = {"name": TOOL["name"], "version": TOOL["version"], "informationUri": PAPER_URI, "rules": rules}
+    return {"$schema": SARIF_SCHEMA, "version": "2.1.0", "runs": [{"tool": {"driver": driver}, "results": results}]}
 
 
 def gate_size(doc: dict) -> int | None:
@@ -238,6 +268,230 @@ def _uri(model_path: str, name: str) -> str:
     return Path(model_path, name).as_posix()
 
 
+# --- verify-checkpoint: the JSON document (schema achilles-guard/verify/v1) and its SARIF ----------
+
+VERIFY_SCHEMA = "achilles-guard/verify/v1"
+
+# Stable SARIF rule ids, one per finding kind, with their GitHub security-severity.
+VERIFY_RULES: dict[str, tuple[str, str, str]] = {
+    # status or finding: (rule id, rule name, security-severity)
+    "zeroed": ("AG101", "CriticalSliceZeroed", "9.5"),
+    "scaled": ("AG102", "CriticalSliceScaled", "8.5"),
+    "sign-flipped": ("AG103", "CriticalSliceSignFlipped", "8.5"),
+    "perturbed": ("AG104", "CriticalSlicePerturbed", "7.5"),
+    "missing": ("AG105", "CriticalSliceMissing", "8.0"),
+    "shape-mismatch": ("AG106", "CriticalSliceShapeMismatch", "8.0"),
+    "ambiguous": ("AG107", "AmbiguousCheckpointLayout", "8.0"),
+    "config": ("AG110", "ConfigChanged", "6.5"),
+    "functional": ("AG111", "FunctionalRegression", "9.0"),
+}
+
+
+def verify_document(report) -> dict:
+    """The JSON document of a verification (`checkpoint_verify.VerifyResult`); inf/nan become null."""
+    fc = report.functional
+    return {
+        "schema": VERIFY_SCHEMA,
+        "tool": dict(TOOL),
+        "checkpoint": {
+            "path": report.checkpoint,
+            "config_sha256": report.config.actual_sha256,
+            "architecture": report.config.actual_architecture,
+            "shards_read": list(report.shards_read),
+        },
+        "fingerprint": {
+            "path": report.fingerprint,
+            "config_sha256": report.config.expected_sha256,
+            "architecture": report.config.expected_architecture,
+            "signature": report.signature,
+            "slices": len(report.slices),
+            "neurons": len(report.neurons),
+        },
+        "verdict": report.verdict,
+        "layout": {"loaded_files": list(report.loaded_files), "ambiguities": list(report.ambiguities)},
+        "config_matches": report.config.matches,
+        "counts": report.counts,
+        "tampered_neurons": [_neuron_doc(n) for n in report.tampered_neurons],
+        "slices": [_slice_doc(v) for v in report.slices],
+        "functional": None
+        if fc is None
+        else {
+            "baseline_loss": json_number(fc.baseline_loss),
+            "loss": json_number(fc.loss),
+            "delta_log10": json_number(fc.delta_log10),
+            "tolerance": fc.max_delta_log10,
+            "loss_ok": fc.loss_ok,
+            "masked_loss": json_number(fc.masked_loss),
+            "masked_delta_log10": json_number(fc.masked_delta_log10),
+            "epsilon": fc.epsilon,
+            "still_critical": fc.still_critical,
+            "ok": fc.ok,
+            "load_s": round(fc.load_s, 4),
+        },
+        "functional_skipped": report.functional_skipped,
+        "timings": {"verify_s": round(report.verify_s, 6)},
+    }
+
+
+def verify_sarif(doc: dict) -> dict:
+    """SARIF 2.1.0: one result per changed slice (located at its shard file), config, functional."""
+    rules = [
+        {"id": rid, "name": name, "shortDescription": {"text": _VERIFY_RULE_TEXT[kind]},
+         "helpUri": PAPER_URI,
+         "properties": {"security-severity": severity, "tags": ["security", "model-integrity"]}}
+        for kind, (rid, name, severity) in VERIFY_RULES.items()
+    ]
+    root = doc["checkpoint"]["path"]
+    results = []
+    for s in doc["slices"]:
+        if s["status"] in ("intact", "equivalent"):
+            continue
+        rid = VERIFY_RULES[s["status"]][0]
+        who = ", ".join(
+            f"{n['module']}[{n['channel']}]" + (" (critical)" if n["critical"] else "") for n in s["neurons"]
+        )
+        results.append(
+            {
+                "ruleId": rid,
+                "level": "error",
+                "message": {
+                    "text": f"{s['key']} in {s['shard']}: {s['description']}; produces {who or 'no recorded neuron'}"
+                },
+                "locations": [_location(root, s["shard"])],
+                "properties": {k: s[k] for k in ("key", "param", "status", "factor", "rel_l2", "shard")},
+            }
+        )
+    for line in doc.get("layout", {}).get("ambiguities", []):
+        results.append({
+            "ruleId": VERIFY_RULES["ambiguous"][0], "level": "error",
+            "message": {"text": f"ambiguous checkpoint layout: {line}"},
+            "locations": [_location(root, ".")],
+        })
+    if not doc["config_matches"]:
+        results.append(
+            {
+                "ruleId": VERIFY_RULES["config"][0],
+                "level": "error",
+                "message": {
+                    "text": f"config.json sha256 {doc['checkpoint']['config_sha256'][:12]}… differs from the "
+                            "fingerprinted "
+                    f"{doc['fingerprint']['config_sha256'][:12]}… (same architecture "
+                    f"{doc['checkpoint']['architecture']})"
+                },
+                "locations": [_location(root, "config.json")],
+            }
+        )
+    fc = doc["functional"]
+    if fc is not None and not fc["ok"]:
+        results.append(
+            {
+                "ruleId": VERIFY_RULES["functional"][0],
+                "level": "error",
+                "message": {
+                    "text": f"probe loss Δ = {fc['delta_log10']} orders of magnitude (tolerance {fc['tolerance']}); "
+                    f"critical set still critical: {fc['still_critical']}"
+                },
+                "locations": [_location(root, "config.json")],
+            }
+        )
+    return sarif_log(rules, results)
+
+
+_VERIFY_RULE_TEXT = {
+    "zeroed": "A weight slice producing a fingerprinted neuron was set to its null value (the PCICN attack)",
+    "scaled": "A weight slice producing a fingerprinted neuron was multiplied by a factor",
+    "sign-flipped": "A weight slice producing a fingerprinted neuron had its sign flipped",
+    "perturbed": "A weight slice producing a fingerprinted neuron changed beyond dtype rounding",
+    "missing": "A fingerprinted weight tensor is missing from the checkpoint",
+    "shape-mismatch": "A fingerprinted weight tensor changed shape",
+    "ambiguous": "The checkpoint's files are ambiguous: a tensor in two files, a stray safetensors file, or an index "
+                 "that disagrees with the files",
+    "config": "config.json differs from the one that was fingerprinted",
+    "functional": "The probe loss rose past the tolerance, or the critical set is no longer critical",
+}
+
+
+def _slice_doc(v) -> dict:
+    return {
+        "key": v.key,
+        "param": v.param,
+        "checkpoint_key": v.checkpoint_key,
+        "shard": v.shard,
+        "status": v.status.value,
+        "description": v.describe(),
+        "factor": json_number(v.factor),
+        "rel_l2": json_number(v.rel_l2),
+        "max_abs_diff": json_number(v.max_abs_diff),
+        "expected_dtype": v.expected_dtype,
+        "actual_dtype": v.actual_dtype,
+        "expected_shape": list(v.expected_shape),
+        "actual_shape": None if v.actual_shape is None else list(v.actual_shape),
+        "critical": v.critical,
+        "neurons": [_neuron_doc(n) for n in v.neurons],
+    }
+
+
+def _neuron_doc(n) -> dict:
+    return {"module": n.neuron.module, "channel": n.neuron.channel, "layer": n.layer, "component": n.component,
+            "rank": n.rank, "critical": n.critical}
+
+
+def _location(root: str, name: str) -> dict:
+    return {"physicalLocation": {"artifactLocation": {"uri": _uri(root, name)}}}
+
+
+# --- guard fingerprint show: a fingerprint as JSON ---------------------------------------------
+
+
+def fingerprint_doc(fp, *, signature: str) -> dict:
+    """A JSON view of a Fingerprint (metadata decoded, tensors summarised)."""
+    return {
+        "path": fp.path,
+        "format": fp.metadata.get("format"),
+        "schema_version": int(fp.metadata.get("schema_version", "0")),
+        "tool_version": fp.tool_version,
+        "architecture": fp.architecture,
+        "model_type": fp.model_type,
+        "config_sha256": fp.config_sha256,
+        "signature": signature,
+        "scan_params": fp.scan_params,
+        "baseline_loss": fp.baseline_loss,
+        "probe_texts": len(fp.probe_texts),
+        "critical_set": [{"module": n.module, "channel": n.channel} for n in fp.critical_set],
+        "slices": {
+            k: {
+                "param": s.param,
+                "axis": s.axis,
+                "index": s.index,
+                "shard": s.shard,
+                "dtype": s.dtype,
+                "shape": list(s.shape),
+                "sha256": s.sha256,
+            }
+            for k, s in sorted(fp.slices.items())
+        },
+        "neurons": [
+            {
+                "rank": r.rank,
+                "module": r.neuron.module,
+                "channel": r.neuron.channel,
+                "layer": r.layer,
+                "component": r.component,
+                "critical": r.critical,
+                "importance": json_number(r.importance),
+                "slices": list(r.slices),
+                "baseline": {
+                    "mean": r.baseline.mean,
+                    "std": r.baseline.std,
+                    "max_abs": r.baseline.max_abs,
+                    "mean_abs": r.baseline.mean_abs,
+                },
+            }
+            for r in fp.neurons
+        ],
+    }
+
+
 def read_document(path: str | Path, *, schema: str, option: str, hint: str = "") -> dict:
     """A JSON document of the given `schema`, or an InputError naming the option and what to do."""
     path = Path(path)
@@ -248,7 +502,10 @@ def read_document(path: str | Path, *, schema: str, option: str, hint: str = "")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise InputError(f"{option} {path}: not a readable JSON file ({err})") from None
     if not isinstance(doc, dict) or doc.get("schema") != schema:
-        raise InputError(f"{option} {path}: not a {schema} document (schema {doc.get('schema') if isinstance(doc, dict) else None!r})")
+        raise InputError(
+            f"{option} {path}: not a {schema} document (schema "
+            f"{doc.get('schema') if isinstance(doc, dict) else None!r})"
+        )
     return doc
 
 

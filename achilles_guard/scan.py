@@ -12,17 +12,35 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, replace
 from functools import cached_property
+from pathlib import Path
 from typing import Callable
 
 import torch
 
-from achilles_guard.errors import TextError, UsageError
+from achilles_guard.errors import InputError, TextError, UsageError
 from achilles_guard.model import LoadedModel
 from achilles_guard.neurons import CandidateSet, Neuron, discover, parse_components
+from achilles_guard.paper import PAPER
 from achilles_guard.pcicn import RANKINGS, Progress, Ranking, SearchResult, rank, search
-from achilles_guard.portfolio import DEFAULT_GREEDY_POOL, RANKED_ATTACKS, Portfolio, Strongest, parse_attacks, run_portfolio
+from achilles_guard.portfolio import (
+    DEFAULT_GREEDY_POOL,
+    RANKED_ATTACKS,
+    Portfolio,
+    Strongest,
+    parse_attacks,
+    run_portfolio,
+)
 
-__all__ = ["ScanParams", "ProbeText", "TextScan", "ScanResult", "tokenize_probe", "run_scan", "MIN_TOKENS"]
+__all__ = [
+    "ScanParams",
+    "ProbeText",
+    "TextScan",
+    "ScanResult",
+    "read_probe_texts",
+    "tokenize_probe",
+    "run_scan",
+    "MIN_TOKENS",
+]
 
 MIN_TOKENS = 10  # the paper's minimum probe length
 
@@ -31,15 +49,15 @@ MIN_TOKENS = 10  # the paper's minimum probe length
 class ScanParams:
     """Every knob of a scan, with the paper's defaults."""
 
-    alpha: float = 5.0
-    samples: int = 100
-    seed: int = 42
-    epsilon: float = 1.0
-    step: int = 1
-    max_neurons: int = 1000
+    alpha: float = PAPER.alpha
+    samples: int = PAPER.samples
+    seed: int = PAPER.seed
+    epsilon: float = PAPER.epsilon
+    step: int = PAPER.step
+    max_neurons: int = PAPER.max_neurons
     components: str = "all"
     ranking: str = "pcicn"
-    mask_scale: float = 0.0
+    mask_scale: float = PAPER.mask_scale
     keep: int = 1000
     attacks: str = "all"  # the portfolio (portfolio.ATTACKS); the paper's result is always computed
     greedy_pool: int | None = None  # top-M of each ranking form greedy's pool; None: 64 (capped at the candidates)
@@ -144,6 +162,26 @@ class ScanResult:
         return replace(self, load_s=load_s)
 
 
+def read_probe_texts(texts: list[str], text_files: list[Path]) -> list[tuple[str, str]]:
+    """`[(name, text)]` from --text / --text-file, else the packaged default texts."""
+    probes = [(f"text-{i + 1}", t) for i, t in enumerate(texts)]
+    for path in text_files:
+        if not path.is_file():
+            raise InputError(f"--text-file {path}: no such file")
+        try:
+            content = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise InputError(f"--text-file {path}: cannot read it as UTF-8 text ({err})") from None
+        if not content.strip():
+            raise InputError(f"--text-file {path}: the file is empty")
+        probes.append((path.stem, content.strip()))
+    if not probes:
+        from achilles_guard.texts import default_texts
+
+        probes = default_texts()
+    return probes
+
+
 def tokenize_probe(lm: LoadedModel, name: str, text: str, *, allow_short: bool = False) -> ProbeText:
     """Tokenize a probe text; refuse empty, untokenizable or (unless allowed) < 10-token texts."""
     if not text.strip():
@@ -190,7 +228,9 @@ def run_scan(
     needed = set(RANKED_ATTACKS) if "greedy" in attacks else {a for a in attacks if a in RANKED_ATTACKS}
     scans = []
     for probe in probes:
-        report: Progress | None = (lambda stage, done, total, _n=probe.name: progress(_n, stage, done, total)) if progress else None
+        report: Progress | None = (
+            (lambda stage, done, total, _n=probe.name: progress(_n, stage, done, total)) if progress else None
+        )
         t0 = time.perf_counter()
         also: dict = {}
         ranking = rank(

@@ -58,9 +58,13 @@ def main() -> None:
         lm = load_model(build(Path(tmp), args.seed))
         result = run_scan(lm, [tokenize_probe(lm, "probe", PROBE)], ScanParams(samples=8))
         fp = load_fingerprint(write_fingerprint(Path(tmp) / "fp.safetensors", result, top=64))
-        print(f"model: {lm.num_parameters / 1e6:.1f} M parameters, threads {torch.get_num_threads()}, "
-              f"critical set {len(fp.critical_set)} ({'converged' if result.primary.result.converged else 'not converged'}), "
-              f"{len(fp.neurons)} monitored neurons in {len({r.neuron.module for r in fp.neurons})} modules; setup {time.perf_counter() - t0:.1f}s")
+        print(
+            f"model: {lm.num_parameters / 1e6:.1f} M parameters, threads {torch.get_num_threads()}, "
+            f"critical set {len(fp.critical_set)} "
+            f"({'converged' if result.primary.result.converged else 'not converged'}), "
+            f"{len(fp.neurons)} monitored neurons in {len({r.neuron.module for r in fp.neurons})} modules; setup "
+            f"{time.perf_counter() - t0:.1f}s"
+        )
 
         g = torch.Generator().manual_seed(args.seed)
         ids = torch.randint(0, 500, (1, args.tokens), generator=g)
@@ -96,7 +100,10 @@ def main() -> None:
         print(f"median forward with monitor:    {med_on * 1e3:.3f} ms")
         print(f"monitor's own time per forward (guard_monitor_overhead_seconds mean): {hook_mean * 1e6:.0f} us "
               f"= {hook_mean / med_off * 100:.2f} % of a forward")
-        print(f"overhead ratio (median with / median without): {med_on / med_off:.4f}  ({(med_on / med_off - 1) * 100:+.2f} %; goal <= +3 %)")
+        print(
+            f"overhead ratio (median with / median without): {med_on / med_off:.4f}  "
+            f"({(med_on / med_off - 1) * 100:+.2f} %; goal <= +3 %)"
+        )
 
 
 if __name__ == "__main__":

@@ -54,7 +54,11 @@ def main() -> None:
     best = {k: min(v) for k, v in times.items()}
     for k in ("pcicn", "all"):
         s = last[k]["strongest"]
-        found = f"strongest {s['attack']} n={s['n']} Δ={s['delta_log10']:.2f} (text {s.get('text')})" if s else "no collapse"
+        found = (
+            f"strongest {s['attack']} n={s['n']} Δ={s['delta_log10']:.2f} (text {s.get('text')})"
+            if s
+            else "no collapse"
+        )
         print(f"--attacks {k:5s}: {best[k]:7.2f} s (runs: {', '.join(f'{t:.2f}' for t in times[k])})  {found}")
     print(f"ratio all / pcicn: {best['all'] / best['pcicn']:.3f}  (budget: <= 3)")
     print("per attack, summed over texts (s):")

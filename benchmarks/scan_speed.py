@@ -80,8 +80,11 @@ def main():
     model, ids, critical = build(device, dtype)
     cands = discover(model, "all")
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: Llama {n_params / 1e6:.1f} M params, {cands.total} candidate neurons in {len(cands.candidates)} modules; "
-          f"text {ids.shape[1]} tokens; K={args.samples}; device {device} {args.dtype}; threads {torch.get_num_threads()}")
+    print(
+        f"model: Llama {n_params / 1e6:.1f} M params, {cands.total} candidate neurons in {len(cands.candidates)} "
+        "modules; "
+        f"text {ids.shape[1]} tokens; K={args.samples}; device {device} {args.dtype}; threads {torch.get_num_threads()}"
+    )
 
     # warm-up (allocator, kernels)
     with torch.no_grad():

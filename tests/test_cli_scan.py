@@ -22,7 +22,8 @@ SECOND = (
 
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
-    """Every kind of bad model directory, plus a word-level tokenizer that Qwen2 ignores (docs/fixtures.md, "Tokenizer trap")."""
+    """Every kind of bad model directory, plus a word-level tokenizer that Qwen2 ignores
+    (docs/fixtures.md, "Tokenizer trap")."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -139,7 +140,9 @@ def test_sarif(planted, tmp_path):
     assert run["tool"]["driver"]["name"] == "achilles-guard"
     assert {r["id"] for r in run["tool"]["driver"]["rules"]} == {"AG001", "AG002"}
     found = [r for r in run["results"] if r["ruleId"] == "AG001"]
-    assert {(r["properties"]["module"], r["properties"]["channel"]) for r in found} == {(n.module, n.channel) for n in critical}
+    assert {(r["properties"]["module"], r["properties"]["channel"]) for r in found} == {
+        (n.module, n.channel) for n in critical
+    }
     assert all(r["level"] in ("warning", "error") and r["message"]["text"] and r["locations"] for r in run["results"])
     assert [r["ruleId"] for r in run["results"]].count("AG002") == 1
     assert json.loads((tmp_path / "report.sarif").read_text()) == doc
@@ -151,7 +154,9 @@ def test_fail_under_gate(planted, tmp_path):
     assert len(critical) == 3
     for gate, code in ((None, 0), ("2", 0), ("3", 1), ("10", 1)):
         # the paper's attack alone: the portfolio's greedy finds a 1-neuron set here (tests/test_portfolio.py)
-        args = [str(path), "--text", PROBE, "--format", "json", "--attacks", "pcicn"] + (["--fail-under", gate] if gate else [])
+        args = [str(path), "--text", PROBE, "--format", "json", "--attacks", "pcicn"] + (
+            ["--fail-under", gate] if gate else []
+        )
         result = _scan(args, tmp_path / f"gate-{gate}")
         assert result.exit_code == code, (gate, result.output)
         assert json.loads(result.stdout)["smallest_critical_set"] == 3
@@ -159,7 +164,10 @@ def test_fail_under_gate(planted, tmp_path):
 
 def test_no_finding_without_convergence(random_llama_dir, tmp_path):
     """A random model is not fragile: converged false, and the gate passes."""
-    result = _scan([str(random_llama_dir), "--text", PROBE, "--format", "json", "--max-neurons", "20", "--fail-under", "5"], tmp_path)
+    result = _scan(
+        [str(random_llama_dir), "--text", PROBE, "--format", "json", "--max-neurons", "20", "--fail-under", "5"],
+        tmp_path,
+    )
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert doc["converged"] is False and doc["critical_set"] == [] and len(doc["curve"]) == 20
@@ -210,7 +218,9 @@ def test_demo(tmp_path):
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert doc["model"]["synthetic_demo"] is True
-    assert doc["converged"] and _pairs(doc["critical_set"]) == {(n.module, n.channel) for n in DEMO_PLANT.critical_set()}
+    assert doc["converged"] and _pairs(doc["critical_set"]) == {
+        (n.module, n.channel) for n in DEMO_PLANT.critical_set()
+    }
     assert len(doc["texts"]) >= 3 and _pairs(doc["intersection"]) == _pairs(doc["critical_set"])
     table = CliRunner().invoke(app, ["scan", "--demo", "--samples", "5", "--out", str(tmp_path / "t")])
     assert table.exit_code == 0 and "synthetic" in table.stdout.lower()

@@ -54,13 +54,20 @@ def test_tampered_json_names_neuron_and_shard(planted_scan, zeroed):
     doc = json.loads(result.stdout)
     assert doc["schema"] == "achilles-guard/verify/v1" and doc["verdict"] == "tampered"
     assert {(n["module"], n["channel"]) for n in doc["tampered_neurons"]} == {(n.module, n.channel) for n in critical}
-    shard = json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"]["model.layers.0.mlp.down_proj.weight"]
+    shard = json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"][
+        "model.layers.0.mlp.down_proj.weight"
+    ]
     bad = [s for s in doc["slices"] if s["status"] != "intact"]
     assert {s["status"] for s in bad} == {"zeroed"} and {s["shard"] for s in bad} == {shard}
     marker = json.loads((dst / "TAMPERED_BY_GUARD.json").read_text())
     assert marker["kind"] == "zero" and len(marker["slices"]) == len(critical)
     table = verify(dst, "--fingerprint", out / "fingerprint.safetensors")
-    assert table.exit_code == 1 and "TAMPERED" in table.stdout and shard in table.stdout and "down_proj[11]" in table.stdout
+    assert (
+        table.exit_code == 1
+        and "TAMPERED" in table.stdout
+        and shard in table.stdout
+        and "down_proj[11]" in table.stdout
+    )
 
 
 def test_sarif_rules_severity_and_location(planted_scan, zeroed):
@@ -77,14 +84,16 @@ def test_sarif_rules_severity_and_location(planted_scan, zeroed):
     assert uri.startswith(str(dst)) and uri.endswith(".safetensors")
 
 
-def test_functional_flag_and_tolerance(planted_scan, zeroed):
+def test_functional_flag_and_max_delta_log10(planted_scan, zeroed):
     _, _, out = planted_scan
     _, dst = zeroed
     result = verify(dst, "--fingerprint", out / "fingerprint.safetensors", "--functional", "--format", "json")
     assert result.exit_code == 1
     fc = json.loads(result.stdout)["functional"]
     assert fc["delta_log10"] >= 1 and fc["loss_ok"] is False
-    assert verify(dst, "--fingerprint", out / "fingerprint.safetensors", "--tolerance", "0").exit_code == 2
+    assert verify(dst, "--fingerprint", out / "fingerprint.safetensors", "--max-delta-log10", "0").exit_code == 2
+    old = verify(dst, "--fingerprint", out / "fingerprint.safetensors", "--tolerance", "0")  # deprecated alias
+    assert old.exit_code == 2 and "--tolerance is deprecated" in old.stderr
 
 
 def test_signature_gate(planted_scan, zeroed, tmp_path):
@@ -120,7 +129,9 @@ def test_bad_inputs_exit_2_one_line(planted_scan, tmp_path):
     fp = out / "fingerprint.safetensors"
     cases = {}
     cases["no such file"] = verify(path, "--fingerprint", tmp_path / "missing.safetensors")
-    cases["architecture differs"] = verify(path, "--fingerprint", _other_architecture(fp, tmp_path / "gpt2.safetensors"))
+    cases["architecture differs"] = verify(
+        path, "--fingerprint", _other_architecture(fp, tmp_path / "gpt2.safetensors")
+    )
     corrupt = shutil.copytree(path, tmp_path / "corrupt")
     raw = bytearray((corrupt / "model.safetensors").read_bytes())
     raw[8:16] = b"\xff" * 8  # garbage in the JSON header
@@ -149,7 +160,9 @@ def test_tamper_refuses_to_overwrite(planted_scan, tmp_path):
     before = (path / "model.safetensors").read_bytes()
     same = runner.invoke(app, ["tamper", str(path), "--out", str(path), "--neurons", str(out / "report.json")])
     assert same.exit_code == 2 and "refuses" in one_line_error(same)
-    inside = runner.invoke(app, ["tamper", str(path), "--out", str(path / "sub"), "--neurons", str(out / "report.json")])
+    inside = runner.invoke(
+        app, ["tamper", str(path), "--out", str(path / "sub"), "--neurons", str(out / "report.json")]
+    )
     assert inside.exit_code == 2
     both = runner.invoke(app, ["tamper", str(path), "--out", str(tmp_path / "x")])
     assert both.exit_code == 2 and "exactly one" in one_line_error(both)
@@ -166,7 +179,9 @@ def test_real_cli_subprocess_tamper_then_verify(planted_scan, tmp_path):
                       "--kind", "scale", "--scale", "0.25"])
     assert proc.returncode == 0, proc.stderr
     assert "RED-TEAM" in proc.stderr
-    proc = run_guard(["verify-checkpoint", str(dst), "--fingerprint", str(out / "fingerprint.safetensors"), "--format", "json"])
+    proc = run_guard(
+        ["verify-checkpoint", str(dst), "--fingerprint", str(out / "fingerprint.safetensors"), "--format", "json"]
+    )
     assert proc.returncode == 1, proc.stderr
     doc = json.loads(proc.stdout)
     bad = [s for s in doc["slices"] if s["status"] != "intact"]

@@ -103,7 +103,9 @@ def test_model_split_across_gpu_and_cpu_gives_the_single_device_result(planted):
 
 
 def test_cli_scan_demo_on_cuda_reports_fp16(tmp_path):
-    proc = run_guard(["scan", "--demo", "--device", "cuda", "--format", "json", "--out", str(tmp_path / "o")], env=GPU_ENV)
+    proc = run_guard(
+        ["scan", "--demo", "--device", "cuda", "--format", "json", "--out", str(tmp_path / "o")], env=GPU_ENV
+    )
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
     assert doc["model"]["device"] == "cuda" and doc["model"]["dtype"] == "float16"

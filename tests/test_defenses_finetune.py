@@ -31,8 +31,12 @@ def scan_dir(planted, tmp_path_factory):
 def test_short_run_raises_n_star_and_reports_the_original_mask(planted, scan_dir, corpus, tmp_path):
     ft = dict(data=str(corpus), steps=40, lr=3e-3, batch_size=4, seq_len=32, drop_p=0.5, drop_top=8)
     calls = []
-    outcome = harden(HardenRequest(planted[0], scan_dir / "fingerprint.safetensors", None, "finetune", tmp_path / "out", finetune=ft),
-                     progress=lambda *args: calls.append(args))
+    outcome = harden(
+        HardenRequest(
+            planted[0], scan_dir / "fingerprint.safetensors", None, "finetune", tmp_path / "out", finetune=ft
+        ),
+        progress=lambda *args: calls.append(args),
+    )
     steps = [c for c in calls if c[1] == "finetune"]  # the CLI's progress bar: (name, stage, done, total, detail)
     assert [c[2] for c in steps] == list(range(1, 41)) and {c[3] for c in steps} == {40}
     assert all(re.fullmatch(r"loss \d+\.\d{4}", c[4]) for c in steps)
@@ -50,9 +54,14 @@ def test_resume_after_interruption_equals_a_straight_run(planted, scan_dir, corp
 
     def run(steps, state):
         lm, original = load_model(planted[0]), load_model(planted[0])
-        details = finetune(lm.model, original.model, fp, lm.tokenizer,
-                           FinetuneConfig(data=str(corpus), steps=steps, lr=1e-3, batch_size=2, seq_len=16, save_every=2),
-                           checkpoint_dir=state)
+        details = finetune(
+            lm.model,
+            original.model,
+            fp,
+            lm.tokenizer,
+            FinetuneConfig(data=str(corpus), steps=steps, lr=1e-3, batch_size=2, seq_len=16, save_every=2),
+            checkpoint_dir=state,
+        )
         return lm.model, details
 
     straight, _ = run(6, tmp_path / "a")

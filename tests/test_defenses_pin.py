@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from achilles_guard.checkpoint import Checkpoint
 from achilles_guard.defenses.pin import PinGuard, PinnedModel
 from achilles_guard.fingerprint import load_fingerprint
 from achilles_guard.model import load_model

@@ -32,8 +32,14 @@ def scanned_planted(planted, tmp_path_factory):
 
 def _status(ckpt_dir, fp) -> dict[str, str]:
     with Checkpoint.open(ckpt_dir) as ckpt:
-        return {k: ("intact" if tensor_sha256(ckpt.read_slice(r.checkpoint_key, r.axis, r.index)) == r.sha256 else "tampered")
-                for k, r in fp.slices.items()}
+        return {
+            k: (
+                "intact"
+                if tensor_sha256(ckpt.read_slice(r.checkpoint_key, r.axis, r.index)) == r.sha256
+                else "tampered"
+            )
+            for k, r in fp.slices.items()
+        }
 
 
 def _tamper(src, dst, fp, keys, fn):
@@ -62,7 +68,10 @@ def test_every_tamper_kind_is_restored(scanned_planted, tmp_path, kind):
     assert set(_status(tmp_path / "fixed", fp).values()) == {"intact"}
     assert {p.name: p.read_bytes() for p in (tmp_path / "bad").iterdir()} == snapshot  # never in place
     # everything that was not tampered is byte-identical to the original checkpoint
-    with safe_open(str(path / "model.safetensors"), framework="pt") as a, safe_open(str(tmp_path / "fixed" / "model.safetensors"), framework="pt") as b:
+    with (
+        safe_open(str(path / "model.safetensors"), framework="pt") as a,
+        safe_open(str(tmp_path / "fixed" / "model.safetensors"), framework="pt") as b,
+    ):
         assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
 
 

@@ -61,11 +61,16 @@ def test_rotate_verdict_agrees_with_an_independent_rescan(planted, tmp_path):
     outcome = harden(HardenRequest(path, scan_dir / "fingerprint.safetensors", None, "rotate", tmp_path / "out"))
     v = outcome.attempts[0].verification
     lm = load_model(tmp_path / "out" / "model")
-    independent = run_scan(lm, [tokenize_probe(lm, "probe", PROBE)], ScanParams(samples=10, max_neurons=100)).primary.result
+    independent = run_scan(
+        lm, [tokenize_probe(lm, "probe", PROBE)], ScanParams(samples=10, max_neurons=100)
+    ).primary.result
     assert v.after.converged == independent.converged and v.after.n_star == independent.n_star
     defeated = not independent.converged or independent.n_star >= 10 * v.before.n_star
-    assert outcome.verdict == ("mitigated" if defeated and max(v.clean_cost_probe, v.clean_cost_held_out) <= 0.01 else "not mitigated")
-    # docs/fixtures.md "Planted always-on": rotation does not mitigate the always-on construction; the re-attack shows it
+    assert outcome.verdict == (
+        "mitigated" if defeated and max(v.clean_cost_probe, v.clean_cost_held_out) <= 0.01 else "not mitigated"
+    )
+    # docs/fixtures.md "Planted always-on": rotation does not mitigate the always-on construction;
+    # the re-attack shows it
     assert outcome.verdict == "not mitigated"
     assert abs(v.clean_cost_probe) < 1e-3  # function-preserving
     doc = json.loads((tmp_path / "out" / "harden-report.json").read_text())

@@ -37,7 +37,9 @@ def test_intermediate_unit_critical_set_is_mitigated(tmp_path):
     # a large gate/up gain makes the planted unit itself massive: scanning MLP units finds it alone
     path, _ = planted_model(tmp_path / "m", Plant(gain=40.0))
     scan_dir = scanned(path, tmp_path / "scan", components="re:act_fn")
-    outcome = harden(HardenRequest(path, scan_dir / "fingerprint.safetensors", None, "split", tmp_path / "out", copies=16))
+    outcome = harden(
+        HardenRequest(path, scan_dir / "fingerprint.safetensors", None, "split", tmp_path / "out", copies=16)
+    )
     v = outcome.attempts[0].verification
     assert v.before.n_star == 1
     assert v.original_attack_before >= 1 and v.original_attack_after < 1  # the original mask no longer collapses
@@ -48,7 +50,9 @@ def test_intermediate_unit_critical_set_is_mitigated(tmp_path):
 def test_residual_channel_critical_set_is_reported_as_not_protected(planted, tmp_path):
     path, _ = planted
     scan_dir = scanned(path, tmp_path / "scan")
-    outcome = harden(HardenRequest(path, scan_dir / "fingerprint.safetensors", None, "split", tmp_path / "out", copies=4))
+    outcome = harden(
+        HardenRequest(path, scan_dir / "fingerprint.safetensors", None, "split", tmp_path / "out", copies=4)
+    )
     details = outcome.attempts[0].details
     assert not details["protects_all"] and "residual-stream channels" in details["notes"][0]
     assert outcome.verdict == "not mitigated"

@@ -75,7 +75,12 @@ def test_every_dashboard_query_names_an_exported_metric(exported):
         unknown = [n for n in names if n not in exported]
         assert not unknown, f"{query}: {unknown} is not exported"
     panels_metrics = {n for q in queries for n in METRIC.findall(q)}
-    for essential in ("guard_anomaly_score", "guard_weight_integrity_ok", "guard_canary_delta_log10", "guard_critical_activation_ratio"):
+    for essential in (
+        "guard_anomaly_score",
+        "guard_weight_integrity_ok",
+        "guard_canary_delta_log10",
+        "guard_critical_activation_ratio",
+    ):
         assert essential in panels_metrics
 
 
@@ -91,14 +96,26 @@ def test_alert_rules_name_exported_metrics(exported):
 
 @needs_promtool
 def test_promtool_check_rules():
-    proc = subprocess.run([PROMTOOL, "check", "rules", "alerts.yml"], cwd=DEPLOY / "prometheus", capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [PROMTOOL, "check", "rules", "alerts.yml"],
+        cwd=DEPLOY / "prometheus",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "SUCCESS: 7 rules found" in proc.stdout
 
 
 @needs_promtool
 def test_promtool_test_rules():
-    proc = subprocess.run([PROMTOOL, "test", "rules", "alerts_test.yml"], cwd=DEPLOY / "prometheus", capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [PROMTOOL, "test", "rules", "alerts_test.yml"],
+        cwd=DEPLOY / "prometheus",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -112,13 +129,21 @@ def test_promtool_test_rules_catches_a_wrong_expectation(tmp_path):
     assert "eval_time: 2m, alertname: GuardWeightIntegrityFailed" in broken
     shutil.copy(DEPLOY / "prometheus" / "alerts.yml", tmp_path / "alerts.yml")
     (tmp_path / "alerts_test.yml").write_text(broken)
-    proc = subprocess.run([PROMTOOL, "test", "rules", "alerts_test.yml"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [PROMTOOL, "test", "rules", "alerts_test.yml"], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode != 0
 
 
 @needs_promtool
 def test_promtool_check_scrape_config():
-    proc = subprocess.run([PROMTOOL, "check", "config", "prometheus.yml"], cwd=DEPLOY / "prometheus", capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [PROMTOOL, "check", "config", "prometheus.yml"],
+        cwd=DEPLOY / "prometheus",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -126,7 +151,15 @@ def test_promtool_check_scrape_config():
 def test_promtool_check_metrics_on_an_in_process_scrape(planted, planted_fp):
     lm = load_model(planted[0])
     registry = CollectorRegistry()
-    with ActivationMonitor(lm.model, load_fingerprint(planted_fp), registry=registry, tokenizer=lm.tokenizer) as monitor:
+    with ActivationMonitor(
+        lm.model, load_fingerprint(planted_fp), registry=registry, tokenizer=lm.tokenizer
+    ) as monitor:
         monitor.run_canary()
-    proc = subprocess.run([PROMTOOL, "check", "metrics"], input=generate_latest(registry).decode(), capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [PROMTOOL, "check", "metrics"],
+        input=generate_latest(registry).decode(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr

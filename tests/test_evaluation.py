@@ -9,7 +9,13 @@ import torch
 
 from achilles_guard.errors import InputError, UsageError
 from achilles_guard.evaluation import (
-    Corpus, ReportRanking, config_losses, evaluate_levels, load_corpus, parse_levels, tokenize_corpus,
+    Corpus,
+    ReportRanking,
+    config_losses,
+    evaluate_levels,
+    load_corpus,
+    parse_levels,
+    tokenize_corpus,
 )
 from achilles_guard.model import load_model
 from achilles_guard.perplexity import row_losses

@@ -72,7 +72,9 @@ def test_show_table_and_json(planted_scan):
     parsed = json.loads(doc.stdout)
     assert parsed["signature"] == "verified"
     assert {(n["module"], n["channel"]) for n in parsed["critical_set"]} == {(n.module, n.channel) for n in critical}
-    wrong = runner.invoke(app, ["fingerprint", "show", str(out / "signed.safetensors"), "--verify-key", "env:GUARD_NO_SUCH_KEY"])
+    wrong = runner.invoke(
+        app, ["fingerprint", "show", str(out / "signed.safetensors"), "--verify-key", "env:GUARD_NO_SUCH_KEY"]
+    )
     assert wrong.exit_code == 2  # unset key variable: usage error
 
 

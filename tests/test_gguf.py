@@ -50,8 +50,12 @@ def test_slices_read_from_blocks_equal_what_transformers_loads(ggufs, qtype):
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     state = model.state_dict()
     with read_layout(path) as layout:
-        for param in ["model.layers.1.mlp.down_proj.weight", "model.layers.0.self_attn.q_proj.weight",
-                      "model.layers.0.self_attn.k_proj.weight", "model.layers.0.input_layernorm.weight"]:
+        for param in [
+            "model.layers.1.mlp.down_proj.weight",
+            "model.layers.0.self_attn.q_proj.weight",
+            "model.layers.0.self_attn.k_proj.weight",
+            "model.layers.0.input_layernorm.weight",
+        ]:
             name = layout.gguf_name(param)
             tensor = state[param]
             for axis in range(tensor.dim()):
@@ -75,16 +79,19 @@ def test_scan_fingerprints_gguf_blocks_and_verifies_intact(gguf_scan, ggufs):
         assert record.dtype in ("Q4_1", "F32") and fp.tensors[key + BLOCKS_SUFFIX].dtype == torch.uint8
     report = verify_gguf(ggufs["Q4_1"], fp)
     assert report.ok and report.counts["intact"] == len(fp.slices)
-    assert report.bytes_read - report.header_bytes == sum(len(s["runs"]) and sum(n for _, n in s["runs"]) for s in meta["slices"].values())
+    assert report.bytes_read - report.header_bytes == sum(
+        len(s["runs"]) and sum(n for _, n in s["runs"]) for s in meta["slices"].values()
+    )
 
 
-@pytest.mark.parametrize("kind,expected", [("zero", "zeroed"), ("scale", "scaled"), ("sign-flip", "sign-flipped"),
-                                           ("noise", None)])
+@pytest.mark.parametrize(
+    "kind,expected", [("zero", "zeroed"), ("scale", "scaled"), ("sign-flip", "sign-flipped"), ("noise", None)]
+)
 def test_tamper_is_caught_and_repaired(gguf_scan, ggufs, tmp_path, kind, expected):
-    from achilles_guard.cli.tamper import TamperKind
     from achilles_guard.fingerprint import load_fingerprint
     from achilles_guard.gguf_integrity import verify_gguf
     from achilles_guard.gguf_tamper import repair_gguf, select_gguf_targets, tamper_gguf
+    from achilles_guard.tamper import TamperKind
 
     src, fp_path = ggufs["Q4_1"], gguf_scan / "fingerprint.safetensors"
     fp = load_fingerprint(fp_path)
@@ -113,6 +120,7 @@ def test_safetensors_fingerprint_verifies_an_honest_quantization(ggufs, float_sc
     from achilles_guard.fingerprint import load_fingerprint
     from achilles_guard.gguf_integrity import verify_gguf
     from achilles_guard.gguf_tamper import select_gguf_targets, tamper_gguf
+
     out = float_scan
     fp = load_fingerprint(out / "fingerprint.safetensors")
     report = verify_gguf(ggufs[qtype], fp)
@@ -123,19 +131,39 @@ def test_safetensors_fingerprint_verifies_an_honest_quantization(ggufs, float_sc
         bad = tamper_gguf(ggufs[qtype], tmp_path / f"{kind}.gguf", targets, kind=kind, scale=0.9)
         caught = verify_gguf(bad, fp)
         assert not caught.ok
-        assert {v.status.value for v in caught.tampered_slices if v.expected_shape and len(v.expected_shape) == 2} <= {status, "perturbed"}
+        assert {v.status.value for v in caught.tampered_slices if v.expected_shape and len(v.expected_shape) == 2} <= {
+            status,
+            "perturbed",
+        }
 
 
 def test_cli_scan_tamper_verify_repair_on_gguf(ggufs, tmp_path):
     src = ggufs["Q4_0"]
-    done = run_guard(["scan", str(src), "--text", TEXT, "--samples", "4", "--attacks", "pcicn", "--out", str(tmp_path / "out"),
-                      "--format", "json"], timeout=300)
+    done = run_guard(
+        [
+            "scan",
+            str(src),
+            "--text",
+            TEXT,
+            "--samples",
+            "4",
+            "--attacks",
+            "pcicn",
+            "--out",
+            str(tmp_path / "out"),
+            "--format",
+            "json",
+        ],
+        timeout=300,
+    )
     assert done.returncode in (0, 1), done.stderr
     fp = tmp_path / "out" / "fingerprint.safetensors"
     clean = run_guard(["verify-checkpoint", str(src), "--fingerprint", str(fp), "--format", "json"])
     assert clean.returncode == 0, clean.stderr
     doc = json.loads(clean.stdout)
-    assert doc["checkpoint"]["format"] == "gguf" and 0 < doc["checkpoint"]["bytes_read"] < doc["checkpoint"]["file_size"]
+    assert (
+        doc["checkpoint"]["format"] == "gguf" and 0 < doc["checkpoint"]["bytes_read"] < doc["checkpoint"]["file_size"]
+    )
     bad = tmp_path / "bad.gguf"
     done = run_guard(["tamper", str(src), "--out", str(bad), "--neurons", str(fp), "--kind", "sign-flip"])
     assert done.returncode == 0, done.stderr
@@ -158,13 +186,20 @@ def test_bad_gguf_input_is_one_line_exit_2(ggufs, gguf_scan, tmp_path):
     writer = gguf.GGUFWriter(str(weird), "llama")
     writer.add_block_count(1)
     writer.add_embedding_length(256)
-    writer.add_tensor("blk.0.ffn_down.weight", np.zeros((1, 66), dtype=np.uint8),
-                      raw_dtype=gguf.GGMLQuantizationType.IQ2_XXS)
-    writer.write_header_to_file(); writer.write_kv_data_to_file(); writer.write_tensors_to_file(); writer.close()
+    writer.add_tensor(
+        "blk.0.ffn_down.weight", np.zeros((1, 66), dtype=np.uint8), raw_dtype=gguf.GGMLQuantizationType.IQ2_XXS
+    )
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
     alien = tmp_path / "alien.gguf"
     writer = gguf.GGUFWriter(str(alien), "rwkv6")
     writer.add_tensor("token_embd.weight", np.zeros((4, 32), dtype=np.float32))
-    writer.write_header_to_file(); writer.write_kv_data_to_file(); writer.write_tensors_to_file(); writer.close()
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
     cases = [
         (["verify-checkpoint", str(truncated), "--fingerprint", fp], "truncated"),
         (["scan", str(truncated), "--samples", "2", "--out", str(tmp_path / "o")], "truncated"),

@@ -117,7 +117,10 @@ def test_hooks_removed_when_the_forward_raises(ids):
         raise RuntimeError("boom inside the hook")
 
     with pytest.raises(RuntimeError, match="inside the hook"):
-        with masked(model, MaskPlan.fixed([Neuron(mlp_out, 1)])), hooks(model, {"model.layers.1.mlp.down_proj": explode}):
+        with (
+            masked(model, MaskPlan.fixed([Neuron(mlp_out, 1)])),
+            hooks(model, {"model.layers.1.mlp.down_proj": explode}),
+        ):
             model(input_ids=ids, use_cache=False)
     assert _no_hooks_left(model)
 

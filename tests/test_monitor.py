@@ -82,7 +82,10 @@ def test_zeroed_critical_neuron_is_detected_and_recovers(lm, fp):
             assert reading.score > 1.0
             assert reading.anomalous == (str(target),) and reading.kinds == ("collapse",)
             integrity = monitor.check_integrity()
-            assert not integrity.ok and integrity.mismatched == tuple(r for r in fp.neurons if r.neuron == target)[0].slices
+            assert (
+                not integrity.ok
+                and integrity.mismatched == tuple(r for r in fp.neurons if r.neuron == target)[0].slices
+            )
             assert sample(registry, "guard_weight_integrity_ok") == 0
             assert sample(registry, "guard_weight_slices_mismatched") == 1
             assert sample(registry, "guard_critical_activation_ratio", neuron=str(target)) < 1e-3
@@ -184,7 +187,9 @@ def test_kv_cache_completion_equals_full_recompute(lm):
 
 
 def test_watch_cli_one_iteration(planted, planted_fp):
-    result = CliRunner().invoke(app, ["monitor", str(planted[0]), "--fingerprint", str(planted_fp), "--iterations", "2", "--interval", "0.01"])
+    result = CliRunner().invoke(
+        app, ["monitor", str(planted[0]), "--fingerprint", str(planted_fp), "--iterations", "2", "--interval", "0.01"]
+    )
     assert result.exit_code == 0, result.output
     assert "weight integrity" in result.output and "ALERT" not in result.output
     assert re.search(r"anomaly score 0\.000, \d+ forwards", result.output)
@@ -192,11 +197,15 @@ def test_watch_cli_one_iteration(planted, planted_fp):
 
 def test_watch_cli_bad_inputs(planted, planted_fp, random_llama_dir, tmp_path):
     runner = CliRunner()
-    other = runner.invoke(app, ["monitor", str(random_llama_dir), "--fingerprint", str(planted_fp), "--iterations", "1"])
+    other = runner.invoke(
+        app, ["monitor", str(random_llama_dir), "--fingerprint", str(planted_fp), "--iterations", "1"]
+    )
     assert other.exit_code == 2 and "another model" in other.output
     missing = runner.invoke(app, ["monitor", str(planted[0]), "--fingerprint", str(tmp_path / "nope.safetensors")])
     assert missing.exit_code == 2 and "no such file" in missing.output
     both = runner.invoke(app, ["monitor", str(planted[0]), "--demo", "--fingerprint", str(planted_fp)])
     assert both.exit_code == 2 and "exactly one" in both.output
-    bad = runner.invoke(app, ["monitor", str(planted[0]), "--fingerprint", str(planted_fp), "--tolerance", "0.5"])
-    assert bad.exit_code == 2 and "--tolerance" in bad.output
+    bad = runner.invoke(app, ["monitor", str(planted[0]), "--fingerprint", str(planted_fp), "--drift-factor", "0.5"])
+    assert bad.exit_code == 2 and "--drift-factor" in bad.output
+    old = runner.invoke(app, ["monitor", str(planted[0]), "--fingerprint", str(planted_fp), "--tolerance", "0.5"])
+    assert old.exit_code == 2 and "--tolerance is deprecated" in old.output  # the old name still works, with a warning

@@ -33,7 +33,9 @@ def fp(planted_fp):
 
 def monitor_with(lm, fp, guard=None):
     registry = CollectorRegistry()
-    return ActivationMonitor(lm.model, fp, registry=registry, tokenizer=lm.tokenizer, model_name="m", guard=guard), registry
+    return ActivationMonitor(
+        lm.model, fp, registry=registry, tokenizer=lm.tokenizer, model_name="m", guard=guard
+    ), registry
 
 
 def sample(registry, name, **labels):
@@ -42,7 +44,10 @@ def sample(registry, name, **labels):
 
 
 def completions(lm, n=8):
-    return [complete(lm.model, lm.tokenizer(p, return_tensors="pt")["input_ids"], max_new_tokens=n).token_ids for p in PROMPTS]
+    return [
+        complete(lm.model, lm.tokenizer(p, return_tensors="pt")["input_ids"], max_new_tokens=n).token_ids
+        for p in PROMPTS
+    ]
 
 
 def test_protected_outputs_survive_the_whole_set_zeroed_and_the_monitor_still_alarms(lm, fp):
@@ -55,7 +60,9 @@ def test_protected_outputs_survive_the_whole_set_zeroed_and_the_monitor_still_al
         canary = monitor.run_canary()
         integrity = monitor.check_integrity()
     assert protected == clean  # greedy completions identical to the clean model's
-    assert reading.score > 1 and set(reading.anomalous) == {str(n) for n in fp.critical_set}  # the monitor saw raw values
+    assert reading.score > 1 and set(reading.anomalous) == {
+        str(n) for n in fp.critical_set
+    }  # the monitor saw raw values
     assert canary.ok and abs(canary.delta_log10) < 0.01  # the canary measures what is served
     assert not integrity.ok
     generated = sum(len(c) for c in clean)
@@ -110,13 +117,28 @@ def test_without_protect_metrics_say_off_and_detach_removes_the_guard(lm, fp):
     before = sum(len(m._forward_hooks) for m in lm.model.modules())
     protected, _ = monitor_with(lm, fp, PinGuard.from_fingerprint(fp))
     protected.attach()
-    assert sum(len(m._forward_hooks) for m in lm.model.modules()) == before + len(protected._table.modules) + len(protected.guard.profiles)
+    assert sum(len(m._forward_hooks) for m in lm.model.modules()) == before + len(protected._table.modules) + len(
+        protected.guard.profiles
+    )
     protected.detach()
     assert sum(len(m._forward_hooks) for m in lm.model.modules()) == before
 
 
 def test_watch_cli_protect(planted, planted_fp):
-    result = CliRunner().invoke(app, ["monitor", str(planted[0]), "--fingerprint", str(planted_fp), "--protect", "--iterations", "1", "--interval", "0.01"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "monitor",
+            str(planted[0]),
+            "--fingerprint",
+            str(planted_fp),
+            "--protect",
+            "--iterations",
+            "1",
+            "--interval",
+            "0.01",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "protection on: 3 critical neuron(s) pinned" in result.output
     assert re.search(r"pin guard on, 0 activation values restored or clamped", result.output)
@@ -125,14 +147,25 @@ def test_watch_cli_protect(planted, planted_fp):
 def test_protect_refuses_a_fingerprint_without_critical_set(random_llama_dir, tmp_path):
     fp = scanned(random_llama_dir, tmp_path / "scan", samples=2, max_neurons=4) / "fingerprint.safetensors"
     assert not load_fingerprint(fp).critical_set
-    result = CliRunner().invoke(app, ["monitor", str(random_llama_dir), "--fingerprint", str(fp), "--protect", "--iterations", "1"])
+    result = CliRunner().invoke(
+        app, ["monitor", str(random_llama_dir), "--fingerprint", str(fp), "--protect", "--iterations", "1"]
+    )
     assert result.exit_code == 2 and "no critical set to protect" in result.output
 
 
 # -- through real servers ------------------------------------------------------------------
 
 
-SERVE = ["--serve", "--enable-test-endpoints", "--integrity-interval", "0", "--canary-interval", "0", "--max-new-tokens", "16"]
+SERVE = [
+    "--serve",
+    "--enable-test-endpoints",
+    "--integrity-interval",
+    "0",
+    "--canary-interval",
+    "0",
+    "--max-new-tokens",
+    "16",
+]
 
 
 @pytest.fixture(scope="module")

@@ -25,20 +25,24 @@ def server(planted, planted_fp):
     srv = Server([str(planted[0]), "--fingerprint", str(planted_fp), "--serve", "--enable-test-endpoints",
                   "--integrity-interval", "0", "--canary-interval", "0", "--max-prompt-tokens", "240",
                   "--max-new-tokens", "32", "--max-body-bytes", "16384"])
-    srv.fp = planted_fp
     yield srv
     if srv.proc.poll() is None:
         srv.proc.kill()
         srv.proc.communicate()
 
 
-def test_completions_move_the_counters_by_the_right_amounts(server):
+def test_completions_move_the_counters_by_the_right_amounts(server, planted_fp):
     before = server.scrape()
-    docs = [server.complete(p, max_tokens=n) for p, n in [("The river rose", 4), ("Farmers moved their cattle", 7), ("The river rose", 4)]]
+    docs = [
+        server.complete(p, max_tokens=n)
+        for p, n in [("The river rose", 4), ("Farmers moved their cattle", 7), ("The river rose", 4)]
+    ]
     after = server.scrape()
     generated = sum(d["usage"]["completion_tokens"] for d in docs)
     prompt_tokens = sum(d["usage"]["prompt_tokens"] for d in docs)
-    assert all(d["object"] == "text_completion" and d["choices"][0]["finish_reason"] in ("length", "stop") for d in docs)
+    assert all(
+        d["object"] == "text_completion" and d["choices"][0]["finish_reason"] in ("length", "stop") for d in docs
+    )
     assert docs[0]["choices"][0]["text"] == docs[2]["choices"][0]["text"]  # greedy by default
     assert delta(after, before, "guard_forward_passes_total") == generated  # one forward per token (KV cache)
     assert delta(after, before, "guard_monitor_overhead_seconds_count") == generated
@@ -47,17 +51,24 @@ def test_completions_move_the_counters_by_the_right_amounts(server):
     assert delta(after, before, "guard_http_requests_total", endpoint="/v1/completions", code="200") == 3
     assert delta(after, before, "guard_http_requests_total", endpoint="/metrics", code="200") == 1  # the first scrape
     assert after[("guard_anomaly_score", ())] == 0 and after[("guard_weight_integrity_ok", ())] == 1
-    # every fingerprinted neuron: the top 16 of each ranking and every attack's set (the builder's scan)
-    assert after[("guard_monitored_neurons", ())] == len(load_fingerprint(server.fp).neurons) > 16
+    # every fingerprinted neuron: the top 16 (--fingerprint-top in the builder) of each portfolio ranking, and the sets
+    monitored = after[("guard_monitored_neurons", ())]
+    assert monitored == len(load_fingerprint(planted_fp).neurons) and monitored >= 16
 
 
 def test_normal_traffic_raises_no_anomaly(server):
     before = server.scrape()
     prompts = varied_prompts(50)
-    scores = [server.complete(p, max_tokens=2, temperature=0.8, seed=i)["guard"]["anomaly_score"] for i, p in enumerate(prompts)]
+    scores = [
+        server.complete(p, max_tokens=2, temperature=0.8, seed=i)["guard"]["anomaly_score"]
+        for i, p in enumerate(prompts)
+    ]
     after = server.scrape()
     assert scores == [0.0] * 50
-    assert all(delta(after, before, "guard_activation_anomalies_total", kind=k) == 0 for k in ("collapse", "surge", "massive_missing"))
+    assert all(
+        delta(after, before, "guard_activation_anomalies_total", kind=k) == 0
+        for k in ("collapse", "surge", "massive_missing")
+    )
     assert delta(after, before, "guard_forward_passes_total") >= 50
     status, health = server.request("GET", "/healthz")
     assert status == 200 and health["status"] == "ok"
@@ -69,7 +80,11 @@ def test_disruption_alarms_and_restore_recovers(server, planted):
     status, doc = server.request("POST", "/v1/test/disrupt", {"neuron": str(target)})
     assert status == 200 and doc["disrupted"] == [str(target)]
     status, health = server.request("GET", "/healthz")
-    assert status == 503 and health["integrity_ok"] is False and health["mismatched_slices"] == [f"{target.module}.weight@0:{target.channel}"]
+    assert (
+        status == 503
+        and health["integrity_ok"] is False
+        and health["mismatched_slices"] == [f"{target.module}.weight@0:{target.channel}"]
+    )
     reply = server.complete("The river rose", max_tokens=3)
     assert reply["guard"]["anomaly_score"] > 1 and reply["guard"]["anomalous_neurons"] == [str(target)]
     during = server.scrape()
@@ -143,10 +158,15 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server):
     assert server.request("GET", "/healthz")[0] == 200
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not on PATH (Debian: apt-get install -y --no-install-recommends prometheus)")
+@pytest.mark.skipif(
+    shutil.which("promtool") is None,
+    reason="promtool not on PATH (Debian: apt-get install -y --no-install-recommends prometheus)",
+)
 def test_promtool_accepts_a_real_scrape(server):
     server.scrape()
-    proc = subprocess.run(["promtool", "check", "metrics"], input=server.last_scrape, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        ["promtool", "check", "metrics"], input=server.last_scrape, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -162,7 +182,9 @@ def _post(port, path, body: bytes):
 
 def test_in_process_server_limits_and_no_test_endpoints_by_default(planted, planted_fp):
     lm = load_model(planted[0])
-    monitor = ActivationMonitor(lm.model, load_fingerprint(planted_fp), registry=CollectorRegistry(), tokenizer=lm.tokenizer)
+    monitor = ActivationMonitor(
+        lm.model, load_fingerprint(planted_fp), registry=CollectorRegistry(), tokenizer=lm.tokenizer
+    )
     srv = build_server(ServeContext(lm, monitor, ServerLimits(max_in_flight=1)), host="127.0.0.1", port=0)
     port = srv.server_address[1]
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
@@ -172,7 +194,9 @@ def test_in_process_server_limits_and_no_test_endpoints_by_default(planted, plan
         assert monitor.check_integrity().ok
         first = {}
         with monitor.lock:  # the model is busy: the first request takes the only slot and waits
-            waiter = threading.Thread(target=lambda: first.update(r=_post(port, "/v1/completions", b'{"prompt": "hi", "max_tokens": 2}')))
+            waiter = threading.Thread(
+                target=lambda: first.update(r=_post(port, "/v1/completions", b'{"prompt": "hi", "max_tokens": 2}'))
+            )
             waiter.start()
             deadline = time.monotonic() + 30
             while monitor.metrics.registry.get_sample_value("guard_http_in_flight_requests", {"model": "model"}) != 1:
@@ -192,14 +216,18 @@ def test_port_in_use_exits_2(planted, planted_fp):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        proc = run_guard(["monitor", str(planted[0]), "--fingerprint", str(planted_fp), "--serve", "--port", str(port)], timeout=120)
+        proc = run_guard(
+            ["monitor", str(planted[0]), "--fingerprint", str(planted_fp), "--serve", "--port", str(port)], timeout=120
+        )
     assert proc.returncode == 2, proc.stderr
     assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_fingerprint_of_another_model_exits_2(random_llama_dir, planted_fp):
-    proc = run_guard(["monitor", str(random_llama_dir), "--fingerprint", str(planted_fp), "--serve", "--port", "0"], timeout=120)
+    proc = run_guard(
+        ["monitor", str(random_llama_dir), "--fingerprint", str(planted_fp), "--serve", "--port", "0"], timeout=120
+    )
     assert proc.returncode == 2 and "another model" in proc.stderr and "Traceback" not in proc.stderr
 
 

@@ -156,11 +156,13 @@ def test_a_burst_of_200_posts_gets_http_answers_not_resets(serve):
 
     def post():
         try:
-            status, _, _ = request(srv.port, "POST", "/v1/completions", b'{"prompt": "hi", "max_tokens": 2}', timeout=30)
+            status, _, _ = request(
+                srv.port, "POST", "/v1/completions", b'{"prompt": "hi", "max_tokens": 2}', timeout=30
+            )
             outcome = status
         except (ConnectionResetError, BrokenPipeError):
             outcome = "reset"
-        except Exception as err:  # noqa: BLE001 - counted, reported
+        except Exception as err:  # counted, reported
             outcome = type(err).__name__
         with lock:
             results.append(outcome)
@@ -202,7 +204,7 @@ def test_aborted_clients_cost_one_line_each_and_no_traceback(serve, capsys):
     # 3: reset while its completion is being computed: the answer has nowhere to go
     with srv.monitor.lock:
         s3 = socket.create_connection((HOST, srv.port), timeout=5)
-        s3.sendall(b"POST /v1/completions HTTP/1.1\r\nContent-Length: 33\r\n\r\n{\"prompt\": \"hi\", \"max_tokens\": 2}")
+        s3.sendall(b'POST /v1/completions HTTP/1.1\r\nContent-Length: 33\r\n\r\n{"prompt": "hi", "max_tokens": 2}')
         deadline = time.monotonic() + 10
         while srv.in_flight() < 1 and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -233,7 +235,9 @@ def test_hostile_json_gets_400_not_500(serve):
         status, ctype, data = request(srv.port, "POST", "/v1/completions", body)
         assert status == 400 and ctype == "application/json", (body[:60], data[:200])
         assert json.loads(data)["error"]["message"]
-    status, _, data = request(srv.port, "POST", "/v1/completions", b'{"prompt": "hi", "max_tokens": 2, "seed": %d}' % (2**63 - 1))
+    status, _, data = request(
+        srv.port, "POST", "/v1/completions", b'{"prompt": "hi", "max_tokens": 2, "seed": %d}' % (2**63 - 1)
+    )
     assert status == 200, data
 
 
@@ -263,7 +267,10 @@ def test_stdlib_errors_are_json(serve, payload, expected):
     ("--request-timeout", "0"), ("--request-timeout", "nan"), ("--max-connections", "0"),
 ])
 def test_bad_server_options_exit_2_with_one_line(planted, planted_fp, option, value):
-    proc = run_guard(["monitor", str(planted[0]), "--fingerprint", str(planted_fp), "--serve", "--port", "0", option, value], timeout=120)
+    proc = run_guard(
+        ["monitor", str(planted[0]), "--fingerprint", str(planted_fp), "--serve", "--port", "0", option, value],
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     assert option in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1

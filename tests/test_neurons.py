@@ -135,7 +135,9 @@ def test_producing_slices_layout():
     assert producing_slices(llama, Neuron(f"{p}.mlp.act_fn", 7)) == (
         WeightSlice(f"{p}.mlp.gate_proj.weight", 0, 7), WeightSlice(f"{p}.mlp.up_proj.weight", 0, 7),
     )
-    assert producing_slices(llama, Neuron(f"{p}.input_layernorm", 3)) == (WeightSlice(f"{p}.input_layernorm.weight", 0, 3),)
+    assert producing_slices(llama, Neuron(f"{p}.input_layernorm", 3)) == (
+        WeightSlice(f"{p}.input_layernorm.weight", 0, 3),
+    )
     phi3 = tiny_model("phi3")
     ff = phi3.config.intermediate_size
     assert producing_slices(phi3, Neuron(f"{p}.mlp.activation_fn", 7)) == (

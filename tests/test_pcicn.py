@@ -31,7 +31,9 @@ def reference_importance(model, ids, candidates, *, alpha, samples, seed) -> tor
     names = [c.name for c in candidates.candidates]
     T = ids.shape[1]
     acts: dict[str, torch.Tensor] = {}
-    grab = {n: (lambda out, n=n: acts.__setitem__(n, out.reshape(-1, T, out.shape[-1])[0].float().clone())) for n in names}
+    grab = {
+        n: (lambda out, n=n: acts.__setitem__(n, out.reshape(-1, T, out.shape[-1])[0].float().clone())) for n in names
+    }
     with torch.no_grad(), hooks(model, grab):
         embeds = model.get_input_embeddings()(ids)  # (1, T, d)
         model.base_model(inputs_embeds=embeds, use_cache=False)

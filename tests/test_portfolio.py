@@ -14,11 +14,11 @@ from typer.testing import CliRunner
 
 from achilles_guard.cli import app, main
 from achilles_guard.demo import Plant
+from achilles_guard.errors import UsageError
 from achilles_guard.model import load_model
 from achilles_guard.neurons import Neuron, discover
 from achilles_guard.pcicn import clean_loss, masked_losses, rank
 from achilles_guard.portfolio import ATTACKS, parse_attacks, prune, set_losses
-from achilles_guard.errors import UsageError
 from achilles_guard.report import scan_report
 from achilles_guard.scan import ScanParams, run_scan, tokenize_probe
 from tests.builders import PROBE
@@ -72,7 +72,9 @@ def test_greedy_finds_the_planted_set(lm, probe, planted):
     assert greedy.attack == "greedy" and greedy.converged
     assert set(greedy.critical_set) == planted[1] and greedy.n == 3
     assert [n for n, _ in greedy.curve] == [1, 2, 3] and greedy.curve[1][1] < 0.01 <= 1 <= greedy.curve[2][1]
-    assert independent_delta(lm.model, probe.input_ids, greedy.critical_set) == pytest.approx(greedy.delta_log10, abs=1e-3)
+    assert independent_delta(lm.model, probe.input_ids, greedy.critical_set) == pytest.approx(
+        greedy.delta_log10, abs=1e-3
+    )
 
 
 def test_portfolio_beats_the_paper_on_the_plant(lm, probe, planted):
@@ -85,9 +87,14 @@ def test_portfolio_beats_the_paper_on_the_plant(lm, probe, planted):
     assert by["pcicn"]["n"] == 3 and by["greedy"]["n"] == 1
     assert by["activation"]["note"] == "none below 3" and by["gradient"]["note"] == "none below 3"
     assert doc["strongest"]["attack"] == "greedy" and doc["strongest"]["n"] == 1
-    assert doc["strongest"]["critical_set"][0]["module"] == UNIT.module and doc["strongest"]["critical_set"][0]["channel"] == UNIT.channel
+    assert (
+        doc["strongest"]["critical_set"][0]["module"] == UNIT.module
+        and doc["strongest"]["critical_set"][0]["channel"] == UNIT.channel
+    )
     for a in (by["pcicn"], by["greedy"]):
-        got = independent_delta(lm.model, probe.input_ids, [Neuron(n["module"], n["channel"]) for n in a["critical_set"]])
+        got = independent_delta(
+            lm.model, probe.input_ids, [Neuron(n["module"], n["channel"]) for n in a["critical_set"]]
+        )
         assert got == pytest.approx(a["delta_log10"], abs=1e-3) and got >= 1
     assert "seconds" not in by["pcicn"] and set(doc["timings"]["attacks"]) == set(ATTACKS)
 

@@ -86,7 +86,11 @@ def test_scan_finds_the_attention_sink_neuron(smol_scan):
         assert text["delta_log10"] >= 4.0
         assert text["strongest"]["n"] == 1 and _pairs(text["strongest"]["critical_set"]) == [SINK]
     strongest = doc["strongest"]
-    assert strongest["n"] == 1 and strongest["delta_log10"] >= 4.0 and strongest["text"] in {t["name"] for t in doc["texts"]}
+    assert (
+        strongest["n"] == 1
+        and strongest["delta_log10"] >= 4.0
+        and strongest["text"] in {t["name"] for t in doc["texts"]}
+    )
     # the other attacks only had to look below n = 1: they say so
     for text in doc["texts"]:
         notes = {a["attack"]: a["note"] for a in text["attacks"] if not a["converged"]}
@@ -111,7 +115,9 @@ def test_activation_attack_alone_finds_a_set_that_reproduces(smol_lm):
 
     name, text = default_texts()[0]
     probe = tokenize_probe(smol_lm, name, text)
-    result = run_scan(smol_lm, [probe], ScanParams(samples=2, attacks="activation", max_neurons=40, ranking="activation"))
+    result = run_scan(
+        smol_lm, [probe], ScanParams(samples=2, attacks="activation", max_neurons=40, ranking="activation")
+    )
     attack = result.primary.portfolio.attacks[0]
     assert attack.attack == "activation"
     if attack.converged:  # pruned: 1-minimal, and the Δ is the set's own
@@ -125,7 +131,10 @@ def test_verify_checkpoint_catches_a_tampered_critical_row(smol_scan, smollm2, t
     clean = run_guard(["verify-checkpoint", str(smollm2), "--fingerprint", str(fp)], timeout=120)
     assert clean.returncode == 0, clean.stderr
     tampered = tmp_path / "tampered"
-    done = run_guard(["tamper", str(smollm2), "--out", str(tampered), "--neuron", f"{SINK[0]}:{SINK[1]}", "--kind", "zero"], timeout=180)
+    done = run_guard(
+        ["tamper", str(smollm2), "--out", str(tampered), "--neuron", f"{SINK[0]}:{SINK[1]}", "--kind", "zero"],
+        timeout=180,
+    )
     assert done.returncode == 0, done.stderr
     caught = run_guard(["verify-checkpoint", str(tampered), "--fingerprint", str(fp), "--format", "json"], timeout=120)
     assert caught.returncode == 1, caught.stderr
@@ -144,8 +153,12 @@ def test_monitor_sees_the_sink_disrupted(smol_scan, smol_lm):
     fp = load_fingerprint(out / "fingerprint.safetensors")
     target = Neuron(*SINK)
     assert target in fp.critical_set
-    monitor = ActivationMonitor(smol_lm.model, fp, registry=CollectorRegistry(), tokenizer=smol_lm.tokenizer, model_name="smol")
-    ids = smol_lm.tokenizer("The river rose slowly through the night, and by morning the bridge was gone.", return_tensors="pt")["input_ids"]
+    monitor = ActivationMonitor(
+        smol_lm.model, fp, registry=CollectorRegistry(), tokenizer=smol_lm.tokenizer, model_name="smol"
+    )
+    ids = smol_lm.tokenizer(
+        "The river rose slowly through the night, and by morning the bridge was gone.", return_tensors="pt"
+    )["input_ids"]
     with monitor:
         with torch.no_grad():
             smol_lm.model(input_ids=ids)
@@ -165,7 +178,9 @@ def small_fp(smol_lm, tmp_path_factory):
     from achilles_guard.texts import default_texts
 
     name, text = default_texts()[0]
-    result = run_scan(smol_lm, [tokenize_probe(smol_lm, name, text)], ScanParams(samples=10, max_neurons=40, greedy_pool=4))
+    result = run_scan(
+        smol_lm, [tokenize_probe(smol_lm, name, text)], ScanParams(samples=10, max_neurons=40, greedy_pool=4)
+    )
     out = tmp_path_factory.mktemp("smol-small")
     write_json(out / "report.json", scan_report(result))
     write_fingerprint(out / "fingerprint.safetensors", result, top=8)
@@ -190,7 +205,9 @@ def test_harden_verdict_matches_an_independent_re_mask(strategy, small_fp, smoll
         from achilles_guard.defenses.pin import PinGuard, PinnedModel
         from achilles_guard.fingerprint import load_fingerprint
 
-        model = PinnedModel(smol_lm.model, PinGuard.from_fingerprint(load_fingerprint(small_fp / "fingerprint.safetensors")))
+        model = PinnedModel(
+            smol_lm.model, PinGuard.from_fingerprint(load_fingerprint(small_fp / "fingerprint.safetensors"))
+        )
     else:
         model = load_model(target / "model", dtype="float32", device="cpu").model
     if strongest is None:
@@ -201,22 +218,24 @@ def test_harden_verdict_matches_an_independent_re_mask(strategy, small_fp, smoll
         assert got >= 1.0 and verdict == "not mitigated"
 
 
-def test_the_real_gguf_verifies_against_the_safetensors_fingerprint_and_tampers_are_caught(smol_scan, smollm2_gguf, tmp_path):
+def test_the_real_gguf_verifies_against_the_safetensors_fingerprint(smol_scan, smollm2_gguf, tmp_path):
     """Cross-format on the real Q4_1 file: the float release's fingerprint calls every slice equivalent (no false
     positive), and a zeroed or 0.9-scaled critical row written by `guard tamper` into a GGUF copy is caught."""
     _, _, out = smol_scan
     fp = out / "fingerprint.safetensors"
-    clean = run_guard(["verify-checkpoint", str(smollm2_gguf), "--fingerprint", str(fp), "--format", "json"], timeout=120)
+    verify = ["verify-checkpoint", "--fingerprint", str(fp), "--format", "json"]
+    clean = run_guard([*verify, str(smollm2_gguf)], timeout=120)
     assert clean.returncode == 0, clean.stderr
     doc = json.loads(clean.stdout)
     assert doc["verdict"] == "intact" and {s["status"] for s in doc["slices"]} <= {"intact", "equivalent"}
-    assert doc["checkpoint"]["bytes_read"] < 0.03 * doc["checkpoint"]["file_size"]  # header + the fingerprinted blocks, never the whole file
+    # the header and the fingerprinted blocks, never the whole file
+    assert doc["checkpoint"]["bytes_read"] < 0.03 * doc["checkpoint"]["file_size"]
     for kind, extra, status in [("zero", [], "zeroed"), ("scale", ["--scale", "0.9"], "scaled")]:
         copy = tmp_path / f"{kind}.gguf"
         done = run_guard(["tamper", str(smollm2_gguf), "--out", str(copy), "--neuron", f"{SINK[0]}:{SINK[1]}",
                           "--kind", kind, *extra], timeout=120)
         assert done.returncode == 0, done.stderr
-        caught = run_guard(["verify-checkpoint", str(copy), "--fingerprint", str(fp), "--format", "json"], timeout=120)
+        caught = run_guard([*verify, str(copy)], timeout=120)
         assert caught.returncode == 1, caught.stderr
         changed = [s for s in json.loads(caught.stdout)["slices"] if s["status"] not in ("intact", "equivalent")]
         assert {s["status"] for s in changed} == {status} and all(s["critical"] for s in changed)

@@ -16,7 +16,8 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from achilles_guard.cli import app
-from tests.builders import PROBE as PROBE_TEXT, reshard
+from tests.builders import PROBE as PROBE_TEXT
+from tests.builders import reshard
 
 runner = CliRunner()
 DOWN = "model.layers.0.mlp.down_proj.weight"
@@ -96,9 +97,8 @@ def test_tensor_in_two_shards_is_ambiguous_and_worst_copy_reported(layouts, tmp_
     result, doc = _verify_json(s, fp)
     assert result.exit_code == 1 and doc["verdict"] == "tampered"
     assert any(DOWN in a and "2 loaded files" in a for a in doc["layout"]["ambiguities"])
-    # the tampered (critical) rows are judged by their worst copy; the other fingerprinted rows are untouched
-    statuses = {(x["critical"], x["status"]) for x in doc["slices"] if x["param"] == DOWN}
-    assert {st for crit, st in statuses if crit} == {"zeroed"} and {st for crit, st in statuses if not crit} <= {"intact"}
+    # the critical set's rows were zeroed (the fingerprint also holds other rankings' rows, intact)
+    assert {x["status"] for x in doc["slices"] if x["param"] == DOWN and x["critical"]} == {"zeroed"}
 
 
 def test_index_next_to_tampered_single_file(layouts, tmp_path):
@@ -356,7 +356,9 @@ def test_tamper_channel_out_of_range_and_noop_scale(layouts, tmp_path):
     out = tmp_path / "t"
     r = guard("tamper", model, "--out", out, "--neuron", "model.layers.0.mlp.down_proj:100000")
     assert r.exit_code == 2 and "out of range" in one_line_error(r) and not out.exists()
-    r = guard("tamper", model, "--out", out, "--neuron", "model.layers.0.mlp.down_proj:3", "--kind", "scale", "--scale", "1.0")
+    r = guard(
+        "tamper", model, "--out", out, "--neuron", "model.layers.0.mlp.down_proj:3", "--kind", "scale", "--scale", "1.0"
+    )
     assert r.exit_code == 2 and "1.0" in one_line_error(r) and not out.exists()
 
 

@@ -1,4 +1,4 @@
-"""The attention-sink fixture (achilles_guard.demo.plant_attention_sink) and what each defence does on it.
+"""The attention-sink fixture (tests/sink.py, plant_attention_sink) and what each defence does on it.
 
 Measured facts asserted here (deterministic: Hadamard rotation, seeded PCICN, CPU float32):
 PCICN finds exactly the planted 3 residual channels; rotation does NOT mitigate (a single rotated
@@ -18,12 +18,12 @@ import torch
 
 from achilles_guard.defenses.harden import HardenRequest, harden
 from achilles_guard.defenses.verify import losses, original_attack_delta
-from achilles_guard.demo import SINK_PLANT, build_sink_model
 from achilles_guard.masking import MaskPlan, hooks, masked
 from achilles_guard.model import load_model
 from achilles_guard.neurons import Neuron
 from achilles_guard.scan import tokenize_probe
 from tests.builders import PROBE, run_guard, scanned
+from tests.sink import SINK_PLANT, build_sink_model
 
 CRITICAL = tuple(sorted(SINK_PLANT.critical_set(), key=lambda n: n.channel))
 
@@ -41,7 +41,11 @@ def sink(tmp_path_factory):
 def _down_proj(lm, ids, plan=None):
     seen = {}
     ctx = masked(lm.model, plan) if plan else torch.no_grad()
-    with torch.no_grad(), ctx, hooks(lm.model, {CRITICAL[0].module: lambda o: seen.__setitem__("a", o.detach().clone())}):
+    with (
+        torch.no_grad(),
+        ctx,
+        hooks(lm.model, {CRITICAL[0].module: lambda o: seen.__setitem__("a", o.detach().clone())}),
+    ):
         lm.model(input_ids=ids)
     return seen["a"][0]  # (T, d)
 
@@ -112,14 +116,21 @@ def test_rotation_does_not_mitigate_the_sink_fixture(sink):
     assert attempt["after"]["converged"] and attempt["after"]["n_star"] < 10 * len(CRITICAL)
     assert attempt["clean_cost_probe"] < 1e-4 and attempt["clean_cost_held_out"] < 1e-4
     # why: the rotated set leaves the sink standing in layer 1 but makes the BOS value non-zero
-    found = tuple(Neuron(c["module"], c["channel"]) for c in json.loads((out / "report.json").read_text())["critical_set"])
+    found = tuple(
+        Neuron(c["module"], c["channel"]) for c in json.loads((out / "report.json").read_text())["critical_set"]
+    )
     assert {n.module for n in found} == {CRITICAL[0].module}  # rotated channels of the same projection
     attention = _sink_attention(out / "model", ids, MaskPlan.fixed(found, 0.0))
     assert (attention[0] > 0.99).all()
     rotated = load_model(out / "model")
     values = {}
-    with torch.no_grad(), masked(rotated.model, MaskPlan.fixed(found, 0.0)), \
-            hooks(rotated.model, {"model.layers.1.self_attn.v_proj": lambda o: values.__setitem__("v", o.detach().clone())}):
+    with (
+        torch.no_grad(),
+        masked(rotated.model, MaskPlan.fixed(found, 0.0)),
+        hooks(
+            rotated.model, {"model.layers.1.self_attn.v_proj": lambda o: values.__setitem__("v", o.detach().clone())}
+        ),
+    ):
         rotated.model(input_ids=ids)
     assert values["v"][0, 0].abs().max() > 0.05  # the BOS value every position copies (0 exactly when clean)
 

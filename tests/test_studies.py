@@ -79,7 +79,11 @@ def test_precision_same_collapse_in_each_dtype(ctx, tmp_path):
 
 
 def test_texts_agreement_and_min_length(ctx, tmp_path):
-    result = studies.texts_study(ctx, lengths=[2, 12, 30], texts=[("other", "A different paragraph about rivers, bridges and bread in the town.")])
+    result = studies.texts_study(
+        ctx,
+        lengths=[2, 12, 30],
+        texts=[("other", "A different paragraph about rivers, bridges and bread in the town.")],
+    )
     doc = _check(result, tmp_path)
     assert doc["rows"][0]["same_set"] is True
     assert doc["params"]["min_agreeing_length"] == 2  # the planted value is on at every token: 2 tokens already agree

@@ -37,7 +37,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
 ) -> None:
     """Find, fingerprint, monitor and harden the handful of neurons that can collapse an LLM.
 
@@ -46,19 +48,22 @@ def _root(
     """
 
 
-# Command modules register themselves on import (one line each), in the order --help lists them.
-from achilles_guard.cli import scan as _scan  # noqa: E402,F401
-from achilles_guard.cli import verify as _verify  # noqa: E402,F401
-from achilles_guard.cli import fingerprint_cmd as _fingerprint_cmd  # noqa: E402,F401
-from achilles_guard.cli import tamper as _tamper  # noqa: E402,F401
-from achilles_guard.cli import monitor as _monitor  # noqa: E402,F401
-from achilles_guard.cli import harden as _harden  # noqa: E402,F401
-from achilles_guard.cli import repair as _repair  # noqa: E402,F401
-from achilles_guard.cli import eval as _eval  # noqa: E402,F401
-from achilles_guard.cli import study as _study  # noqa: E402,F401
-from achilles_guard.cli import generate as _generate  # noqa: E402,F401
-from achilles_guard.cli import report_cmd as _report_cmd  # noqa: E402,F401
-from achilles_guard.cli import bench as _bench  # noqa: E402,F401
+# Command modules register themselves on import (one line each), in the order --help lists them
+# (pyproject's ruff config lets these imports sit here unsorted and unused).
+# isort: off
+from achilles_guard.cli import scan as _scan
+from achilles_guard.cli import verify as _verify
+from achilles_guard.cli import fingerprint_cmd as _fingerprint_cmd
+from achilles_guard.cli import tamper as _tamper
+from achilles_guard.cli import monitor as _monitor
+from achilles_guard.cli import harden as _harden
+from achilles_guard.cli import repair as _repair
+from achilles_guard.cli import eval as _eval
+from achilles_guard.cli import study as _study
+from achilles_guard.cli import generate as _generate
+from achilles_guard.cli import report_cmd as _report_cmd
+from achilles_guard.cli import bench as _bench
+# isort: on
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,10 +71,14 @@ def main(argv: list[str] | None = None) -> int:
     command = typer.main.get_command(app)
     try:
         result = command.main(args=argv, prog_name="guard", standalone_mode=False)
-    except _click_errors.NoArgsIsHelpError as err:
+    except _click_errors.NoArgsIsHelpError:
         return 2  # typer already printed the help
     except _click_errors.UsageError as err:
-        hint = f" (see 'guard {err.ctx.info_name} --help')" if err.ctx and err.ctx.info_name != "guard" else " (see 'guard --help')"
+        hint = (
+            f" (see 'guard {err.ctx.info_name} --help')"
+            if err.ctx and err.ctx.info_name != "guard"
+            else " (see 'guard --help')"
+        )
         typer.echo(f"error: {err.format_message()}{hint}", err=True)
         return 2
     except typer.Abort:

@@ -9,31 +9,52 @@ import traceback
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from achilles_guard.errors import EXIT_RUNTIME, GuardError, InputError
+from achilles_guard.errors import EXIT_RUNTIME, GuardError, InputError, UsageError
 
-__all__ = ["DtypeOption", "DeviceOption", "TrustRemoteCodeOption", "AllowPickleOption", "Format", "stdout", "stderr", "info", "guarded", "progress_bar", "prepare_out_dir", "fail"]
+__all__ = [
+    "DtypeOption",
+    "DeviceOption",
+    "TrustRemoteCodeOption",
+    "AllowPickleOption",
+    "Format",
+    "stdout",
+    "stderr",
+    "info",
+    "guarded",
+    "progress_bar",
+    "prepare_out_dir",
+    "fail",
+    "DeprecatedOption",
+    "deprecated_alias",
+    "parse_list",
+    "rows_progress",
+]
 
 
 # The model-loading options every command that loads a model shares (one help text each).
-def DtypeOption():  # noqa: N802 - reads like the typer.Option it returns
-    return typer.Option("auto", "--dtype", help="auto (float16 on CUDA, float32 on CPU), float16, bfloat16, float32, float64.")
+def DtypeOption():  # reads like the typer.Option it returns
+    return typer.Option(
+        "auto", "--dtype", help="auto (float16 on CUDA, float32 on CPU), float16, bfloat16, float32, float64."
+    )
 
 
-def DeviceOption():  # noqa: N802
+def DeviceOption():
     return typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N (several GPUs: auto spreads the model).")
 
 
-def TrustRemoteCodeOption():  # noqa: N802
-    return typer.Option(False, "--trust-remote-code", help="Allow the model's own Python code to run (off: it is refused).")
+def TrustRemoteCodeOption():
+    return typer.Option(
+        False, "--trust-remote-code", help="Allow the model's own Python code to run (off: it is refused)."
+    )
 
 
-def AllowPickleOption():  # noqa: N802
+def AllowPickleOption():
     return typer.Option(False, "--allow-pickle", help="Allow pickle weights (*.bin), which can run code when loaded.")
 
 
@@ -79,12 +100,14 @@ def guarded(fn):
             raise fail("out of memory; try a smaller --samples batch, --dtype float16 or a GPU", EXIT_RUNTIME) from None
         except typer.Exit:
             raise
-        except Exception as err:  # noqa: BLE001 - the last line of defence: one line, exit 3
+        except Exception as err:  # the last line of defence: one line, exit 3
             if type(err).__name__ == "OutOfMemoryError":
                 raise fail("the device ran out of memory; try --device cpu or fewer --samples", EXIT_RUNTIME) from None
             if os.environ.get("GUARD_DEBUG"):
                 traceback.print_exc()
-            raise fail(f"internal error: {type(err).__name__}: {err} (set GUARD_DEBUG=1 for a traceback)", EXIT_RUNTIME) from None
+            raise fail(
+                f"internal error: {type(err).__name__}: {err} (set GUARD_DEBUG=1 for a traceback)", EXIT_RUNTIME
+            ) from None
 
     return wrapper
 
@@ -138,3 +161,40 @@ def prepare_out_dir(out: Path) -> Path:
     except OSError as err:
         raise InputError(f"--out {out}: not writable ({err.strerror or err})") from None
     return out
+
+
+def DeprecatedOption(old: str, new: str):  # reads like the typer.Option it returns
+    """A hidden option kept so old command lines still work: `old` is read as `new` (see deprecated_alias)."""
+    return typer.Option(None, old, hidden=True, help=f"Deprecated alias of {new}.")
+
+
+def deprecated_alias(value, old_value, *, old: str, new: str):
+    """`old_value` (with a warning on stderr) when the deprecated option was given, else `value`."""
+    if old_value is None:
+        return value
+    stderr().print(f"[yellow]warning:[/] {old} is deprecated; use {new}")
+    return old_value
+
+
+def parse_list(spec: str, kind: Callable, option: str) -> list:
+    """`"1,2,4"` -> `[1, 2, 4]` for a comma-list option; UsageError naming the option otherwise."""
+    try:
+        values = [kind(p.strip()) for p in spec.split(",") if p.strip()]
+    except ValueError:
+        raise UsageError(f"{option} {spec!r}: expected a comma-separated list of {kind.__name__} values") from None
+    if not values:
+        raise UsageError(f"{option} is empty")
+    return values
+
+
+@contextmanager
+def rows_progress(description: str) -> Iterator[Callable[[int, int], None]]:
+    """`update(done, total)`: a Rich bar on stderr when it is a terminal, else nothing."""
+    if not sys.stderr.isatty():
+        yield lambda done, total: None
+        return
+    progress = Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                        console=stderr(), transient=True)
+    task = progress.add_task(description, total=None)
+    with progress:
+        yield lambda done, total: progress.update(task, completed=done, total=total)

@@ -1,77 +1,27 @@
-"""`guard eval`: perplexity on a local corpus with the top-n ranked neurons masked (Table 1).
-
-Also holds what the research commands share: loading the model and its report, building the
-corpus, parsing comma lists, a progress bar over batched rows.
-"""
+"""`guard eval`: perplexity on a local corpus with the top-n ranked neurons masked (Table 1)."""
 
 from __future__ import annotations
 
-import sys
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Optional
 
 import typer
 from rich.table import Table
 
 from achilles_guard.cli import app
-from achilles_guard.cli.common import AllowPickleOption, DeviceOption, DtypeOption, Format, TrustRemoteCodeOption, guarded, stderr, stdout
+from achilles_guard.cli.common import (
+    AllowPickleOption,
+    DeviceOption,
+    DtypeOption,
+    Format,
+    TrustRemoteCodeOption,
+    guarded,
+    rows_progress,
+    stdout,
+)
 from achilles_guard.errors import UsageError
 
-__all__ = ["eval_command", "open_model", "default_max_length", "build_corpus", "parse_list", "rows_progress"]
-
-
-def open_model(model_dir: str, *, dtype: str, device: str, trust_remote_code: bool, allow_pickle: bool):
-    from achilles_guard.model import load_model
-
-    return load_model(model_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
-
-
-def default_max_length(lm, cap: int = 1024) -> int:
-    config = lm.model.config
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or cap
-    return int(min(cap, limit))
-
-
-def build_corpus(lm, data: Path | None, *, fallback_ids=None, text_field: str = "text", max_length: int | None,
-                 stride: int | None, max_tokens: int | None = None):
-    """(Corpus, source name, documents): --data if given, else the probe ids as one window."""
-    from achilles_guard.evaluation import Corpus, load_corpus, tokenize_corpus
-
-    length = max_length or default_max_length(lm)
-    if max_tokens is not None and max_tokens < 2:
-        raise UsageError(f"--max-tokens must be >= 2 (got {max_tokens})")
-    if data is None:
-        ids = fallback_ids.reshape(-1).cpu()
-        return Corpus.build(ids, max_length=max(length, 2), stride=stride), "probe text", 1
-    docs = load_corpus(data, text_field=text_field)
-    ids = tokenize_corpus(lm, docs, max_tokens=max_tokens)
-    return Corpus.build(ids, max_length=length, stride=stride), str(data), len(docs)
-
-
-def parse_list(spec: str, kind: Callable, option: str) -> list:
-    try:
-        values = [kind(p.strip()) for p in spec.split(",") if p.strip()]
-    except ValueError:
-        raise UsageError(f"{option} {spec!r}: expected a comma-separated list of {kind.__name__} values") from None
-    if not values:
-        raise UsageError(f"{option} is empty")
-    return values
-
-
-@contextmanager
-def rows_progress(description: str) -> Iterator[Callable[[int, int], None]]:
-    """`update(done, total)`: a Rich bar on stderr when it is a terminal, else nothing."""
-    if not sys.stderr.isatty():
-        yield lambda done, total: None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    progress = Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                        console=stderr(), transient=True)
-    task = progress.add_task(description, total=None)
-    with progress:
-        yield lambda done, total: progress.update(task, completed=done, total=total)
+__all__ = ["eval_command"]
 
 
 def _fmt(x, digits=3) -> str:
@@ -84,8 +34,12 @@ def eval_command(
     model_dir: str = typer.Argument(..., help="Local model directory (the one the report was made for)."),
     report: Path = typer.Option(..., "--report", help="report.json written by 'guard scan' (its ranking is masked)."),
     data: Path = typer.Option(..., "--data", help="Corpus: a .txt/.raw file, a .jsonl file or a directory of them."),
-    levels: str = typer.Option("0,1,2,4,n*", help="Numbers of top-ranked neurons to mask; n* = the report's critical set."),
-    max_length: Optional[int] = typer.Option(None, help="Window length in tokens (default: min(1024, the model's context))."),
+    levels: str = typer.Option(
+        "0,1,2,4,n*", help="Numbers of top-ranked neurons to mask; n* = the report's critical set."
+    ),
+    max_length: Optional[int] = typer.Option(
+        None, help="Window length in tokens (default: min(1024, the model's context))."
+    ),
     stride: Optional[int] = typer.Option(None, help="New tokens scored per window (default: max-length / 2)."),
     max_tokens: Optional[int] = typer.Option(None, help="Use only the first N tokens of the corpus."),
     text_field: str = typer.Option("text", help="Field holding the text in .jsonl files."),
@@ -95,7 +49,11 @@ def eval_command(
     device: str = DeviceOption(),
     format: Format = typer.Option(Format.table, "--format", help="table or json."),
     out: Optional[Path] = typer.Option(None, help="Also write the JSON result to this file (atomically)."),
-    cross_model: bool = typer.Option(False, "--cross-model", help="Apply a report made for another model of the same architecture (paper Table 10: variants)."),
+    cross_model: bool = typer.Option(
+        False,
+        "--cross-model",
+        help="Apply a report made for another model of the same architecture (paper Table 10: variants).",
+    ),
     trust_remote_code: bool = TrustRemoteCodeOption(),
     allow_pickle: bool = AllowPickleOption(),
 ) -> None:
@@ -104,7 +62,8 @@ def eval_command(
     Sliding windows of --max-length tokens; every token after the first is scored exactly once.
     Exit 0 ok, 2 bad input, 3 runtime failure.
     """
-    from achilles_guard.evaluation import ReportRanking, evaluate_levels, parse_levels
+    from achilles_guard.evaluation import ReportRanking, build_corpus, evaluate_levels, parse_levels
+    from achilles_guard.model import load_model
     from achilles_guard.report import dumps, write_json
 
     if batch_size is not None and batch_size < 1:
@@ -113,7 +72,9 @@ def eval_command(
         raise UsageError("--format sarif is for scans; use table or json")
     ranked = ReportRanking.load(report)
     wanted = parse_levels(levels, ranked)
-    lm = open_model(model_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    lm = load_model(
+        model_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
+    )
     ranked.check_model(lm, cross_model=cross_model)
     corpus, source, documents = build_corpus(lm, data, text_field=text_field, max_length=max_length, stride=stride,
                                              max_tokens=max_tokens)
@@ -121,8 +82,15 @@ def eval_command(
     with rows_progress("eval · windows × levels") as update:
         result = evaluate_levels(lm, corpus, ranked, wanted, data=source, documents=documents, scale=scale,
                                  batch_size=batch_size, progress=update)
-    doc = result.as_dict({"path": lm.path, "architecture": lm.architecture, "dtype": str(lm.dtype).removeprefix("torch."),
-                          "device": lm.device, "config_sha256": lm.config_sha256})
+    doc = result.as_dict(
+        {
+            "path": lm.path,
+            "architecture": lm.architecture,
+            "dtype": str(lm.dtype).removeprefix("torch."),
+            "device": lm.device,
+            "config_sha256": lm.config_sha256,
+        }
+    )
     doc["report"] = str(report)
     if out is not None:
         write_json(out, doc)
@@ -141,9 +109,14 @@ def eval_command(
                   f"{doc['baseline']['ppl']:.4g}", "0.000")
     for level in doc["levels"]:
         ppl = level["ppl"]
-        table.add_row(str(level["n"]) + (" (n*)" if level["n"] == ranked.n_star else ""), _fmt(level["loss"], 4),
-                      _fmt(level["log10_ppl"]), "overflow" if ppl is None else f"{ppl:.4g}", _fmt(level["delta_log10"]),
-                      style="bold red" if (level["delta_log10"] is None or level["delta_log10"] >= ranked.epsilon) else None)
+        table.add_row(
+            str(level["n"]) + (" (n*)" if level["n"] == ranked.n_star else ""),
+            _fmt(level["loss"], 4),
+            _fmt(level["log10_ppl"]),
+            "overflow" if ppl is None else f"{ppl:.4g}",
+            _fmt(level["delta_log10"]),
+            style="bold red" if (level["delta_log10"] is None or level["delta_log10"] >= ranked.epsilon) else None,
+        )
     console.print(table)
     if out is not None:
         console.print(f"[dim]wrote {out}[/]")

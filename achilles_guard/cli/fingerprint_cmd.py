@@ -13,8 +13,9 @@ from rich.text import Text
 
 from achilles_guard.cli import app
 from achilles_guard.cli.common import Format, guarded, stdout
+from achilles_guard.report import fingerprint_doc
 
-__all__ = ["fingerprint_app", "show_command", "fingerprint_doc"]
+__all__ = ["fingerprint_app", "show_command"]
 
 fingerprint_app = typer.Typer(
     help="Inspect a critical-weight fingerprint (fingerprint.safetensors written by `guard scan`).",
@@ -50,43 +51,27 @@ def show_command(
     console.print(_render(doc))
 
 
-def fingerprint_doc(fp, *, signature: str) -> dict:
-    """A JSON view of a Fingerprint (metadata decoded, tensors summarised)."""
-    return {
-        "path": fp.path,
-        "format": fp.metadata.get("format"),
-        "schema_version": int(fp.metadata.get("schema_version", "0")),
-        "tool_version": fp.tool_version,
-        "architecture": fp.architecture,
-        "model_type": fp.model_type,
-        "config_sha256": fp.config_sha256,
-        "signature": signature,
-        "scan_params": fp.scan_params,
-        "baseline_loss": fp.baseline_loss,
-        "probe_texts": len(fp.probe_texts),
-        "critical_set": [{"module": n.module, "channel": n.channel} for n in fp.critical_set],
-        "slices": {k: {"param": s.param, "axis": s.axis, "index": s.index, "shard": s.shard, "dtype": s.dtype,
-                       "shape": list(s.shape), "sha256": s.sha256} for k, s in sorted(fp.slices.items())},
-        "neurons": [{
-            "rank": r.rank, "module": r.neuron.module, "channel": r.neuron.channel, "layer": r.layer,
-            "component": r.component, "critical": r.critical,
-            "importance": r.importance if r.importance == r.importance and abs(r.importance) != float("inf") else None,
-            "slices": list(r.slices),
-            "baseline": {"mean": r.baseline.mean, "std": r.baseline.std, "max_abs": r.baseline.max_abs, "mean_abs": r.baseline.mean_abs},
-        } for r in fp.neurons],
-    }
-
-
 def _render(doc: dict) -> Group:
     head = Text.assemble(
-        ("fingerprint ", "dim"), (doc["path"], "bold"),
-        (f"  {doc['format']} v{doc['schema_version']}, guard {doc['tool_version']}, signature: {doc['signature']}\n", "dim"),
-        ("model ", "dim"), (f"{doc['architecture']} ({doc['model_type']})", "bold"),
-        (f"  config sha256 {doc['config_sha256'][:16]}…  baseline loss {doc['baseline_loss']:.4f} nats, "
-         f"{doc['probe_texts']} probe text(s)\n", "dim"),
-        ("scan ", "dim"), (json.dumps(doc["scan_params"], sort_keys=True), "dim"),
+        ("fingerprint ", "dim"),
+        (doc["path"], "bold"),
+        (
+            f"  {doc['format']} v{doc['schema_version']}, guard {doc['tool_version']}, signature: {doc['signature']}\n",
+            "dim",
+        ),
+        ("model ", "dim"),
+        (f"{doc['architecture']} ({doc['model_type']})", "bold"),
+        (
+            f"  config sha256 {doc['config_sha256'][:16]}…  baseline loss {doc['baseline_loss']:.4f} nats, "
+            f"{doc['probe_texts']} probe text(s)\n",
+            "dim",
+        ),
+        ("scan ", "dim"),
+        (json.dumps(doc["scan_params"], sort_keys=True), "dim"),
     )
-    crit = ", ".join(f"{n['module']}[{n['channel']}]" for n in doc["critical_set"]) or "none (the scan did not converge)"
+    crit = (
+        ", ".join(f"{n['module']}[{n['channel']}]" for n in doc["critical_set"]) or "none (the scan did not converge)"
+    )
     table = Table(title=f"{len(doc['neurons'])} neurons, {len(doc['slices'])} weight slices", title_justify="left")
     for col, justify in (("rank", "right"), ("neuron", "left"), ("layer", "right"), ("component", "left"),
                          ("critical", "left"), ("slices", "right"), ("shard(s)", "left"), ("mean", "right"),

@@ -6,51 +6,24 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List, Optional
 
-import torch
 import typer
 from rich.table import Table
 
 from achilles_guard.cli import app
-from achilles_guard.cli.common import AllowPickleOption, DeviceOption, DtypeOption, Format, TrustRemoteCodeOption, guarded, stdout
-from achilles_guard.cli.eval import open_model
-from achilles_guard.errors import TextError, UsageError
-from achilles_guard.masking import masked
+from achilles_guard.cli.common import (
+    AllowPickleOption,
+    DeviceOption,
+    DtypeOption,
+    Format,
+    TrustRemoteCodeOption,
+    guarded,
+    stdout,
+)
+from achilles_guard.errors import UsageError
+from achilles_guard.generation import greedy, topk_levels
+from achilles_guard.model import load_model
 
-__all__ = ["generate_command", "greedy", "topk_levels"]
-
-
-def greedy(lm, prompt: str, plan, max_new_tokens: int) -> str:
-    """Greedy continuation of `prompt` (None plan: the clean model)."""
-    ids = _encode(lm, prompt)
-    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=lm.tokenizer.pad_token_id or lm.tokenizer.eos_token_id)
-    with torch.no_grad():
-        if plan is None:
-            out = lm.model.generate(input_ids=ids, **kwargs)
-        else:
-            with masked(lm.model, plan):
-                out = lm.model.generate(input_ids=ids, **kwargs)
-    return lm.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-
-
-def topk_levels(lm, prompt: str, ranked, levels: list[int], k: int, scale: float) -> list[dict]:
-    """Top-k next-token probabilities for each level, in one forward (row b masks the top levels[b])."""
-    ids = _encode(lm, prompt)
-    batch = ids.expand(len(levels), -1)  # (R, T)
-    with torch.no_grad(), masked(lm.model, ranked.plan(levels, scale)):
-        logits = lm.model(input_ids=batch, use_cache=False).logits[:, -1].float()  # (R, V)
-    probs = torch.softmax(logits, dim=-1)
-    top_p, top_i = probs.topk(min(k, probs.shape[-1]), dim=-1)  # (R, k)
-    return [
-        {"n": n, "top": [{"token": lm.tokenizer.decode([i]), "id": i, "prob": p} for i, p in zip(ti, tp)]}
-        for n, ti, tp in zip(levels, top_i.tolist(), top_p.tolist())
-    ]
-
-
-def _encode(lm, prompt: str) -> torch.Tensor:
-    ids = lm.tokenizer(prompt, return_tensors="pt")["input_ids"]
-    if ids.numel() == 0:
-        raise TextError(f"prompt {prompt[:40]!r} tokenizes to nothing with this model's tokenizer")
-    return ids.to(lm.input_device)
+__all__ = ["generate_command"]
 
 
 @app.command("generate")
@@ -67,7 +40,11 @@ def generate_command(
     format: Format = typer.Option(Format.table, "--format", help="table or json."),
     out: Optional[Path] = typer.Option(None, help="Also write the JSON result to this file."),
     png: Optional[Path] = typer.Option(None, "--png", help="Write Fig. 1's top-k panels as a PNG (needs matplotlib)."),
-    cross_model: bool = typer.Option(False, "--cross-model", help="Apply a report made for another model of the same architecture (paper Table 10: variants)."),
+    cross_model: bool = typer.Option(
+        False,
+        "--cross-model",
+        help="Apply a report made for another model of the same architecture (paper Table 10: variants).",
+    ),
     trust_remote_code: bool = TrustRemoteCodeOption(),
     allow_pickle: bool = AllowPickleOption(),
 ) -> None:
@@ -84,15 +61,26 @@ def generate_command(
         require_matplotlib()
     ranked = ReportRanking.load(report)
     neurons = ranked.require_critical_set()
-    lm = open_model(model_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    lm = load_model(
+        model_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
+    )
     ranked.check_model(lm, cross_model=cross_model)
     scale = ranked.mask_scale if mask_scale is None else mask_scale
     plan = MaskPlan.fixed(neurons, scale)
-    answers = [{"prompt": p, "clean": greedy(lm, p, None, max_new_tokens), "masked": greedy(lm, p, plan, max_new_tokens)}
-               for p in prompt]
+    answers = [
+        {"prompt": p, "clean": greedy(lm, p, None, max_new_tokens), "masked": greedy(lm, p, plan, max_new_tokens)}
+        for p in prompt
+    ]
     levels = topk_levels(lm, prompt[0], ranked, list(range(len(neurons) + 1)), top_k, scale)
-    doc = {"schema": "achilles-guard/generate/v1", "model": lm.path, "report": str(report), "mask_scale": scale,
-           "critical_set": [str(n) for n in neurons], "answers": answers, "topk": {"prompt": prompt[0], "levels": levels}}
+    doc = {
+        "schema": "achilles-guard/generate/v1",
+        "model": lm.path,
+        "report": str(report),
+        "mask_scale": scale,
+        "critical_set": [str(n) for n in neurons],
+        "answers": answers,
+        "topk": {"prompt": prompt[0], "levels": levels},
+    }
     if out is not None:
         write_json(out, doc)
     if png is not None:

@@ -8,7 +8,16 @@ from typing import List, Optional
 import typer
 
 from achilles_guard.cli import app
-from achilles_guard.cli.common import DeviceOption, DtypeOption, Format, guarded, prepare_out_dir, progress_bar, stderr, stdout
+from achilles_guard.cli.common import (
+    DeviceOption,
+    DtypeOption,
+    Format,
+    guarded,
+    prepare_out_dir,
+    progress_bar,
+    stderr,
+    stdout,
+)
 from achilles_guard.errors import EXIT_FINDING, EXIT_OK, InputError, UsageError
 from achilles_guard.report import dumps
 
@@ -22,11 +31,15 @@ def harden_command(
     fingerprint: Path = typer.Option(..., "--fingerprint", help="fingerprint.safetensors written by guard scan."),
     strategy: str = typer.Option(..., "--strategy", help="rotate, split, finetune, pin or auto."),
     out: Path = typer.Option(..., "--out", help="Directory for the hardened model, its report and harden-report.json."),
-    report: Optional[Path] = typer.Option(None, "--report", help="The scan's report.json (default: next to the fingerprint)."),
+    report: Optional[Path] = typer.Option(
+        None, "--report", help="The scan's report.json (default: next to the fingerprint)."
+    ),
     max_cost: float = typer.Option(0.01, help="Largest acceptable clean cost, in orders of magnitude of perplexity."),
     copies: int = typer.Option(8, help="split: copies of each critical unit (>= 2)."),
     seed: int = typer.Option(0, help="rotate: seed of the orthogonal matrix; finetune: seed of the dropout."),
-    rotation: str = typer.Option("auto", help="rotate: auto (Hadamard when the size is a power of 2), hadamard, random."),
+    rotation: str = typer.Option(
+        "auto", help="rotate: auto (Hadamard when the size is a power of 2), hadamard, random."
+    ),
     data: Optional[Path] = typer.Option(None, help="finetune: local .txt/.jsonl file or directory of them."),
     steps: int = typer.Option(200, help="finetune: optimizer steps."),
     lr: float = typer.Option(1e-4, help="finetune: learning rate."),
@@ -35,7 +48,9 @@ def harden_command(
     drop_p: float = typer.Option(0.5, help="finetune: probability of masking each top-ranked neuron in a batch."),
     drop_top: int = typer.Option(32, help="finetune: how many top-ranked neurons are dropout candidates."),
     kl_weight: float = typer.Option(1.0, "--kl-weight", help="finetune: λ of the KL term to the frozen original."),
-    held_out_file: List[Path] = typer.Option([], "--held-out-file", help="Extra held-out text for the clean cost (repeatable)."),
+    held_out_file: List[Path] = typer.Option(
+        [], "--held-out-file", help="Extra held-out text for the clean cost (repeatable)."
+    ),
     dtype: str = DtypeOption(),
     device: str = DeviceOption(),
     format: Format = typer.Option(Format.table, "--format", help="What stdout carries: table or json."),
@@ -52,7 +67,9 @@ def harden_command(
     if not model_dir.is_dir():
         raise InputError(f"{model_dir}: no such directory")
     if out.resolve() == model_dir.resolve() or model_dir.resolve() in out.resolve().parents:
-        raise UsageError(f"--out {out} is (inside) the model directory; guard never writes in place: choose a new directory")
+        raise UsageError(
+            f"--out {out} is (inside) the model directory; guard never writes in place: choose a new directory"
+        )
     if not fingerprint.is_file():
         raise InputError(f"--fingerprint {fingerprint}: no such file (run guard scan MODEL --out DIR first)")
     if copies < 1 or (strategy == "split" and copies < 2):
@@ -124,7 +141,9 @@ def _precheck(request) -> None:
     fp = load_fingerprint(request.fingerprint)
     report = request.report or request.fingerprint.parent / "report.json"
     if not report.is_file():
-        raise InputError(f"scan report {report}: no such file; give --report, or keep report.json next to the fingerprint")
+        raise InputError(
+            f"scan report {report}: no such file; give --report, or keep report.json next to the fingerprint"
+        )
     strategies = auto_order(fp) if request.strategy == "auto" else [request.strategy]
     if "rotate" in strategies:
         from achilles_guard.defenses.rotate import check_rotatable

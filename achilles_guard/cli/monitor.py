@@ -23,7 +23,17 @@ from typing import Optional
 import typer
 
 from achilles_guard.cli import app
-from achilles_guard.cli.common import AllowPickleOption, DeviceOption, DtypeOption, TrustRemoteCodeOption, guarded, stderr, stdout
+from achilles_guard.cli.common import (
+    AllowPickleOption,
+    DeprecatedOption,
+    DeviceOption,
+    DtypeOption,
+    TrustRemoteCodeOption,
+    deprecated_alias,
+    guarded,
+    stderr,
+    stdout,
+)
 from achilles_guard.errors import EXIT_FINDING, EXIT_OK, UsageError
 
 __all__ = ["monitor_command", "status_table"]
@@ -32,28 +42,67 @@ __all__ = ["monitor_command", "status_table"]
 @app.command("monitor")
 @guarded
 def monitor_command(
-    model_dir: Optional[str] = typer.Argument(None, help="Local Hugging Face model directory to monitor.", show_default=False),
-    demo: bool = typer.Option(False, "--demo", help="Monitor the built-in synthetic demonstration model (fingerprint it with guard scan --demo)."),
-    fingerprint: Path = typer.Option(..., "--fingerprint", help="fingerprint.safetensors written by guard scan for this model."),
+    model_dir: Optional[str] = typer.Argument(
+        None, help="Local Hugging Face model directory to monitor.", show_default=False
+    ),
+    demo: bool = typer.Option(
+        False,
+        "--demo",
+        help="Monitor the built-in synthetic demonstration model (fingerprint it with guard scan --demo).",
+    ),
+    fingerprint: Path = typer.Option(
+        ..., "--fingerprint", help="fingerprint.safetensors written by guard scan for this model."
+    ),
     serve: bool = typer.Option(False, "--serve", help="Serve /metrics, /healthz and /v1/completions over HTTP."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (--serve)."),
     port: int = typer.Option(9464, help="Port to listen on (--serve); 0 picks a free one."),
     interval: float = typer.Option(5.0, help="Seconds between status refreshes (without --serve)."),
-    iterations: Optional[int] = typer.Option(None, help="Stop after N refreshes (without --serve); default: until Ctrl-C."),
-    integrity_interval: float = typer.Option(30.0, help="Seconds between in-memory weight re-hashes (--serve; 0 = at start only)."),
-    canary_interval: float = typer.Option(300.0, help="Seconds between canary probe runs (--serve; 0 = at start only)."),
-    tolerance: float = typer.Option(10.0, help="Factor a critical activation may drift from its baseline before it is anomalous."),
-    massive_factor: float = typer.Option(20.0, help="A baseline max |a| this many times the median counts as a massive activation."),
+    iterations: Optional[int] = typer.Option(
+        None, help="Stop after N refreshes (without --serve); default: until Ctrl-C."
+    ),
+    integrity_interval: float = typer.Option(
+        30.0, help="Seconds between in-memory weight re-hashes (--serve; 0 = at start only)."
+    ),
+    canary_interval: float = typer.Option(
+        300.0, help="Seconds between canary probe runs (--serve; 0 = at start only)."
+    ),
+    drift_factor: float = typer.Option(
+        10.0, help="Factor a critical activation may drift from its baseline before it is anomalous."
+    ),
+    tolerance: Optional[float] = DeprecatedOption("--tolerance", "--drift-factor"),
+    massive_factor: float = typer.Option(
+        20.0, help="A baseline max |a| this many times the median counts as a massive activation."
+    ),
     max_body_bytes: int = typer.Option(65536, help="Largest accepted request body (--serve)."),
     max_prompt_tokens: int = typer.Option(2048, help="Longest accepted prompt in tokens (--serve)."),
     max_new_tokens: int = typer.Option(256, help="Largest accepted max_tokens (--serve)."),
     max_in_flight: int = typer.Option(4, help="Completion requests served at once; more get HTTP 429 (--serve)."),
-    request_timeout: float = typer.Option(10.0, help="Seconds a client has to send a whole request (line, headers, body); slower ones get 408 and are closed (--serve)."),
-    max_connections: int = typer.Option(64, help="Connections served at once; the next ones get a fast HTTP 429 and are closed (--serve)."),
-    model_name: Optional[str] = typer.Option(None, help="The `model` label on every metric (default: the directory name)."),
-    enable_test_endpoints: bool = typer.Option(False, "--enable-test-endpoints", help="Expose POST /v1/test/disrupt and /v1/test/restore, which zero a fingerprinted neuron's weights in memory. Never in production."),
-    verify_key: Optional[str] = typer.Option(None, help="Refuse a fingerprint whose HMAC does not verify with this key (file or env:VAR)."),
-    protect: bool = typer.Option(False, "--protect", help="Hold the critical neurons to their fingerprinted baseline (pin guard) on every forward; the monitor still sees the raw values."),
+    request_timeout: float = typer.Option(
+        10.0,
+        help="Seconds a client has to send a whole request (line, headers, body); slower ones get 408 and are closed "
+             "(--serve).",
+    ),
+    max_connections: int = typer.Option(
+        64, help="Connections served at once; the next ones get a fast HTTP 429 and are closed (--serve)."
+    ),
+    model_name: Optional[str] = typer.Option(
+        None, help="The `model` label on every metric (default: the directory name)."
+    ),
+    enable_test_endpoints: bool = typer.Option(
+        False,
+        "--enable-test-endpoints",
+        help="Expose POST /v1/test/disrupt and /v1/test/restore, which zero a fingerprinted neuron's weights in "
+             "memory. Never in production.",
+    ),
+    verify_key: Optional[str] = typer.Option(
+        None, help="Refuse a fingerprint whose HMAC does not verify with this key (file or env:VAR)."
+    ),
+    protect: bool = typer.Option(
+        False,
+        "--protect",
+        help="Hold the critical neurons to their fingerprinted baseline (pin guard) on every forward; the monitor "
+             "still sees the raw values.",
+    ),
     dtype: str = DtypeOption(),
     device: str = DeviceOption(),
     trust_remote_code: bool = TrustRemoteCodeOption(),
@@ -88,11 +137,14 @@ def monitor_command(
     limits = ServerLimits(max_body_bytes=max_body_bytes, max_prompt_tokens=max_prompt_tokens,
                           max_new_tokens=max_new_tokens, max_in_flight=max_in_flight,
                           request_timeout_s=request_timeout, max_connections=max_connections)
-    config = MonitorConfig(tolerance=tolerance, massive_factor=massive_factor,
+    drift_factor = deprecated_alias(drift_factor, tolerance, old="--tolerance", new="--drift-factor")
+    config = MonitorConfig(drift_factor=drift_factor, massive_factor=massive_factor,
                            integrity_interval_s=integrity_interval, canary_interval_s=canary_interval).validated()
     fp = load_fingerprint(fingerprint, verify_key=read_key(verify_key) if verify_key else None)
     if protect and not fp.critical_set:
-        raise UsageError(f"--protect: fingerprint {fingerprint} has no critical set to protect (its scan did not converge)")
+        raise UsageError(
+            f"--protect: fingerprint {fingerprint} has no critical set to protect (its scan did not converge)"
+        )
     log = stderr()
     server = None
     if serve:  # bind before the slow model load: a taken port fails at once
@@ -102,7 +154,9 @@ def monitor_command(
             from achilles_guard.demo import demo_model_dir
 
             model_dir = str(demo_model_dir())
-        lm = load_model(model_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+        lm = load_model(
+            model_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
+        )
         name = model_name or ("demo" if demo else Path(lm.directory).name or "model")
         guard = _pin_guard(fp, log) if protect else None
         monitor = ActivationMonitor(lm.model, fp, registry=CollectorRegistry(), tokenizer=lm.tokenizer, config=config,
@@ -189,6 +243,7 @@ def status_table(state, name: str):
     integ = state.integrity
     table.add_row("weight integrity", "-" if integ is None else ok if integ.ok else bad,
                   "" if integ is None else f"{integ.checked} slices hashed, {len(integ.mismatched)} changed"
+                  + (f", {integ.skipped} offloaded (not checked)" if integ.skipped else "")
                   + (f": {', '.join(integ.mismatched[:3])}" if integ.mismatched else ""))
     can = state.canary
     table.add_row("canary", "-" if can is None else ok if can.ok else bad,

@@ -29,7 +29,6 @@ def repair_command(
     """
     from achilles_guard.defenses.repair import check_out_dir, repair_checkpoint
     from achilles_guard.fingerprint import load_fingerprint
-
     from achilles_guard.gguf_file import is_gguf
 
     if is_gguf(checkpoint_dir):  # restores the fingerprinted raw blocks into a copy of the file (gguf_tamper.py)
@@ -51,11 +50,17 @@ def repair_command(
     else:
         counts = doc["counts"]
         console.print(f"repaired copy: {out}")
-        console.print(f"slices: {counts['intact']} intact, {counts['restored']} restored, {counts['unrepairable']} unrepairable")
+        console.print(
+            f"slices: {counts['intact']} intact, {counts['restored']} restored, {counts['unrepairable']} unrepairable"
+        )
         for s in doc["slices"]:
             console.print(f"  {s['status']:<12} {s['key']}" + (f"  ({s['reason']})" if s["reason"] else ""))
         if not outcome.config_matches:
             console.print("[yellow]warning: config.json differs from the fingerprinted model's config[/]")
-        console.print("verified: every repairable slice matches the fingerprint" if outcome.verified else "[red]verification FAILED[/]")
+        console.print(
+            "verified: every repairable slice matches the fingerprint"
+            if outcome.verified
+            else "[red]verification FAILED[/]"
+        )
     ok = outcome.verified and not outcome.unrepairable
     raise typer.Exit(EXIT_OK if ok else EXIT_FINDING)

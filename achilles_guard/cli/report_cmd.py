@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 from pathlib import Path
 from typing import List, Optional
 
@@ -13,7 +12,6 @@ import typer
 
 from achilles_guard.cli import app
 from achilles_guard.cli.common import guarded, stdout
-from achilles_guard.errors import InputError
 
 __all__ = ["report_command", "html_page"]
 
@@ -29,7 +27,9 @@ def _load_study(path: Path) -> dict:
 def report_command(
     report: Path = typer.Argument(..., help="report.json written by 'guard scan'."),
     html_out: Optional[Path] = typer.Option(None, "--html", help="Write one static HTML page (plots embedded)."),
-    png: Optional[Path] = typer.Option(None, "--png", help="Write Fig. 2 (phase transition + layer distribution) as PNG."),
+    png: Optional[Path] = typer.Option(
+        None, "--png", help="Write Fig. 2 (phase transition + layer distribution) as PNG."
+    ),
     study: List[Path] = typer.Option([], "--study", help="A study-NAME.json to include (repeatable)."),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Embed plots in the HTML page (needs matplotlib)."),
 ) -> None:
@@ -52,7 +52,7 @@ def report_command(
     if html_out is not None:
         atomic_write_bytes(html_out, html_page(doc, studies, plots=plots).encode())
     if html_out is None and png is None:
-        from achilles_guard.cli.study import study_table
+        from achilles_guard.render import study_table
 
         console.print(scan_summary(doc))
         for s in studies:
@@ -76,12 +76,20 @@ def html_page(doc: dict, studies: list[dict], *, plots: bool = True) -> str:
     ]
     if model.get("synthetic_demo"):
         parts.append("<p class='note'>Synthetic demonstration model (planted critical set). Not a real LLM.</p>")
-    parts.append(_kv_table({
-        "model": model["path"], "architecture": model["architecture"], "parameters": f"{model['num_parameters']:,}",
-        "dtype / device": f"{model['dtype']} / {model['device']}", "candidate neurons": f"{model['candidate_neurons']:,}",
-        "config sha256": model["config_sha256"], "tool": f"{doc['tool']['name']} {doc['tool']['version']}",
-        "params": ", ".join(f"{k}={v}" for k, v in doc["params"].items()),
-    }))
+    parts.append(
+        _kv_table(
+            {
+                "model": model["path"],
+                "architecture": model["architecture"],
+                "parameters": f"{model['num_parameters']:,}",
+                "dtype / device": f"{model['dtype']} / {model['device']}",
+                "candidate neurons": f"{model['candidate_neurons']:,}",
+                "config sha256": model["config_sha256"],
+                "tool": f"{doc['tool']['name']} {doc['tool']['version']}",
+                "params": ", ".join(f"{k}={v}" for k, v in doc["params"].items()),
+            }
+        )
+    )
     if doc["converged"]:
         delta = doc["delta_log10"]
         parts.append(f"<p class='bad'>Critical set: masking {doc['n_star']} neuron(s) raises perplexity by "
@@ -125,14 +133,19 @@ def _img(png: bytes, alt: str) -> str:
 
 
 def _kv_table(items: dict) -> str:
-    rows = "".join(f"<tr><th class='l'>{html.escape(k)}</th><td class='l'>{html.escape(str(v))}</td></tr>" for k, v in items.items())
+    rows = "".join(
+        f"<tr><th class='l'>{html.escape(k)}</th><td class='l'>{html.escape(str(v))}</td></tr>"
+        for k, v in items.items()
+    )
     return f"<table>{rows}</table>"
 
 
 def _table(columns, rows, *, left=frozenset()) -> str:
     head = "".join(f"<th class='{'l' if c in left else ''}'>{html.escape(str(c))}</th>" for c in columns)
     body = "".join(
-        "<tr>" + "".join(f"<td class='{'l' if c in left else ''}'>{html.escape(_cell(v))}</td>" for c, v in zip(columns, row)) + "</tr>"
+        "<tr>"
+        + "".join(f"<td class='{'l' if c in left else ''}'>{html.escape(_cell(v))}</td>" for c, v in zip(columns, row))
+        + "</tr>"
         for row in rows
     )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"

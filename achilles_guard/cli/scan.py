@@ -9,38 +9,31 @@ from typing import List, Optional
 import typer
 
 from achilles_guard.cli import app
-from achilles_guard.cli.common import AllowPickleOption, DeviceOption, DtypeOption, Format, TrustRemoteCodeOption, guarded, info, prepare_out_dir, progress_bar, stdout
+from achilles_guard.cli.common import (
+    AllowPickleOption,
+    DeviceOption,
+    DtypeOption,
+    Format,
+    TrustRemoteCodeOption,
+    guarded,
+    info,
+    prepare_out_dir,
+    progress_bar,
+    stdout,
+)
 from achilles_guard.errors import EXIT_FINDING, EXIT_OK, InputError, UsageError
 from achilles_guard.fingerprint import fingerprint_bytes, read_key
+from achilles_guard.paper import PAPER
 from achilles_guard.report import dumps, scan_report, scan_sarif
+from achilles_guard.scan import ScanParams, read_probe_texts, run_scan, tokenize_probe
 from achilles_guard.staging import publish_files
-from achilles_guard.scan import ScanParams, run_scan, tokenize_probe
 
-__all__ = ["scan_command", "read_probe_texts"]
-
-
-def read_probe_texts(texts: list[str], text_files: list[Path]) -> list[tuple[str, str]]:
-    """`[(name, text)]` from --text / --text-file, else the packaged default texts."""
-    probes = [(f"text-{i + 1}", t) for i, t in enumerate(texts)]
-    for path in text_files:
-        if not path.is_file():
-            raise InputError(f"--text-file {path}: no such file")
-        try:
-            content = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as err:
-            raise InputError(f"--text-file {path}: cannot read it as UTF-8 text ({err})") from None
-        if not content.strip():
-            raise InputError(f"--text-file {path}: the file is empty")
-        probes.append((path.stem, content.strip()))
-    if not probes:
-        from achilles_guard.texts import default_texts
-
-        probes = default_texts()
-    return probes
+__all__ = ["scan_command"]
 
 
 def _check_fingerprintable(directory) -> None:
-    """Before the long scan: the fingerprint reads safetensors slices, so pickle-only weights cannot be fingerprinted."""
+    """Before the long scan: the fingerprint reads safetensors slices, so pickle-only weights cannot be
+    fingerprinted."""
     from achilles_guard.checkpoint import Checkpoint
     from achilles_guard.gguf_file import is_gguf
 
@@ -49,28 +42,42 @@ def _check_fingerprintable(directory) -> None:
     try:
         Checkpoint.open(directory).close()
     except InputError as err:
-        raise InputError(f"{err}; a scan writes report.json and fingerprint.safetensors together, so nothing was written") from None
+        raise InputError(
+            f"{err}; a scan writes report.json and fingerprint.safetensors together, so nothing was written"
+        ) from None
 
 
 @app.command("scan")
 @guarded
 def scan_command(
-    model_dir: Optional[str] = typer.Argument(None, help="Local Hugging Face model directory (or hub id with network).", show_default=False),
-    demo: bool = typer.Option(False, "--demo", help="Scan the built-in synthetic demonstration model (built once into the cache)."),
+    model_dir: Optional[str] = typer.Argument(
+        None, help="Local Hugging Face model directory (or hub id with network).", show_default=False
+    ),
+    demo: bool = typer.Option(
+        False, "--demo", help="Scan the built-in synthetic demonstration model (built once into the cache)."
+    ),
     text: List[str] = typer.Option([], "--text", help="Probe text (repeatable). Default: the packaged texts."),
     text_file: List[Path] = typer.Option([], "--text-file", help="File holding a probe text (repeatable)."),
-    alpha: float = typer.Option(5.0, help="Noise scale α of stage 1."),
-    samples: int = typer.Option(100, help="Monte-Carlo samples K of stage 1."),
-    seed: int = typer.Option(42, help="Seed of the noise generator."),
-    epsilon: float = typer.Option(1.0, help="Collapse threshold ε, in orders of magnitude of perplexity."),
-    step: int = typer.Option(1, help="Search step Δn."),
-    max_neurons: int = typer.Option(1000, help="Search budget: give up (converged: false) past this many neurons."),
-    components: str = typer.Option("all", help="Candidate modules: all, mlp-out, mlp, attention, norms, paper, or a regex."),
+    alpha: float = typer.Option(PAPER.alpha, help="Noise scale α of stage 1."),
+    samples: int = typer.Option(PAPER.samples, help="Monte-Carlo samples K of stage 1."),
+    seed: int = typer.Option(PAPER.seed, help="Seed of the noise generator."),
+    epsilon: float = typer.Option(PAPER.epsilon, help="Collapse threshold ε, in orders of magnitude of perplexity."),
+    step: int = typer.Option(PAPER.step, help="Search step Δn."),
+    max_neurons: int = typer.Option(
+        PAPER.max_neurons, help="Search budget: give up (converged: false) past this many neurons."
+    ),
+    components: str = typer.Option(
+        "all", help="Candidate modules: all, mlp-out, mlp, attention, norms, paper, or a regex."
+    ),
     ranking: str = typer.Option("pcicn", help="Stage-1 ranking: pcicn, activation, gradient or random."),
-    mask_scale: float = typer.Option(0.0, help="β: a masked neuron's output becomes β × its value."),
+    mask_scale: float = typer.Option(PAPER.mask_scale, help="β: a masked neuron's output becomes β × its value."),
     keep: int = typer.Option(1000, help="How many top-ranked neurons report.json lists."),
-    attacks: str = typer.Option("all", "--attacks", help="Attack portfolio, comma separated: pcicn, activation, gradient, greedy, or all."),
-    greedy_pool: Optional[int] = typer.Option(None, "--greedy-pool", help="Greedy's pool: the top-M of each ranking (default 64).", show_default=False),
+    attacks: str = typer.Option(
+        "all", "--attacks", help="Attack portfolio, comma separated: pcicn, activation, gradient, greedy, or all."
+    ),
+    greedy_pool: Optional[int] = typer.Option(
+        None, "--greedy-pool", help="Greedy's pool: the top-M of each ranking (default 64).", show_default=False
+    ),
     allow_short: bool = typer.Option(False, "--allow-short", help="Accept probe texts under 10 tokens."),
     dtype: str = DtypeOption(),
     device: str = DeviceOption(),
@@ -78,7 +85,9 @@ def scan_command(
     format: Format = typer.Option(Format.table, "--format", help="What stdout carries: table, json or sarif."),
     fail_under: Optional[int] = typer.Option(None, help="Gate: exit 1 when a critical set has <= N neurons."),
     fingerprint_top: int = typer.Option(64, help="Also fingerprint the weights of the top-R ranked neurons."),
-    sign_key: Optional[str] = typer.Option(None, help="Sign the fingerprint with HMAC-SHA256: a key file path or env:VAR."),
+    sign_key: Optional[str] = typer.Option(
+        None, help="Sign the fingerprint with HMAC-SHA256: a key file path or env:VAR."
+    ),
     trust_remote_code: bool = TrustRemoteCodeOption(),
     allow_pickle: bool = AllowPickleOption(),
 ) -> None:
@@ -109,7 +118,9 @@ def scan_command(
 
         info("[dim]preparing the synthetic demonstration model (built once, then cached)…[/]")
         model_dir = str(demo_model_dir())
-    lm = load_model(model_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    lm = load_model(
+        model_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
+    )
     _check_fingerprintable(lm.directory)
     load_s = time.perf_counter() - t0
     probes = [tokenize_probe(lm, name, body, allow_short=allow_short) for name, body in raw_texts]

@@ -6,15 +6,25 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.table import Table
-from rich.text import Text
 
 from achilles_guard.cli import app
-from achilles_guard.cli.common import AllowPickleOption, DeviceOption, DtypeOption, Format, TrustRemoteCodeOption, guarded, prepare_out_dir, progress_bar, stdout
-from achilles_guard.cli.eval import build_corpus, open_model, parse_list
+from achilles_guard.cli.common import (
+    AllowPickleOption,
+    DeviceOption,
+    DtypeOption,
+    Format,
+    TrustRemoteCodeOption,
+    guarded,
+    parse_list,
+    prepare_out_dir,
+    progress_bar,
+    stdout,
+)
 from achilles_guard.errors import UsageError
+from achilles_guard.paper import PAPER
+from achilles_guard.render import study_table
 
-__all__ = ["study_command", "study_table"]
+__all__ = ["study_command"]
 
 HELP = {
     "alpha": "n* as α varies (Fig. 4 left)",
@@ -34,21 +44,27 @@ HELP = {
 def study_command(
     name: str = typer.Argument(..., help="Study: " + "; ".join(f"{k}: {v}" for k, v in HELP.items()) + "."),
     model_dir: str = typer.Argument(..., help="Local model directory."),
-    report: Optional[Path] = typer.Option(None, "--report", help="report.json of 'guard scan': its critical set is used (else one is scanned)."),
-    text: List[str] = typer.Option([], "--text", help="Probe text (repeatable; the first one is ranked). Default: the packaged texts."),
+    report: Optional[Path] = typer.Option(
+        None, "--report", help="report.json of 'guard scan': its critical set is used (else one is scanned)."
+    ),
+    text: List[str] = typer.Option(
+        [], "--text", help="Probe text (repeatable; the first one is ranked). Default: the packaged texts."
+    ),
     text_file: List[Path] = typer.Option([], "--text-file", help="File holding a probe text (repeatable)."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Corpus for PPL (.txt/.jsonl/dir). Default: the probe text."),
+    data: Optional[Path] = typer.Option(
+        None, "--data", help="Corpus for PPL (.txt/.jsonl/dir). Default: the probe text."
+    ),
     text_field: str = typer.Option("text", help="Field holding the text in .jsonl files."),
     max_length: Optional[int] = typer.Option(None, help="Window length for --data."),
     stride: Optional[int] = typer.Option(None, help="Window stride for --data."),
     max_tokens: Optional[int] = typer.Option(None, help="Use only the first N tokens of --data."),
-    alpha: float = typer.Option(5.0, help="α of stage 1 (where it is not the varied parameter)."),
-    samples: int = typer.Option(100, help="K of stage 1 (where it is not the varied parameter)."),
-    seed: int = typer.Option(42, help="Noise / random-ranking seed."),
-    epsilon: float = typer.Option(1.0, help="Collapse threshold ε."),
-    max_neurons: int = typer.Option(1000, help="Search budget."),
+    alpha: float = typer.Option(PAPER.alpha, help="α of stage 1 (where it is not the varied parameter)."),
+    samples: int = typer.Option(PAPER.samples, help="K of stage 1 (where it is not the varied parameter)."),
+    seed: int = typer.Option(PAPER.seed, help="Noise / random-ranking seed."),
+    epsilon: float = typer.Option(PAPER.epsilon, help="Collapse threshold ε."),
+    max_neurons: int = typer.Option(PAPER.max_neurons, help="Search budget."),
     components: str = typer.Option("all", help="Candidate modules for rankings."),
-    mask_scale: float = typer.Option(0.0, help="β of a masked neuron."),
+    mask_scale: float = typer.Option(PAPER.mask_scale, help="β of a masked neuron."),
     alphas: str = typer.Option("1,2,3,4,5,6,7,8", help="[alpha] α values."),
     samples_list: str = typer.Option("10,20,40,60,80,100,120", help="[samples] K values."),
     epsilons: str = typer.Option("0.8,1,2,3,10,20", help="[epsilon] ε values."),
@@ -75,10 +91,10 @@ def study_command(
     Exit 0 ok, 2 bad input (unknown study, bad list, matplotlib missing for a PNG), 3 runtime failure.
     """
     from achilles_guard import studies
-    from achilles_guard.cli.scan import read_probe_texts
-    from achilles_guard.evaluation import ReportRanking
+    from achilles_guard.evaluation import ReportRanking, build_corpus
+    from achilles_guard.model import load_model
     from achilles_guard.report import atomic_write_bytes, dumps, write_json
-    from achilles_guard.scan import ScanParams, tokenize_probe
+    from achilles_guard.scan import ScanParams, read_probe_texts, tokenize_probe
 
     if name not in studies.STUDIES:
         raise UsageError(f"unknown study {name!r}; use one of {', '.join(studies.STUDIES)}")
@@ -93,20 +109,39 @@ def study_command(
     params = ScanParams(alpha=alpha, samples=samples, seed=seed, epsilon=epsilon, max_neurons=max_neurons,
                         components=components, mask_scale=mask_scale).validated()
     ranked = ReportRanking.load(report) if report is not None else None
-    run = _runner(name, studies, alphas=alphas, samples_list=samples_list, epsilons=epsilons, betas=betas, dtypes=dtypes,
-                  lengths=lengths, presets=presets, counts=counts, ns=ns, rankings=rankings, runs=runs,
-                  user_texts=[(f"text-{i + 1}", t) for i, t in enumerate(text)])
+    run = _runner(
+        name,
+        studies,
+        alphas=alphas,
+        samples_list=samples_list,
+        epsilons=epsilons,
+        betas=betas,
+        dtypes=dtypes,
+        lengths=lengths,
+        presets=presets,
+        counts=counts,
+        ns=ns,
+        rankings=rankings,
+        runs=runs,
+        user_texts=[(f"text-{i + 1}", t) for i, t in enumerate(text)],
+    )
     out = prepare_out_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     load_kwargs = {"trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle}
-    lm = open_model(model_dir, dtype=dtype, device=device, **load_kwargs)
+    lm = load_model(model_dir, dtype=dtype, device=device, **load_kwargs)
     if ranked is not None:
         ranked.check_model(lm)
     probe_name, probe_text = read_probe_texts(text, text_file)[0]
     probe = tokenize_probe(lm, probe_name, probe_text, allow_short=allow_short or name == "texts")
-    corpus, source, _ = build_corpus(lm, data, fallback_ids=probe.input_ids, text_field=text_field,
-                                     max_length=max_length if data is not None else probe.tokens,
-                                     stride=stride if data is not None else max(1, probe.tokens - 1), max_tokens=max_tokens)
+    corpus, source, _ = build_corpus(
+        lm,
+        data,
+        fallback_ids=probe.input_ids,
+        text_field=text_field,
+        max_length=max_length if data is not None else probe.tokens,
+        stride=stride if data is not None else max(1, probe.tokens - 1),
+        max_tokens=max_tokens,
+    )
     with progress_bar() as update:
         ctx = studies.StudyContext(lm, probe, corpus, params, ranked, batch_size, load_kwargs, update)
         result = run(ctx)
@@ -161,26 +196,3 @@ def _runner(name, studies, *, alphas, samples_list, epsilons, betas, dtypes, len
         return lambda ctx: studies.components_study(ctx, presets=names, counts=sizes, runs=runs)
     values, methods = parse_list(ns, int, "--ns"), parse_list(rankings, str, "--rankings")
     return lambda ctx: studies.compare_study(ctx, ns=values, rankings=methods, runs=runs)
-
-
-def study_table(doc: dict):
-    """A Rich rendering of a study document (also used by `guard report`)."""
-    from rich.console import Group
-
-    table = Table(title=doc["title"], title_justify="left", header_style="bold")
-    for col in doc["columns"]:
-        table.add_column(col, justify="left" if col in ("subset", "text", "genre", "language", "component", "ranking", "dtype") else "right")
-    for row in doc["rows"]:
-        table.add_row(*(_cell(row[c]) for c in doc["columns"]))
-    parts = [table, *(Text(f"  {note}", style="dim") for note in doc.get("notes", []))]
-    return Group(*parts)
-
-
-def _cell(value) -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return f"{value:.4g}" if abs(value) >= 1e4 or (value and abs(value) < 1e-3) else f"{value:.3f}"
-    return str(value)

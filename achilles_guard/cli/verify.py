@@ -11,7 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from achilles_guard.cli import app
-from achilles_guard.cli.common import Format, guarded, stderr, stdout
+from achilles_guard.cli.common import DeprecatedOption, Format, deprecated_alias, guarded, stderr, stdout
 from achilles_guard.errors import EXIT_FINDING, EXIT_OK
 
 __all__ = ["verify_command", "render_verification"]
@@ -20,10 +20,19 @@ __all__ = ["verify_command", "render_verification"]
 @app.command("verify-checkpoint")
 @guarded
 def verify_command(
-    checkpoint_dir: Path = typer.Argument(..., help="Checkpoint directory (safetensors, sharded or not), or a .gguf file.", show_default=False),
-    fingerprint: Path = typer.Option(..., "--fingerprint", help="fingerprint.safetensors written by `guard scan`.", show_default=False),
-    functional: bool = typer.Option(False, "--functional", help="Also load the model: probe loss vs baseline, and re-mask the critical set."),
-    tolerance: float = typer.Option(0.05, help="--functional fails when the probe loss rises by >= this many orders of magnitude of PPL."),
+    checkpoint_dir: Path = typer.Argument(
+        ..., help="Checkpoint directory (safetensors, sharded or not), or a .gguf file.", show_default=False
+    ),
+    fingerprint: Path = typer.Option(
+        ..., "--fingerprint", help="fingerprint.safetensors written by `guard scan`.", show_default=False
+    ),
+    functional: bool = typer.Option(
+        False, "--functional", help="Also load the model: probe loss vs baseline, and re-mask the critical set."
+    ),
+    max_delta_log10: float = typer.Option(
+        0.05, help="--functional fails when the probe loss rises by >= this many orders of magnitude of PPL."
+    ),
+    tolerance: Optional[float] = DeprecatedOption("--tolerance", "--max-delta-log10"),
     verify_key: Optional[str] = typer.Option(None, help="Require a valid HMAC signature: a key file path or env:VAR."),
     dtype: str = typer.Option("auto", help="--functional: dtype to load the model in."),
     device: str = typer.Option("auto", help="--functional: auto, cpu, cuda or cuda:N."),
@@ -35,23 +44,26 @@ def verify_command(
     --functional. Exit 0 every slice intact or equivalent (and config, functional check ok),
     1 tampered (or a bad/missing signature with --verify-key), 2 bad input, 3 runtime failure.
     """
-    from achilles_guard.detectors.integrity import FunctionalParams, report_doc, report_sarif, verify_checkpoint
+    from achilles_guard.detectors.checkpoint_verify import FunctionalParams, verify_checkpoint
     from achilles_guard.errors import UsageError
     from achilles_guard.fingerprint import load_fingerprint, read_key
-    from achilles_guard.report import dumps
+    from achilles_guard.report import dumps, verify_document, verify_sarif
 
-    if not tolerance > 0:
-        raise UsageError(f"--tolerance must be > 0 (got {tolerance})")
+    max_delta_log10 = deprecated_alias(max_delta_log10, tolerance, old="--tolerance", new="--max-delta-log10")
+    if not max_delta_log10 > 0:
+        raise UsageError(f"--max-delta-log10 must be > 0 (got {max_delta_log10})")
     key = read_key(verify_key) if verify_key else None
     fp = load_fingerprint(fingerprint, verify_key=key)
     if key is not None:
         signature = "verified"
     elif fp.signed:
         signature = "not checked"
-        stderr().print("[yellow]warning:[/] the fingerprint is signed but no --verify-key was given; its signature was not checked")
+        stderr().print(
+            "[yellow]warning:[/] the fingerprint is signed but no --verify-key was given; its signature was not checked"
+        )
     else:
         signature = "unsigned"
-    params = FunctionalParams(tolerance=tolerance, dtype=dtype, device=device) if functional else None
+    params = FunctionalParams(max_delta_log10=max_delta_log10, dtype=dtype, device=device) if functional else None
     from achilles_guard.gguf_file import is_gguf
 
     if is_gguf(checkpoint_dir):  # reads the header and the fingerprinted blocks only (gguf_integrity.py)
@@ -60,15 +72,16 @@ def verify_command(
         report = verify_gguf(checkpoint_dir, fp, functional=params, signature=signature)
     else:
         report = verify_checkpoint(checkpoint_dir, fp, functional=params, signature=signature)
-    doc = report_doc(report)
+    doc = verify_document(report)
     if hasattr(report, "bytes_read"):  # GGUF: what the check cost (additive fields)
-        doc["checkpoint"].update(format="gguf", bytes_read=report.bytes_read, header_bytes=report.header_bytes,
-                                 file_size=report.file_size)
+        doc["checkpoint"].update(
+            format="gguf", bytes_read=report.bytes_read, header_bytes=report.header_bytes, file_size=report.file_size
+        )
     console = stdout()
     if format is Format.json:
         console.file.write(dumps(doc))
     elif format is Format.sarif:
-        console.file.write(dumps(report_sarif(doc)))
+        console.file.write(dumps(verify_sarif(doc)))
     else:
         console.print(render_verification(doc))
     raise typer.Exit(EXIT_OK if report.ok else EXIT_FINDING)

@@ -72,7 +72,7 @@ def repair_checkpoint(source: str | Path, fp, out: str | Path) -> RepairOutcome:
     """Write a repaired, verified copy of `source` to `out` (see module docstring)."""
     source, out = Path(source), Path(out)
     check_out_dir(source, out)
-    from achilles_guard.detectors.integrity import SliceStatus, check_config, judge_slice
+    from achilles_guard.detectors.checkpoint_verify import SliceStatus, check_config, judge_slice
 
     check_config(source, fp)  # InputError (exit 2, nothing written) for a fingerprint of another architecture
     with Checkpoint.open(source) as ckpt:
@@ -131,7 +131,7 @@ def _rewrite_shard(src: Path, dst: Path, tensors: dict[str, list], fp) -> None:
 
 
 def _verify(root: Path, fp, results: dict[str, SliceRepair]) -> bool:
-    from achilles_guard.detectors.integrity import judge_slice
+    from achilles_guard.detectors.checkpoint_verify import judge_slice
 
     with Checkpoint.open(root) as ckpt:
         for key, res in results.items():

@@ -10,8 +10,8 @@
 
 from achilles_guard.monitor.activation import ActivationMonitor, ForwardReading, MonitorConfig, MonitorState
 from achilles_guard.monitor.canary import Canary, CanaryResult
-from achilles_guard.monitor.integrity import IntegrityChecker, IntegrityResult
 from achilles_guard.monitor.metrics import EXPORTED_NAMES, MonitorMetrics
+from achilles_guard.monitor.runtime_integrity import RuntimeIntegrityChecker, RuntimeIntegrityResult
 from achilles_guard.monitor.tamper import Disruption, disrupt, disrupted
 
 __all__ = [
@@ -21,8 +21,8 @@ __all__ = [
     "ForwardReading",
     "Canary",
     "CanaryResult",
-    "IntegrityChecker",
-    "IntegrityResult",
+    "RuntimeIntegrityChecker",
+    "RuntimeIntegrityResult",
     "MonitorMetrics",
     "EXPORTED_NAMES",
     "Disruption",

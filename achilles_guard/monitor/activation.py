@@ -13,13 +13,13 @@ the batch and positions. When the last monitored module has reported, the forwar
 against the fingerprint's baselines, vectorised over all K monitored neurons:
 
 - **collapse / surge**: a critical neuron that is on at every position in the baseline
-  (mean |a| ≥ ½ max |a|) must keep mean |a| within a factor `tolerance` of its baseline;
+  (mean |a| ≥ ½ max |a|) must keep mean |a| within a factor `drift_factor` of its baseline;
 - **massive_missing**: a neuron whose baseline max |a| is massive (≥ `massive_factor` × the median
-  of the monitored neurons) must keep max |a| above baseline / `tolerance` — on every forward
+  of the monitored neurons) must keep max |a| above baseline / `drift_factor` — on every forward
   when it is always on, on prefill forwards (T ≥ 2) only when it fires on a few positions (a
   first-token attention sink is absent from single-token decode steps).
 
-`guard_anomaly_score` is how many orders of magnitude the worst neuron lies beyond tolerance
+`guard_anomaly_score` is how many orders of magnitude the worst neuron lies beyond the drift factor
 (0 = normal). Hooks enter the model only through `masking.hooks`.
 
 **Protection** (`guard=PinGuard`, `guard monitor --protect`): `attach` installs the monitor's
@@ -45,8 +45,8 @@ import torch
 from achilles_guard.errors import InputError, UsageError
 from achilles_guard.masking import hooks
 from achilles_guard.monitor.canary import Canary, CanaryResult
-from achilles_guard.monitor.integrity import IntegrityChecker, IntegrityResult
 from achilles_guard.monitor.metrics import MonitorMetrics
+from achilles_guard.monitor.runtime_integrity import RuntimeIntegrityChecker, RuntimeIntegrityResult
 
 __all__ = ["ActivationMonitor", "MonitorConfig", "ForwardReading", "MonitorState"]
 
@@ -55,15 +55,15 @@ _SCORE_CAP = 99.0  # orders of magnitude; a non-finite activation scores this
 
 @dataclass(frozen=True)
 class MonitorConfig:
-    tolerance: float = 10.0  # factor either way a neuron may drift before it is anomalous
+    drift_factor: float = 10.0  # factor either way a neuron may drift before it is anomalous
     massive_factor: float = 20.0  # "massive": baseline max|a| >= this × median of the monitored set
     always_on_fraction: float = 0.5  # baseline mean|a| >= this × max|a|: present at every position
     integrity_interval_s: float = 30.0  # background re-hash period (0 = only on demand)
     canary_interval_s: float = 0.0  # background canary period (0 = only on demand)
 
     def validated(self) -> "MonitorConfig":
-        if not self.tolerance > 1.0:
-            raise UsageError(f"--tolerance must be > 1 (a factor; got {self.tolerance})")
+        if not self.drift_factor > 1.0:
+            raise UsageError(f"--drift-factor must be > 1 (a factor; got {self.drift_factor})")
         if not self.massive_factor > 1.0:
             raise UsageError(f"--massive-factor must be > 1 (got {self.massive_factor})")
         if self.integrity_interval_s < 0 or self.canary_interval_s < 0:
@@ -85,7 +85,7 @@ class ForwardReading:
 class MonitorState:
     forwards: int
     last: ForwardReading | None
-    integrity: IntegrityResult | None
+    integrity: RuntimeIntegrityResult | None
     canary: CanaryResult | None
     interventions: int | None = None  # values the pin guard changed so far; None without protection
 
@@ -103,7 +103,9 @@ class _NeuronTable:
         for record in fingerprint.neurons:
             per_module.setdefault(record.neuron.module, []).append(record)
         self.modules = tuple(per_module)
-        self.channels = {m: torch.tensor([r.neuron.channel for r in rs], dtype=torch.long) for m, rs in per_module.items()}
+        self.channels = {
+            m: torch.tensor([r.neuron.channel for r in rs], dtype=torch.long) for m, rs in per_module.items()
+        }
         records = [r for m in self.modules for r in per_module[m]]
         self.names = tuple(str(r.neuron) for r in records)
         self.mean_abs = np.array([r.baseline.mean_abs for r in records], dtype=np.float64)  # (K,)
@@ -140,19 +142,21 @@ class ActivationMonitor:
             try:
                 model.get_submodule(module)
             except AttributeError:
-                raise InputError(f"fingerprint {fingerprint.path}: module {module} is not in this model; it belongs to another model") from None
+                raise InputError(
+                    f"fingerprint {fingerprint.path}: module {module} is not in this model; it belongs to another model"
+                ) from None
         self.model = model
         self.fingerprint = fingerprint
         self.metrics = MonitorMetrics(registry, model=model_name)
         self.lock = lock or threading.RLock()
         self._table = _NeuronTable(fingerprint, self.config)
-        self._integrity = IntegrityChecker(model, fingerprint)
+        self._integrity = RuntimeIntegrityChecker(model, fingerprint)
         self._canary = Canary(model, tokenizer, fingerprint) if tokenizer is not None else None
         self._local = threading.local()
         self._state_lock = threading.Lock()
         self._forwards = 0
         self._last: ForwardReading | None = None
-        self._last_integrity: IntegrityResult | None = None
+        self._last_integrity: RuntimeIntegrityResult | None = None
         self._last_canary: CanaryResult | None = None
         self._stack: ExitStack | None = None
         self._stop = threading.Event()
@@ -212,7 +216,7 @@ class ActivationMonitor:
 
     # -- checks ----------------------------------------------------------------------------
 
-    def check_integrity(self) -> IntegrityResult:
+    def check_integrity(self) -> RuntimeIntegrityResult:
         """Re-hash the in-memory producing slices now and update the integrity metrics."""
         result = self._integrity.check()
         m = self.metrics
@@ -276,9 +280,11 @@ class ActivationMonitor:
         pending.clear()
         device = parts[0].device
         watched = torch.cat([p.to(device).reshape(-1, p.shape[-1]) for p in parts], dim=-1).abs_()  # (B*T, K)
-        stats = torch.stack([watched.mean(0, dtype=torch.float32), watched.amax(0).float()]).cpu().double().numpy()  # (2, K)
+        stats = (
+            torch.stack([watched.mean(0, dtype=torch.float32), watched.amax(0).float()]).cpu().double().numpy()
+        )  # (2, K)
         positions = parts[0].shape[-2] if parts[0].dim() >= 2 else 1
-        reading = _score(table, stats[0], stats[1], positions, math.log10(self.config.tolerance))
+        reading = _score(table, stats[0], stats[1], positions, math.log10(self.config.drift_factor))
         m = self.metrics
         m.forward_passes.inc()
         m.score.set(reading.score)
@@ -286,7 +292,9 @@ class ActivationMonitor:
         for kind in reading.kinds:
             m.anomalies[kind].inc()
         if len(table.critical_index):
-            ratios = ((stats[0][table.critical_index] + table.eps) / (table.mean_abs[table.critical_index] + table.eps)).tolist()
+            ratios = (
+                (stats[0][table.critical_index] + table.eps) / (table.mean_abs[table.critical_index] + table.eps)
+            ).tolist()
             for gauge, ratio in zip(self._ratio_gauges, ratios):
                 gauge.set(ratio if ratio == ratio else math.inf)
         with self._state_lock:

@@ -36,7 +36,10 @@ class Canary:
             raise InputError(f"fingerprint {fingerprint.path}: it stores no probe text, so no canary can run")
         ids = tokenizer(fingerprint.probe_texts[0], return_tensors="pt")["input_ids"]  # (1, T)
         if ids.shape[1] < 2:
-            raise InputError(f"fingerprint {fingerprint.path}: its probe text tokenizes to {ids.shape[1]} token(s) here; wrong tokenizer?")
+            raise InputError(
+                f"fingerprint {fingerprint.path}: its probe text tokenizes to {ids.shape[1]} token(s) here; wrong "
+                "tokenizer?"
+            )
         self.model = model
         self.input_ids = ids.to(model.get_input_embeddings().weight.device)
         self.baseline_loss = fingerprint.baseline_loss

@@ -42,7 +42,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from achilles_guard.errors import InputError, first_line
 from achilles_guard.monitor.generate import complete
 from achilles_guard.monitor.tamper import disrupt
-from achilles_guard.neurons import Neuron
+from achilles_guard.neurons import Neuron, parse_neuron
+from achilles_guard.report import json_number
 
 __all__ = ["ServerLimits", "ServeContext", "build_server", "bind_context", "RequestError"]
 
@@ -85,7 +86,9 @@ class ServeContext:
         self.slots = threading.BoundedSemaphore(self.limits.max_in_flight)
         self.disruptions: list = []
         self.tamper_lock = threading.Lock()
-        positions = getattr(self.lm.model.config, "max_position_embeddings", None) or getattr(self.lm.model.config, "n_positions", None)
+        positions = getattr(self.lm.model.config, "max_position_embeddings", None) or getattr(
+            self.lm.model.config, "n_positions", None
+        )
         self.context_length = int(positions) if positions else None
 
 
@@ -95,7 +98,9 @@ class RequestError(Exception):
         self.status, self.message, self.kind = status, message, kind
 
 
-def build_server(ctx: ServeContext | None, *, host: str, port: int, limits: ServerLimits | None = None) -> ThreadingHTTPServer:
+def build_server(
+    ctx: ServeContext | None, *, host: str, port: int, limits: ServerLimits | None = None
+) -> ThreadingHTTPServer:
     """Bind now (InputError when the address is taken or invalid); serve with `serve_forever()`.
 
     `ctx` may be given later with `bind_context` (bind first, load the model, then serve); the
@@ -109,7 +114,9 @@ def build_server(ctx: ServeContext | None, *, host: str, port: int, limits: Serv
     try:
         server = _Server((host, port), Handler, limits)
     except OSError as err:
-        raise InputError(f"cannot listen on {host}:{port}: {err.strerror or err}; pick another --port or --host") from None
+        raise InputError(
+            f"cannot listen on {host}:{port}: {err.strerror or err}; pick another --port or --host"
+        ) from None
     return server
 
 
@@ -177,7 +184,11 @@ class _Server(ThreadingHTTPServer):
     def handle_error(self, request, client_address):
         """One line on stderr per failed connection (a client that aborts, mostly), no traceback."""
         err = sys.exc_info()[1]
-        who = f"{client_address[0]}:{client_address[1]}" if isinstance(client_address, tuple) and len(client_address) >= 2 else str(client_address)
+        who = (
+            f"{client_address[0]}:{client_address[1]}"
+            if isinstance(client_address, tuple) and len(client_address) >= 2
+            else str(client_address)
+        )
         if isinstance(err, (ConnectionError, TimeoutError)):
             what = "aborted the connection"
         else:
@@ -226,7 +237,9 @@ class _Handler(BaseHTTPRequestHandler):
         super().setup()
         self.rfile.close()  # the stdlib's makefile; left open it would keep the socket from closing
         self._over_cap = self.server.over_cap() if hasattr(self.server, "over_cap") else False
-        self._request_timeout = min(limits.request_timeout_s, _REJECT_TIMEOUT_S) if self._over_cap else limits.request_timeout_s
+        self._request_timeout = (
+            min(limits.request_timeout_s, _REJECT_TIMEOUT_S) if self._over_cap else limits.request_timeout_s
+        )
         self._raw_in = _DeadlineIO(self.connection, limits.socket_timeout_s)
         self.rfile = io.BufferedReader(self._raw_in)
 
@@ -239,7 +252,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._log_line(f"sent no complete request within {self._request_timeout:g} s; closed with 408")
             self.send_error(408, f"the request did not arrive within {self._request_timeout:g} s")
 
-    def log_message(self, format, *args):  # noqa: A002 - stdlib signature; no per-request logs on stderr
+    def log_message(self, format, *args):  # stdlib signature; no per-request logs on stderr
         return
 
     def _log_line(self, what: str) -> None:
@@ -295,12 +308,14 @@ class _Handler(BaseHTTPRequestHandler):
             if self._responded or not _expired(self._raw_in):  # a write timed out: nothing to answer on
                 raise
             self._log_line(f"sent no complete request within {self._request_timeout:g} s; closed with 408")
-            self._error(RequestError(408, f"the request did not arrive within {self._request_timeout:g} s", "timeout_error"))
+            self._error(
+                RequestError(408, f"the request did not arrive within {self._request_timeout:g} s", "timeout_error")
+            )
         except ConnectionError:  # the client went away: handle_error logs one line
             self.close_connection = True
             self._status = 499
             raise
-        except Exception as err:  # noqa: BLE001 - one bad request must never stop the server
+        except Exception as err:  # one bad request must never stop the server
             self._error(RequestError(500, f"internal error: {type(err).__name__}: {err}", "server_error"))
         finally:
             self.context.monitor.metrics.request(endpoint, self._status, time.perf_counter() - t0)
@@ -313,7 +328,9 @@ class _Handler(BaseHTTPRequestHandler):
         length = self.headers.get("Content-Length", "")
         if length.isdigit() and int(length) <= self.server.limits.max_body_bytes:
             _drain(self.rfile, int(length))
-        raise RequestError(429, f"{self.server.limits.max_connections} connections already open; retry later", "rate_limit_error")
+        raise RequestError(
+            429, f"{self.server.limits.max_connections} connections already open; retry later", "rate_limit_error"
+        )
 
     def _metrics(self) -> None:
         self._send(200, generate_latest(self.context.monitor.metrics.registry), CONTENT_TYPE_LATEST)
@@ -335,7 +352,11 @@ class _Handler(BaseHTTPRequestHandler):
         if not isinstance(prompt, str) or not prompt:
             raise RequestError(400, "'prompt' must be a non-empty string")
         max_tokens = body.get("max_tokens", 16)
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= limits.max_new_tokens:
+        if (
+            isinstance(max_tokens, bool)
+            or not isinstance(max_tokens, int)
+            or not 1 <= max_tokens <= limits.max_new_tokens
+        ):
             raise RequestError(400, f"'max_tokens' must be an integer from 1 to {limits.max_new_tokens}")
         temperature = body.get("temperature", 0.0)
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0.0 <= temperature <= 2.0:
@@ -352,9 +373,15 @@ class _Handler(BaseHTTPRequestHandler):
         if ids.shape[1] > limits.max_prompt_tokens:
             raise RequestError(400, f"prompt has {ids.shape[1]} tokens; the limit is {limits.max_prompt_tokens}")
         if ctx.context_length and ids.shape[1] + max_tokens > ctx.context_length:
-            raise RequestError(400, f"prompt ({ids.shape[1]} tokens) + max_tokens ({max_tokens}) exceeds the context length {ctx.context_length}")
+            raise RequestError(
+                400,
+                f"prompt ({ids.shape[1]} tokens) + max_tokens ({max_tokens}) exceeds the context length "
+                f"{ctx.context_length}",
+            )
         if not ctx.slots.acquire(blocking=False):
-            raise RequestError(429, f"{limits.max_in_flight} requests already in flight; retry later", "rate_limit_error")
+            raise RequestError(
+                429, f"{limits.max_in_flight} requests already in flight; retry later", "rate_limit_error"
+            )
         metrics = ctx.monitor.metrics
         metrics.in_flight.inc()
         try:
@@ -472,8 +499,16 @@ class _Handler(BaseHTTPRequestHandler):
 
 _DRAIN_LIMIT = 8 * 1024 * 1024
 
-_ERROR_KINDS = {404: "not_found", 408: "timeout_error", 413: "invalid_request_error", 414: "invalid_request_error",
-                429: "rate_limit_error", 431: "invalid_request_error", 501: "not_implemented", 505: "invalid_request_error"}
+_ERROR_KINDS = {
+    404: "not_found",
+    408: "timeout_error",
+    413: "invalid_request_error",
+    414: "invalid_request_error",
+    429: "rate_limit_error",
+    431: "invalid_request_error",
+    501: "not_implemented",
+    505: "invalid_request_error",
+}
 
 
 _LINGER_S = 1.0
@@ -513,12 +548,11 @@ def _drain(stream, size: int) -> None:
 
 
 def _parse_neuron(spec) -> Neuron:
-    """`"module[channel]"` -> Neuron; RequestError otherwise."""
-    if isinstance(spec, str) and spec.endswith("]") and "[" in spec:
-        module, _, channel = spec[:-1].rpartition("[")
-        if channel.isdigit():
-            return Neuron(module, int(channel))
-    raise RequestError(400, "'neuron' must look like 'model.layers.0.mlp.down_proj[11]'")
+    """`"module[channel]"` -> Neuron (`neurons.parse_neuron`); RequestError otherwise."""
+    try:
+        return parse_neuron(spec)
+    except ValueError:
+        raise RequestError(400, "'neuron' must look like 'model.layers.0.mlp.down_proj[11]'") from None
 
 
 def _state_doc(state) -> dict:
@@ -531,16 +565,15 @@ def _state_doc(state) -> dict:
         "status": "ok" if state.healthy else "unhealthy",
         "reasons": reasons,
         "forwards": state.forwards,
-        "anomaly_score": _num(state.last.score) if state.last else 0.0,
+        "anomaly_score": json_number(state.last.score) if state.last else 0.0,
         "anomalous_neurons": list(state.last.anomalous) if state.last else [],
         "integrity_ok": state.integrity.ok if state.integrity else None,
         "mismatched_slices": list(state.integrity.mismatched) if state.integrity else [],
-        "canary_delta_log10": _num(state.canary.delta_log10) if state.canary else None,
+        "canary_delta_log10": json_number(state.canary.delta_log10) if state.canary else None,
         "canary_ok": state.canary.ok if state.canary else None,
         "protected": state.interventions is not None,
         "pin_interventions": state.interventions or 0,
     }
 
 
-def _num(x: float):
-    return x if x == x and abs(x) != float("inf") else None
+

@@ -16,6 +16,7 @@ import torch
 
 from achilles_guard.errors import UsageError
 from achilles_guard.neurons import Neuron
+from achilles_guard.tamper import scaled_slice
 
 __all__ = ["Disruption", "disrupt", "disrupted"]
 
@@ -35,7 +36,7 @@ class Disruption:
 
 
 def disrupt(model, fingerprint, neurons: Iterable[Neuron], *, scale: float = 0.0) -> Disruption:
-    """Set each neuron's producing slices to `scale × value + (1 − scale) × null` in memory."""
+    """Scale each neuron's producing slices by `scale` in memory (`tamper.scaled_slice`; 0 = the null value)."""
     records = {r.neuron: r for r in fingerprint.neurons}
     chosen = tuple(neurons)
     unknown = [str(n) for n in chosen if n not in records]
@@ -49,7 +50,7 @@ def disrupt(model, fingerprint, neurons: Iterable[Neuron], *, scale: float = 0.0
                 rec = fingerprint.slices[key]
                 row = params[rec.param].select(rec.axis, rec.index)
                 saved.append((params[rec.param], rec.axis, rec.index, row.clone()))
-                row.copy_(row * scale + (1.0 - scale) * rec.null_value)
+                row.copy_(scaled_slice(row, scale, rec.null_value))
     return Disruption(saved, chosen)
 
 

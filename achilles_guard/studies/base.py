@@ -20,6 +20,7 @@ from achilles_guard.model import LoadedModel
 from achilles_guard.neurons import CandidateSet, Neuron, discover
 from achilles_guard.pcicn import Ranking, rank, search
 from achilles_guard.perplexity import LN10
+from achilles_guard.report import json_number
 from achilles_guard.scan import ProbeText, ScanParams
 
 __all__ = ["Series", "PlotSpec", "StudyResult", "StudyContext", "STUDY_SCHEMA", "fmt", "scale_plan"]
@@ -54,7 +55,7 @@ class PlotSpec:
             "kind": self.kind, "title": self.title, "xlabel": self.xlabel, "ylabel": self.ylabel,
             "xticklabels": list(self.xticklabels) if self.xticklabels else None,
             "hline": self.hline, "hline_label": self.hline_label, "logx": self.logx,
-            "series": [{"label": s.label, "x": list(s.x), "y": [_num(v) for v in s.y],
+            "series": [{"label": s.label, "x": list(s.x), "y": [json_number(v) for v in s.y],
                         "err": list(s.err) if s.err else None} for s in self.series],
         }
 
@@ -88,7 +89,7 @@ class StudyResult:
             "model": model or {},
             "params": self.params,
             "columns": list(self.columns),
-            "rows": [{c: _num(v) for c, v in zip(self.columns, row)} for row in self.rows],
+            "rows": [{c: json_number(v) for c, v in zip(self.columns, row)} for row in self.rows],
             "notes": list(self.notes),
             "plot": self.plot.as_dict(),
         }
@@ -114,7 +115,9 @@ class StudyContext:
              samples: int | None = None, seed: int | None = None, input_ids: torch.Tensor | None = None,
              label: str = "") -> Ranking:
         p = self.params
-        report = (lambda stage, done, total: self.progress(label or "rank", stage, done, total)) if self.progress else None
+        report = (
+            (lambda stage, done, total: self.progress(label or "rank", stage, done, total)) if self.progress else None
+        )
         return rank(
             self.lm.model, self.probe.input_ids if input_ids is None else input_ids, candidates or self.candidates(),
             method=method or p.ranking, alpha=p.alpha if alpha is None else alpha,
@@ -124,8 +127,13 @@ class StudyContext:
     def search(self, ranking: Ranking, *, epsilon: float | None = None, input_ids: torch.Tensor | None = None):
         p = self.params
         return search(
-            self.lm.model, self.probe.input_ids if input_ids is None else input_ids, ranking,
-            epsilon=p.epsilon if epsilon is None else epsilon, step=p.step, max_neurons=p.max_neurons, scale=p.mask_scale,
+            self.lm.model,
+            self.probe.input_ids if input_ids is None else input_ids,
+            ranking,
+            epsilon=p.epsilon if epsilon is None else epsilon,
+            step=p.step,
+            max_neurons=p.max_neurons,
+            scale=p.mask_scale,
         )
 
     def critical_set(self) -> tuple[Neuron, ...]:
@@ -167,7 +175,4 @@ def fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
-def _num(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
+

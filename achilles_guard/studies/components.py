@@ -33,7 +33,9 @@ def components_study(ctx: StudyContext, *, presets: Sequence[str], counts: Seque
         if runs:
             trials = []
             for r in range(runs):
-                rnd = ctx.rank(candidates=candidates, method="random", seed=ctx.params.seed + r, label=f"{preset} random")
+                rnd = ctx.rank(
+                    candidates=candidates, method="random", seed=ctx.params.seed + r, label=f"{preset} random"
+                )
                 trials.append([log10(x) - clean for x in ctx.losses(rnd.plan(ns, ctx.params.mask_scale), len(ns))])
             means = [statistics.fmean(col) for col in zip(*trials)]
             stds = [statistics.pstdev(col) for col in zip(*trials)]
@@ -44,6 +46,20 @@ def components_study(ctx: StudyContext, *, presets: Sequence[str], counts: Seque
     title = "Table 3 / Tables 12-15: masking the top-n or n random neurons of one component"
     plot = PlotSpec("line", title, "neurons masked", "Δ log10 PPL", tuple(series), logx=True,
                     hline=ctx.params.epsilon, hline_label=f"ε = {ctx.params.epsilon:g}")
-    return StudyResult("components", title, ("component", "ranking", "n", "delta_log10", "std"), tuple(rows),
-                       {"presets": list(presets), "counts": list(counts), "runs": runs, "clean_log10_ppl": clean,
-                        "alpha": ctx.params.alpha, "samples": ctx.params.samples, "seed": ctx.params.seed}, plot, tuple(notes))
+    return StudyResult(
+        "components",
+        title,
+        ("component", "ranking", "n", "delta_log10", "std"),
+        tuple(rows),
+        {
+            "presets": list(presets),
+            "counts": list(counts),
+            "runs": runs,
+            "clean_log10_ppl": clean,
+            "alpha": ctx.params.alpha,
+            "samples": ctx.params.samples,
+            "seed": ctx.params.seed,
+        },
+        plot,
+        tuple(notes),
+    )

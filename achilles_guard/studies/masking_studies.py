@@ -57,8 +57,15 @@ def precision_study(ctx: StudyContext, dtypes: Sequence[str]) -> StudyResult:
     plot = PlotSpec("bar", title, "dtype", "log10 PPL",
                     (Series("clean", x, tuple(r[1] for r in rows)), Series("masked", x, tuple(r[2] for r in rows))),
                     xticklabels=tuple(dtypes))
-    return StudyResult("precision", title, ("dtype", "clean_log10_ppl", "masked_log10_ppl", "clean_ppl", "delta_log10"),
-                       tuple(rows), {"dtypes": list(dtypes), "critical_set": [str(n) for n in neurons]}, plot, tuple(notes))
+    return StudyResult(
+        "precision",
+        title,
+        ("dtype", "clean_log10_ppl", "masked_log10_ppl", "clean_ppl", "delta_log10"),
+        tuple(rows),
+        {"dtypes": list(dtypes), "critical_set": [str(n) for n in neurons]},
+        plot,
+        tuple(notes),
+    )
 
 
 def subset_plan(neurons, scale: float = 0.0) -> tuple[MaskPlan, torch.Tensor]:
@@ -80,7 +87,9 @@ def lesion_study(ctx: StudyContext, *, epsilon: float | None = None) -> StudyRes
     """Δ for every non-empty subset of the critical set, all in batched per-sample forwards."""
     neurons = tuple(ctx.critical_set())
     if len(neurons) > MAX_LESION:
-        raise UsageError(f"the critical set has {len(neurons)} neurons; lesion covers at most {MAX_LESION} (2^n - 1 masks)")
+        raise UsageError(
+            f"the critical set has {len(neurons)} neurons; lesion covers at most {MAX_LESION} (2^n - 1 masks)"
+        )
     eps = ctx.params.epsilon if epsilon is None else epsilon
     plan, membership = subset_plan(neurons, ctx.params.mask_scale)
     clean = ctx.losses(None, 1)[0]
@@ -91,12 +100,13 @@ def lesion_study(ctx: StudyContext, *, epsilon: float | None = None) -> StudyRes
         delta = log10(loss) - log10(clean)
         records.append((f"[{','.join(map(str, members))}]", len(members), log10(loss), _ppl(loss), delta, delta >= eps))
     records.sort(key=lambda r: (-r[1], r[0]))
-    title = f"Table 5: every subset of the critical set ({len(neurons)} neurons, {len(records)} masks); clean log10 PPL {log10(clean):.3f}"
+    title = (f"Table 5: every subset of the critical set ({len(neurons)} neurons, {len(records)} masks); "
+             f"clean log10 PPL {log10(clean):.3f}")
     plot = PlotSpec("bar", title, "masked subset (indices into the critical set)", "Δ log10 PPL",
                     (Series("Δ", tuple(range(len(records))), tuple(r[4] for r in records)),),
                     xticklabels=tuple(r[0] for r in records), hline=eps, hline_label=f"ε = {eps:g}")
     collapsing = [r[0] for r in records if r[5]]
-    notes = (f"neurons: " + ", ".join(f"{i}={n}" for i, n in enumerate(neurons)),
+    notes = ("neurons: " + ", ".join(f"{i}={n}" for i, n in enumerate(neurons)),
              f"subsets with Δ >= ε: {', '.join(collapsing) if collapsing else 'none'}")
     return StudyResult("lesion", title, ("subset", "size", "log10_ppl", "ppl", "delta_log10", "collapsed"),
                        tuple(records), {"epsilon": eps, "critical_set": [str(n) for n in neurons],

@@ -58,14 +58,18 @@ def epsilon_study(ctx: StudyContext, epsilons: Sequence[float]) -> StudyResult:
     rows = []
     for eps in epsilons:
         hit = next(((n, d) for n, d in result.curve if d >= eps), None)
-        rows.append((float(eps), hit[0] if hit else f"not converged ({ctx.params.max_neurons}+)", hit[1] if hit else None))
+        rows.append(
+            (float(eps), hit[0] if hit else f"not converged ({ctx.params.max_neurons}+)", hit[1] if hit else None)
+        )
     title = "Table 6: critical-set size n* for each threshold ε ('not converged' = the paper's 1000+)"
     plot = PlotSpec(
         "bar", title, "ε", "critical neurons n*",
         (Series("n*", tuple(range(len(rows))), tuple(r[1] if isinstance(r[1], int) else None for r in rows)),),
         xticklabels=tuple(f"{e:g}" for e in epsilons),
     )
-    notes = tuple(f"ε={r[0]:g}: no n <= {ctx.params.max_neurons} reaches Δ >= ε" for r in rows if not isinstance(r[1], int))
+    notes = tuple(
+        f"ε={r[0]:g}: no n <= {ctx.params.max_neurons} reaches Δ >= ε" for r in rows if not isinstance(r[1], int)
+    )
     return StudyResult("epsilon", title, ("epsilon", "n_star", "delta_log10"), tuple(rows),
                        {**ctx.params.as_dict(), "epsilons": list(epsilons)}, plot, notes)
 

@@ -1,12 +1,12 @@
-"""In-memory weight integrity: re-hash the fingerprinted producing slices of a live model.
+"""Runtime (in-memory) weight integrity: re-hash the fingerprinted producing slices of a live model.
 
 The model may run in another dtype than the checkpoint the fingerprint was taken from (float16 on
 a GPU, float32 on a CPU). When the dtypes match, the live slice's bytes must hash to the recorded
 sha256; otherwise the fingerprint slice is cast to the live dtype once (the same round-to-nearest
 cast the loader applies) and the live bytes must hash to that — exact up to the dtype's rounding.
 
-    checker = IntegrityChecker(model, fingerprint)
-    result = checker.check()          # IntegrityResult(ok, checked, mismatched, seconds)
+    checker = RuntimeIntegrityChecker(model, fingerprint)
+    result = checker.check()          # RuntimeIntegrityResult(ok, checked, skipped, mismatched, ...)
 """
 
 from __future__ import annotations
@@ -19,13 +19,14 @@ import torch
 from achilles_guard.checkpoint import tensor_sha256
 from achilles_guard.errors import InputError
 
-__all__ = ["IntegrityChecker", "IntegrityResult"]
+__all__ = ["RuntimeIntegrityChecker", "RuntimeIntegrityResult"]
 
 
 @dataclass(frozen=True)
-class IntegrityResult:
+class RuntimeIntegrityResult:
     ok: bool
-    checked: int  # slices hashed
+    checked: int  # slices actually hashed
+    skipped: int  # slices offloaded by accelerate (on the meta device): nothing in memory, not checked
     mismatched: tuple[str, ...]  # SliceRecord keys whose live bytes differ
     seconds: float
     timestamp: float  # unix time of the check
@@ -40,7 +41,7 @@ class _LiveSlice:
     expected_sha256: str
 
 
-class IntegrityChecker:
+class RuntimeIntegrityChecker:
     """Hashes the live producing slices of every fingerprinted neuron against the fingerprint."""
 
     def __init__(self, model, fingerprint):
@@ -67,14 +68,16 @@ class IntegrityChecker:
     def size(self) -> int:
         return len(self._slices)
 
-    def check(self) -> IntegrityResult:
+    def check(self) -> RuntimeIntegrityResult:
         """Hash every live slice now (a few KB per neuron; safe while forwards run: read only)."""
         t0 = time.perf_counter()
-        bad = []
+        bad, checked, skipped = [], 0, 0
         with torch.no_grad():
             for s in self._slices:
                 if s.param.device.type == "meta":  # offloaded by accelerate: nothing in memory to check
+                    skipped += 1
                     continue
+                checked += 1
                 if tensor_sha256(s.param.detach().select(s.axis, s.index)) != s.expected_sha256:
                     bad.append(s.key)
-        return IntegrityResult(not bad, len(self._slices), tuple(bad), time.perf_counter() - t0, time.time())
+        return RuntimeIntegrityResult(not bad, checked, skipped, tuple(bad), time.perf_counter() - t0, time.time())

@@ -1,4 +1,4 @@
-"""detectors.integrity: every slice status, single-file and sharded, re-saves, and the functional check."""
+"""detectors.checkpoint_verify: every slice status, single-file and sharded, re-saves, and the functional check."""
 
 from __future__ import annotations
 
@@ -10,16 +10,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from achilles_guard.cli.tamper import TamperKind, select_targets, tamper_checkpoint
-from achilles_guard.detectors.integrity import (
-    FunctionalParams,
-    SliceStatus,
-    classify,
-    report_doc,
-    report_sarif,
-    verify_checkpoint,
-)
+from achilles_guard.detectors.checkpoint_verify import FunctionalParams, SliceStatus, classify, verify_checkpoint
 from achilles_guard.fingerprint import load_fingerprint
+from achilles_guard.report import verify_document, verify_sarif
+from achilles_guard.tamper import TamperKind, select_targets, tamper_checkpoint
 from tests.builders import reshard
 
 DOWN = "model.layers.0.mlp.down_proj.weight"
@@ -75,12 +69,14 @@ def test_every_tamper_kind_is_classified(planted_scan, fp, sharded, tmp_path, la
         assert all(abs(v.rel_l2 - 0.05) < 1e-3 for v in report.tampered_slices)
     untouched = [v for v in report.slices if v.param != DOWN]
     assert untouched and all(v.status is SliceStatus.intact for v in untouched)
-    doc = report_doc(report)
+    doc = verify_document(report)
     assert doc["verdict"] == "tampered" and doc["counts"][status.value] == len(critical)
-    sarif = report_sarif(doc)
+    sarif = verify_sarif(doc)
     results = sarif["runs"][0]["results"]
     assert len(results) == len(critical)
-    assert {r["locations"][0]["physicalLocation"]["artifactLocation"]["uri"] for r in results} == {f"{tampered}/{shard}"}
+    assert {r["locations"][0]["physicalLocation"]["artifactLocation"]["uri"] for r in results} == {
+        f"{tampered}/{shard}"
+    }
 
 
 @pytest.mark.parametrize("layout", ["single", "sharded"])
@@ -105,7 +101,9 @@ def test_missing_and_shape_mismatch(planted_scan, fp, sharded, tmp_path, layout)
         bad = report.tampered_slices
         assert not report.ok and bad and all(v.status is expected and v.param == DOWN for v in bad)
         if case == "missing":
-            assert all(v.shard == "model.safetensors" and v.checkpoint_key is None for v in bad)  # the fingerprinted shard
+            assert all(
+                v.shard == "model.safetensors" and v.checkpoint_key is None for v in bad
+            )  # the fingerprinted shard
         else:
             assert all(v.shard == _shard_holding(dst, DOWN) for v in bad)
 
@@ -123,7 +121,9 @@ def test_no_false_positive_after_resave(planted_scan, fp, tmp_path, dtype, shard
 def test_no_false_positive_after_resharding(fp, sharded):
     report = verify_checkpoint(sharded, fp)
     assert report.ok and {v.status for v in report.slices} == {SliceStatus.intact}
-    assert all(v.shard == _shard_holding(sharded, v.checkpoint_key) for v in report.slices)  # each slice read from the shard the index names
+    assert all(
+        v.shard == _shard_holding(sharded, v.checkpoint_key) for v in report.slices
+    )  # each slice read from the shard the index names
 
 
 def test_tamper_after_dtype_change_still_caught(planted_scan, fp, tmp_path):
@@ -141,7 +141,7 @@ def test_config_change_same_architecture_is_a_finding(planted_scan, fp, tmp_path
     (dst / "config.json").write_text(json.dumps(config))
     report = verify_checkpoint(dst, fp)
     assert not report.config.matches and not report.ok and not report.tampered_slices
-    assert any(r["ruleId"] == "AG110" for r in report_sarif(report_doc(report))["runs"][0]["results"])
+    assert any(r["ruleId"] == "AG110" for r in verify_sarif(verify_document(report))["runs"][0]["results"])
 
 
 def test_classify_rules():
@@ -154,7 +154,10 @@ def test_classify_rules():
     assert status is SliceStatus.scaled and abs(factor - 0.3) < 1e-6 and abs(rel - 0.7) < 1e-6
     assert classify(ref, -ref, 0.0)[0] is SliceStatus.sign_flipped
     via_bf16 = ref.to(torch.bfloat16).to(torch.float32)  # cast down and back up: rounding only
-    assert classify(torch.tensor([1.001, -2.003, 3.0]), torch.tensor([1.001, -2.003, 3.0]).bfloat16().float(), 0.0)[0] is SliceStatus.equivalent
+    assert (
+        classify(torch.tensor([1.001, -2.003, 3.0]), torch.tensor([1.001, -2.003, 3.0]).bfloat16().float(), 0.0)[0]
+        is SliceStatus.equivalent
+    )
     assert classify(ref, via_bf16, 0.0)[0] is SliceStatus.equivalent
     tiny = ref.clone()
     tiny[0] += 1e-6  # a same-dtype change below fp16 rounding is still a change
@@ -171,7 +174,7 @@ def test_functional_shows_collapse_of_zeroed_checkpoint(planted_scan, fp, tmp_pa
     assert intact.ok and abs(intact.functional.delta_log10) < 1e-4 and intact.functional.still_critical
     targets = select_targets(path, out / "fingerprint.safetensors", [], None)
     zeroed = tamper_checkpoint(path, tmp_path / "z", targets, kind=TamperKind.zero)
-    report = verify_checkpoint(zeroed, fp, functional=FunctionalParams(tolerance=0.05))
+    report = verify_checkpoint(zeroed, fp, functional=FunctionalParams(max_delta_log10=0.05))
     fc = report.functional
     assert fc.delta_log10 >= 1.0 and not fc.loss_ok and not report.ok
     assert fc.still_critical is False  # masking the already-zeroed set changes nothing any more

@@ -1,13 +1,13 @@
-"""Checkpoint integrity: compare a checkpoint's critical weight slices with a fingerprint.
+"""`guard verify-checkpoint`: compare a checkpoint's critical weight slices with a fingerprint.
 
 Only the fingerprinted slices are read (`safe_open(...).get_slice(name)[row]`, following
 `model.safetensors.index.json`), so a check costs milliseconds whatever the checkpoint size. The
 model itself is loaded only for the optional functional check.
 
     fp = load_fingerprint("guard-out/fingerprint.safetensors", verify_key=None)
-    report = verify_checkpoint("path/to/checkpoint", fp)           # IntegrityReport
+    report = verify_checkpoint("path/to/checkpoint", fp)           # VerifyResult
     report.ok, report.counts, report.tampered_slices[0].status       # False, {...}, "zeroed"
-    report = verify_checkpoint(path, fp, functional=FunctionalParams(tolerance=0.05))
+    report = verify_checkpoint(path, fp, functional=FunctionalParams(max_delta_log10=0.05))
 
 Every slice gets exactly one status (`SliceStatus`), decided in this order:
 `missing` (the tensor is gone), `shape-mismatch` (the whole tensor's shape changed), `intact`
@@ -40,7 +40,7 @@ __all__ = [
     "ConfigCheck",
     "FunctionalParams",
     "FunctionalCheck",
-    "IntegrityReport",
+    "VerifyResult",
     "classify",
     "verify_checkpoint",
     "check_config",
@@ -109,7 +109,11 @@ class SliceVerdict:
         if s is SliceStatus.shape_mismatch:
             return f"shape {list(self.actual_shape or ())} != fingerprinted {list(self.expected_shape)}"
         if s is SliceStatus.equivalent:
-            return f"equivalent ({self.expected_dtype} -> {self.actual_dtype})" if self.expected_dtype != self.actual_dtype else "equivalent (same values)"
+            return (
+                f"equivalent ({self.expected_dtype} -> {self.actual_dtype})"
+                if self.expected_dtype != self.actual_dtype
+                else "equivalent (same values)"
+            )
         return s.value
 
 
@@ -127,7 +131,7 @@ class ConfigCheck:
 
 @dataclass(frozen=True)
 class FunctionalParams:
-    tolerance: float = 0.05  # fail when the probe loss rises by >= this many orders of magnitude of PPL
+    max_delta_log10: float = 0.05  # fail when the probe loss rises by >= this many orders of magnitude of PPL
     dtype: str = "auto"
     device: str = "auto"
 
@@ -139,7 +143,7 @@ class FunctionalCheck:
     baseline_loss: float  # nats, from the fingerprint
     loss: float  # nats, this checkpoint, first probe text
     delta_log10: float  # (loss - baseline) / ln 10
-    tolerance: float
+    max_delta_log10: float  # FunctionalParams.max_delta_log10
     masked_loss: float | None  # critical set masked (None when the fingerprint has no set)
     masked_delta_log10: float | None  # vs this checkpoint's own clean loss
     epsilon: float  # the scan's collapse threshold
@@ -147,7 +151,7 @@ class FunctionalCheck:
 
     @property
     def loss_ok(self) -> bool:
-        return math.isfinite(self.delta_log10) and self.delta_log10 < self.tolerance
+        return math.isfinite(self.delta_log10) and self.delta_log10 < self.max_delta_log10
 
     @property
     def still_critical(self) -> bool | None:
@@ -159,7 +163,7 @@ class FunctionalCheck:
 
 
 @dataclass(frozen=True)
-class IntegrityReport:
+class VerifyResult:
     checkpoint: str
     fingerprint: str
     signature: str  # "verified" | "not checked" | "unsigned"
@@ -210,7 +214,7 @@ def verify_checkpoint(
     *,
     functional: FunctionalParams | None = None,
     signature: str = "not checked",
-) -> IntegrityReport:
+) -> VerifyResult:
     """Check every fingerprinted slice (and optionally the model's behaviour); never raises on tampering.
 
     InputError (exit 2) for an unusable checkpoint or a fingerprint of another architecture.
@@ -235,10 +239,12 @@ def verify_checkpoint(
     if functional is not None:
         broken = [v for v in verdicts if v.status in (SliceStatus.missing, SliceStatus.shape_mismatch)]
         if broken:  # the model cannot load consistently; the slices already fail the check
-            skipped = f"skipped: {broken[0].param} is {broken[0].status.value}, the model cannot be loaded as fingerprinted"
+            skipped = (
+                f"skipped: {broken[0].param} is {broken[0].status.value}, the model cannot be loaded as fingerprinted"
+            )
         else:
             check = functional_check(root, fingerprint, functional)
-    return IntegrityReport(
+    return VerifyResult(
         checkpoint=str(checkpoint_dir), fingerprint=fingerprint.path, signature=signature, config=config,
         slices=tuple(verdicts), neurons=fingerprint.neurons, functional=check, verify_s=verify_s, shards_read=shards,
         functional_skipped=skipped, ambiguities=ambiguities, loaded_files=loaded,
@@ -251,7 +257,9 @@ def check_config(root: Path, fingerprint: Fingerprint) -> ConfigCheck:
 
     config_path = root / "config.json"
     if not root.is_dir():
-        raise InputError(f"{root}: no such directory" if not root.exists() else f"{root}: is a file; give the checkpoint's directory")
+        raise InputError(
+            f"{root}: no such directory" if not root.exists() else f"{root}: is a file; give the checkpoint's directory"
+        )
     if not config_path.is_file():
         raise InputError(f"{root}: no config.json; give a Hugging Face checkpoint directory")
     try:
@@ -268,7 +276,9 @@ def check_config(root: Path, fingerprint: Fingerprint) -> ConfigCheck:
     return ConfigCheck(fingerprint.config_sha256, config_sha256(root), fingerprint.architecture, actual_arch)
 
 
-def classify(reference: torch.Tensor, current: torch.Tensor, null_value: float) -> tuple[SliceStatus, float | None, float, float]:
+def classify(
+    reference: torch.Tensor, current: torch.Tensor, null_value: float
+) -> tuple[SliceStatus, float | None, float, float]:
     """Status, factor, relative L2 change, max |diff| of `current` vs `reference` (same shape, 1-D or 0-D).
 
     Tolerances are one ulp of the coarser of the two dtypes: what a re-save (fp32 -> fp16/bf16)
@@ -303,22 +313,37 @@ def classify(reference: torch.Tensor, current: torch.Tensor, null_value: float) 
     return SliceStatus.perturbed, None, rel_l2, max_abs
 
 
-def _verify_slice(ckpt: Checkpoint, record: SliceRecord, reference: torch.Tensor, neurons: tuple[NeuronRecord, ...]) -> SliceVerdict:
+def _verify_slice(
+    ckpt: Checkpoint, record: SliceRecord, reference: torch.Tensor, neurons: tuple[NeuronRecord, ...]
+) -> SliceVerdict:
     """Judge every loaded copy of the slice; a tensor held by two loaded files reports its worst copy."""
     verdicts = judge_slice(ckpt, record, reference, neurons)
     return next((v for v in verdicts if not v.ok), verdicts[0])
 
 
-def judge_slice(ckpt: Checkpoint, record: SliceRecord, reference: torch.Tensor, neurons: tuple[NeuronRecord, ...] = ()) -> list[SliceVerdict]:
+def judge_slice(
+    ckpt: Checkpoint, record: SliceRecord, reference: torch.Tensor, neurons: tuple[NeuronRecord, ...] = ()
+) -> list[SliceVerdict]:
     """The one slice lookup: find a fingerprinted slice in a checkpoint (`find_slice`) and judge each copy.
 
     Used by verify-checkpoint, `guard tamper` and `guard repair`, so what one calls `equivalent`
     the others accept as intact too.
     """
-    base = dict(key=record.key, param=record.param, neurons=neurons, expected_dtype=record.dtype, expected_shape=record.shape)
+    base = dict(
+        key=record.key, param=record.param, neurons=neurons, expected_dtype=record.dtype, expected_shape=record.shape
+    )
     name = find_slice(ckpt, record)
     if name is None:
-        return [SliceVerdict(**base, checkpoint_key=None, shard=record.shard, status=SliceStatus.missing, actual_dtype=None, actual_shape=None)]
+        return [
+            SliceVerdict(
+                **base,
+                checkpoint_key=None,
+                shard=record.shard,
+                status=SliceStatus.missing,
+                actual_dtype=None,
+                actual_shape=None,
+            )
+        ]
     out = []
     for shard in ckpt.copies.get(name, [ckpt.shard_of(name)]):
         shape, dtype = ckpt.shape_dtype(name, shard)
@@ -381,8 +406,8 @@ def functional_check(root: Path, fingerprint: Fingerprint, params: FunctionalPar
     from achilles_guard.perplexity import delta_log10
     from achilles_guard.scan import tokenize_probe
 
-    if not (params.tolerance > 0 and math.isfinite(params.tolerance)):
-        raise UsageError(f"--tolerance must be a positive number (got {params.tolerance})")
+    if not (params.max_delta_log10 > 0 and math.isfinite(params.max_delta_log10)):
+        raise UsageError(f"--max-delta-log10 must be a positive number (got {params.max_delta_log10})")
     if not fingerprint.probe_texts:
         raise InputError(f"fingerprint {fingerprint.path}: has no probe text; --functional cannot run")
     t0 = time.perf_counter()
@@ -398,7 +423,7 @@ def functional_check(root: Path, fingerprint: Fingerprint, params: FunctionalPar
         masked_delta = delta_log10(masked_loss, loss)
     return FunctionalCheck(
         baseline_loss=fingerprint.baseline_loss, loss=loss, delta_log10=delta_log10(loss, fingerprint.baseline_loss),
-        tolerance=params.tolerance, masked_loss=masked_loss, masked_delta_log10=masked_delta,
+        max_delta_log10=params.max_delta_log10, masked_loss=masked_loss, masked_delta_log10=masked_delta,
         epsilon=float(fingerprint.scan_params.get("epsilon", 1.0)), load_s=load_s,
     )
 
@@ -416,142 +441,3 @@ def _tiny(dtype: torch.dtype) -> float:
 
 def _fmt(x: float | None) -> str:
     return "n/a" if x is None else ("inf" if math.isinf(x) else f"{x:.3g}")
-
-
-
-# --- serialisation: the JSON document (schema achilles-guard/verify/v1) and SARIF ----------------
-
-SCHEMA = "achilles-guard/verify/v1"
-
-# Stable SARIF rule ids, one per finding kind, with their GitHub security-severity.
-RULES: dict[str, tuple[str, str, str]] = {
-    # status or finding: (rule id, rule name, security-severity)
-    "zeroed": ("AG101", "CriticalSliceZeroed", "9.5"),
-    "scaled": ("AG102", "CriticalSliceScaled", "8.5"),
-    "sign-flipped": ("AG103", "CriticalSliceSignFlipped", "8.5"),
-    "perturbed": ("AG104", "CriticalSlicePerturbed", "7.5"),
-    "missing": ("AG105", "CriticalSliceMissing", "8.0"),
-    "shape-mismatch": ("AG106", "CriticalSliceShapeMismatch", "8.0"),
-    "ambiguous": ("AG107", "AmbiguousCheckpointLayout", "8.0"),
-    "config": ("AG110", "ConfigChanged", "6.5"),
-    "functional": ("AG111", "FunctionalRegression", "9.0"),
-}
-
-
-def report_doc(report: IntegrityReport) -> dict:
-    """The JSON document of a verification (every number JSON-safe: inf/nan become null)."""
-    from achilles_guard import __version__
-
-    fc = report.functional
-    return {
-        "schema": SCHEMA,
-        "tool": {"name": "achilles-guard", "version": __version__},
-        "checkpoint": {"path": report.checkpoint, "config_sha256": report.config.actual_sha256,
-                       "architecture": report.config.actual_architecture, "shards_read": list(report.shards_read)},
-        "fingerprint": {"path": report.fingerprint, "config_sha256": report.config.expected_sha256,
-                        "architecture": report.config.expected_architecture, "signature": report.signature,
-                        "slices": len(report.slices), "neurons": len(report.neurons)},
-        "verdict": report.verdict,
-        "layout": {"loaded_files": list(report.loaded_files), "ambiguities": list(report.ambiguities)},
-        "config_matches": report.config.matches,
-        "counts": report.counts,
-        "tampered_neurons": [_neuron_doc(n) for n in report.tampered_neurons],
-        "slices": [_slice_doc(v) for v in report.slices],
-        "functional": None if fc is None else {
-            "baseline_loss": _num(fc.baseline_loss), "loss": _num(fc.loss), "delta_log10": _num(fc.delta_log10),
-            "tolerance": fc.tolerance, "loss_ok": fc.loss_ok, "masked_loss": _num(fc.masked_loss),
-            "masked_delta_log10": _num(fc.masked_delta_log10), "epsilon": fc.epsilon,
-            "still_critical": fc.still_critical, "ok": fc.ok, "load_s": round(fc.load_s, 4),
-        },
-        "functional_skipped": report.functional_skipped,
-        "timings": {"verify_s": round(report.verify_s, 6)},
-    }
-
-
-def report_sarif(doc: dict) -> dict:
-    """SARIF 2.1.0: one result per changed slice (located at its shard file), config, functional."""
-    from achilles_guard import __version__
-
-    rules = [
-        {"id": rid, "name": name, "shortDescription": {"text": _RULE_TEXT[kind]},
-         "helpUri": "https://arxiv.org/abs/2510.10238",
-         "properties": {"security-severity": severity, "tags": ["security", "model-integrity"]}}
-        for kind, (rid, name, severity) in RULES.items()
-    ]
-    root = doc["checkpoint"]["path"]
-    results = []
-    for s in doc["slices"]:
-        if s["status"] in ("intact", "equivalent"):
-            continue
-        rid = RULES[s["status"]][0]
-        who = ", ".join(f"{n['module']}[{n['channel']}]" + (" (critical)" if n["critical"] else "") for n in s["neurons"])
-        results.append({
-            "ruleId": rid, "level": "error",
-            "message": {"text": f"{s['key']} in {s['shard']}: {s['description']}; produces {who or 'no recorded neuron'}"},
-            "locations": [_location(root, s["shard"])],
-            "properties": {k: s[k] for k in ("key", "param", "status", "factor", "rel_l2", "shard")},
-        })
-    for line in doc.get("layout", {}).get("ambiguities", []):
-        results.append({
-            "ruleId": RULES["ambiguous"][0], "level": "error",
-            "message": {"text": f"ambiguous checkpoint layout: {line}"},
-            "locations": [_location(root, ".")],
-        })
-    if not doc["config_matches"]:
-        results.append({
-            "ruleId": RULES["config"][0], "level": "error",
-            "message": {"text": f"config.json sha256 {doc['checkpoint']['config_sha256'][:12]}… differs from the fingerprinted "
-                        f"{doc['fingerprint']['config_sha256'][:12]}… (same architecture {doc['checkpoint']['architecture']})"},
-            "locations": [_location(root, "config.json")],
-        })
-    fc = doc["functional"]
-    if fc is not None and not fc["ok"]:
-        results.append({
-            "ruleId": RULES["functional"][0], "level": "error",
-            "message": {"text": f"probe loss Δ = {fc['delta_log10']} orders of magnitude (tolerance {fc['tolerance']}); "
-                        f"critical set still critical: {fc['still_critical']}"},
-            "locations": [_location(root, "config.json")],
-        })
-    return {
-        "$schema": "https://json.schemastore.org/sarif-2.1.0.json",
-        "version": "2.1.0",
-        "runs": [{"tool": {"driver": {"name": "achilles-guard", "version": __version__,
-                                      "informationUri": "https://arxiv.org/abs/2510.10238", "rules": rules}},
-                  "results": results}],
-    }
-
-
-_RULE_TEXT = {
-    "zeroed": "A weight slice producing a fingerprinted neuron was set to its null value (the PCICN attack)",
-    "scaled": "A weight slice producing a fingerprinted neuron was multiplied by a factor",
-    "sign-flipped": "A weight slice producing a fingerprinted neuron had its sign flipped",
-    "perturbed": "A weight slice producing a fingerprinted neuron changed beyond dtype rounding",
-    "missing": "A fingerprinted weight tensor is missing from the checkpoint",
-    "shape-mismatch": "A fingerprinted weight tensor changed shape",
-    "ambiguous": "The checkpoint's files are ambiguous: a tensor in two files, a stray safetensors file, or an index that disagrees with the files",
-    "config": "config.json differs from the one that was fingerprinted",
-    "functional": "The probe loss rose past the tolerance, or the critical set is no longer critical",
-}
-
-
-def _slice_doc(v: SliceVerdict) -> dict:
-    return {
-        "key": v.key, "param": v.param, "checkpoint_key": v.checkpoint_key, "shard": v.shard,
-        "status": v.status.value, "description": v.describe(), "factor": _num(v.factor), "rel_l2": _num(v.rel_l2),
-        "max_abs_diff": _num(v.max_abs_diff), "expected_dtype": v.expected_dtype, "actual_dtype": v.actual_dtype,
-        "expected_shape": list(v.expected_shape), "actual_shape": None if v.actual_shape is None else list(v.actual_shape),
-        "critical": v.critical, "neurons": [_neuron_doc(n) for n in v.neurons],
-    }
-
-
-def _neuron_doc(n: NeuronRecord) -> dict:
-    return {"module": n.neuron.module, "channel": n.neuron.channel, "layer": n.layer, "component": n.component,
-            "rank": n.rank, "critical": n.critical}
-
-
-def _location(root: str, name: str) -> dict:
-    return {"physicalLocation": {"artifactLocation": {"uri": Path(root, name).as_posix()}}}
-
-
-def _num(x: float | None) -> float | None:
-    return None if x is None or not math.isfinite(x) else x
