@@ -24,7 +24,7 @@ import hashlib
 import hmac
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -68,6 +68,12 @@ class ActivationBaseline:
     std: float
     max_abs: float
     mean_abs: float
+    # per-position profile (absent in fingerprints written before it): the first position of each probe
+    # vs every later one - an attention-sink massive activation lives at the first position only
+    first_mean: float | None = None  # mean of a[0] over the probes
+    first_min_abs: float | None = None  # min |a[0]| over the probes
+    first_max_abs: float | None = None  # max |a[0]| over the probes
+    rest_max_abs: float | None = None  # max |a[t]|, t >= 1
 
 
 @dataclass(frozen=True)
@@ -94,6 +100,7 @@ class NeuronRecord:
     critical: bool
     slices: tuple[str, ...]  # SliceRecord keys
     baseline: ActivationBaseline
+    attacks: tuple[str, ...] = ()  # the portfolio attacks whose set holds the neuron
 
 
 @dataclass(frozen=True)
@@ -145,6 +152,8 @@ def activation_baselines(model, neurons: list[Neuron], probes: list[torch.Tensor
         per_module.setdefault(n.module, []).append(n.channel)
     idx = {m: torch.tensor(cs, dtype=torch.long) for m, cs in per_module.items()}
     stats = {m: torch.zeros(4, len(cs), dtype=torch.float64) for m, cs in idx.items()}  # sum, sumsq, max|a|, sum|a|
+    first = {m: [] for m in idx}  # per probe: (k,) value at position 0
+    rest = {m: torch.zeros(len(cs), dtype=torch.float64) for m, cs in idx.items()}  # max |a[t]|, t >= 1
     count = 0
 
     def collect(name):
@@ -155,6 +164,9 @@ def activation_baselines(model, neurons: list[Neuron], probes: list[torch.Tensor
             s[1] += (a * a).sum(0)
             s[2] = torch.maximum(s[2], a.abs().amax(0))
             s[3] += a.abs().sum(0)
+            first[name].append(a[0])
+            if a.shape[0] > 1:
+                rest[name] = torch.maximum(rest[name], a[1:].abs().amax(0))
         return fn
 
     with torch.no_grad(), hooks(model, {m: collect(m) for m in idx}):
@@ -166,8 +178,11 @@ def activation_baselines(model, neurons: list[Neuron], probes: list[torch.Tensor
         s = stats[m]
         mean = s[0] / count
         std = (s[1] / count - mean**2).clamp_min(0).sqrt()
+        a0 = torch.stack(first[m])  # (probes, k)
         for j, c in enumerate(cs.tolist()):
-            out[Neuron(m, c)] = ActivationBaseline(float(mean[j]), float(std[j]), float(s[2, j]), float(s[3, j] / count))
+            out[Neuron(m, c)] = ActivationBaseline(
+                float(mean[j]), float(std[j]), float(s[2, j]), float(s[3, j] / count),
+                float(a0[:, j].mean()), float(a0[:, j].abs().min()), float(a0[:, j].abs().max()), float(rest[m][j]))
     return out
 
 
@@ -244,7 +259,7 @@ def fingerprint_bytes(result, *, top: int = 64, sign_key: bytes | None = None) -
                 "rank": rank, "importance": _finite(float(ranking.importance[rank - 1])), "critical": neuron in critical,
                 "attacks": sorted(found_by.get(neuron, ())),  # additive: the portfolio sets it is in
                 "slices": keys,
-                "baseline": {"mean": base.mean, "std": base.std, "max_abs": base.max_abs, "mean_abs": base.mean_abs},
+                "baseline": asdict(base),
             })
     primary = result.primary.result
     metadata = {
@@ -301,7 +316,7 @@ def load_fingerprint(path: str | Path, *, verify_key: bytes | None = None) -> Fi
             NeuronRecord(
                 neuron=Neuron(n["module"], n["channel"]), layer=n["layer"], component=n["component"], rank=n["rank"],
                 importance=n["importance"] if n["importance"] is not None else float("inf"), critical=n["critical"],
-                slices=tuple(n["slices"]), baseline=ActivationBaseline(**n["baseline"]),
+                slices=tuple(n["slices"]), baseline=ActivationBaseline(**n["baseline"]), attacks=tuple(n.get("attacks", ())),
             )
             for n in json.loads(metadata["neurons"])
         )

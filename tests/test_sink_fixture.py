@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from achilles_guard.defenses.harden import HardenRequest, harden
-from achilles_guard.defenses.verify import losses, original_attack_delta
+from achilles_guard.defenses.reattack import losses, original_attack_delta
 from achilles_guard.demo import SINK_PLANT, build_sink_model
 from achilles_guard.masking import MaskPlan, hooks, masked
 from achilles_guard.model import load_model

@@ -45,7 +45,7 @@ def harden_command(
     Exit 0 mitigated, 1 not mitigated, 2 bad input (nothing written), 3 runtime failure.
     """
     from achilles_guard.defenses.harden import STRATEGIES, HardenRequest, harden
-    from achilles_guard.defenses.verify import HELD_OUT_TEXTS
+    from achilles_guard.defenses.reattack import HELD_OUT_TEXTS
 
     if strategy not in STRATEGIES:
         raise UsageError(f"--strategy {strategy!r}: use one of {', '.join(STRATEGIES)}")

@@ -1,7 +1,7 @@
 """Training-time hardening: targeted neuron dropout + KL to the frozen original.
 
-Each step draws `batch_size` windows of `seq_len` tokens from local text (`--data`: a .txt or
-.jsonl file, or a directory of them; nothing is downloaded) and, per row, masks each of the top
+Each step draws `batch_size` windows of `seq_len` tokens from local text (`--data`: a .txt, .raw or
+.jsonl file, or a directory of them, read by `evaluation.load_corpus`; nothing is downloaded) and, per row, masks each of the top
 `drop_top` fingerprinted neurons with probability `drop_p` (one per-row MaskPlan, the shared
 masking mechanism). Loss = cross-entropy + λ · KL(original || model), the original's logits taken
 unmasked from the frozen original. accelerate places the model; state (weights, optimizer, step)
@@ -25,11 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from achilles_guard.errors import InputError, UsageError
+from achilles_guard.evaluation import load_corpus
 from achilles_guard.masking import MaskPlan, masked
 
-__all__ = ["FinetuneConfig", "finetune", "read_corpus"]
-
-_SUFFIXES = (".txt", ".jsonl")
+__all__ = ["FinetuneConfig", "finetune"]
 
 
 @dataclass(frozen=True)
@@ -60,35 +59,8 @@ class FinetuneConfig:
         for ok, message in checks:
             if not ok:
                 raise UsageError(message)
-        read_corpus(Path(self.data))
+        load_corpus(Path(self.data))  # the one corpus reader (evaluation.py): .txt, .raw, .jsonl
         return self
-
-
-def read_corpus(path: Path) -> list[str]:
-    """Texts of a .txt file, a .jsonl file (field "text"), or every such file under a directory."""
-    if not path.exists():
-        raise InputError(f"--data {path}: no such file or directory")
-    files = sorted(p for p in path.rglob("*") if p.suffix in _SUFFIXES and p.is_file()) if path.is_dir() else [path]
-    if path.is_file() and path.suffix not in _SUFFIXES:
-        raise InputError(f"--data {path}: use a .txt or .jsonl file, or a directory of them")
-    texts = []
-    for f in files:
-        try:
-            body = f.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as err:
-            raise InputError(f"--data {f}: cannot read it as UTF-8 text ({err})") from None
-        if f.suffix == ".jsonl":
-            for i, line in enumerate(body.splitlines()):
-                if line.strip():
-                    try:
-                        texts.append(str(json.loads(line)["text"]))
-                    except (ValueError, KeyError, TypeError):
-                        raise InputError(f"--data {f}:{i + 1}: each line must be a JSON object with a \"text\" field") from None
-        elif body.strip():
-            texts.append(body)
-    if not any(t.strip() for t in texts):
-        raise InputError(f"--data {path}: no text found (empty file, or no .txt/.jsonl files in the directory)")
-    return texts
 
 
 def finetune(model, original, fp, tokenizer, config: FinetuneConfig, *, checkpoint_dir: Path,
@@ -101,10 +73,12 @@ def finetune(model, original, fp, tokenizer, config: FinetuneConfig, *, checkpoi
     from accelerate import Accelerator
 
     config = config.validated()
-    tokens = torch.cat([tokenizer(t, return_tensors="pt")["input_ids"][0] for t in read_corpus(Path(config.data))])  # (N,)
+    tokens = torch.cat([tokenizer(t, return_tensors="pt")["input_ids"][0] for t in load_corpus(Path(config.data))])  # (N,)
     if tokens.numel() < config.seq_len + 1:
         raise InputError(f"--data {config.data}: only {tokens.numel()} tokens; need more than --seq-len {config.seq_len}")
-    candidates = sorted(fp.neurons, key=lambda r: r.rank)[: config.drop_top]
+    # every attack's set first (the fingerprint marks the neurons of every portfolio attack's set
+    # `critical`), then the best-ranked others: dropout over what any attack would remove
+    candidates = sorted(fp.neurons, key=lambda r: (not r.critical, r.rank))[: max(config.drop_top, len(fp.critical_records))]
     modules = sorted({r.neuron.module for r in candidates})
     channels = {m: torch.tensor([r.neuron.channel for r in candidates if r.neuron.module == m]) for m in modules}
 

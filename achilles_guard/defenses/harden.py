@@ -27,7 +27,7 @@ from achilles_guard.neurons import discover
 from achilles_guard.report import SCAN_SCHEMA, read_document, scan_report, write_json
 from achilles_guard.scan import ScanParams, tokenize_probe
 
-from achilles_guard.defenses.verify import HELD_OUT_TEXTS, AttackSummary, Verification, verify
+from achilles_guard.defenses.reattack import HELD_OUT_TEXTS, AttackSummary, Verification, verify
 
 __all__ = ["STRATEGIES", "HardenRequest", "Attempt", "HardenOutcome", "harden", "auto_order"]
 
