@@ -160,3 +160,27 @@ def _resume_key(config: FinetuneConfig) -> dict:
     key.pop("steps")  # a resumed run may ask for more steps
     key.pop("save_every")
     return key
+
+
+class FinetuneDefense:
+    """`--strategy finetune`: neuron dropout over every attack's set + KL to the original, on `--data`."""
+
+    name = "finetune"
+    kind = "weights"
+
+    def check(self, request, fp) -> None:
+        FinetuneConfig(**request.finetune).validated()
+
+    def apply(self, step):
+        from achilles_guard.defenses.base import Applied
+
+        config = FinetuneConfig(**step.request.finetune).validated()
+        work = step.load(dtype="float32", device=step.request.device)
+        progress = step.progress
+        steps = (lambda done, total, detail: progress("harden", "finetune", done, total, detail)) if progress else None
+        details = finetune(work.model, step.original.model, step.fp, work.tokenizer, config,
+                           checkpoint_dir=step.out / "finetune-state", log=step.log, progress=steps)
+        return Applied.saved(step, work, details, same_basis=True)
+
+
+DEFENSE = FinetuneDefense()

@@ -70,10 +70,10 @@ class PinGuard:
         self._counts: dict[torch.device, torch.Tensor] = {}
 
     @staticmethod
-    def from_fingerprint(fp, *, neurons: str = "critical", floor: float = 0.5, ceiling: float = 4.0, steady: float = 0.5,
+    def from_fingerprint(fp, *, neurons: str = "all", floor: float = 0.5, ceiling: float = 4.0, steady: float = 0.5,
                          sink_ratio: float = 10.0) -> "PinGuard":
-        """Guard every attack's set in the fingerprint (`neurons="critical"`: the paper's sets and each
-        portfolio attack's) or every neuron it records (`"all"`)."""
+        """Guard every neuron the fingerprint records (`neurons="all"`: every attack's set and the top-R of
+        every ranking) or only every attack's set (`"critical"`: the paper's sets and each portfolio attack's)."""
         records = [r for r in fp.neurons if r.critical or r.attacks] if neurons == "critical" else list(fp.neurons)
         by_module: dict[str, list] = {}
         for r in records:
@@ -237,3 +237,32 @@ class _PinnedBase:
     def __call__(self, *args, **kwargs):
         with self._guard.installed(self._model):
             return self._base(*args, **kwargs)
+
+
+class PinDefense:
+    """`--strategy pin`: the runtime guard (what `guard monitor --protect` installs); no checkpoint."""
+
+    name = "pin"
+    kind = "runtime"
+
+    def check(self, request, fp) -> None:
+        pass
+
+    def apply(self, step):
+        from dataclasses import replace
+
+        from achilles_guard.defenses.base import Applied
+
+        guard = PinGuard.from_fingerprint(step.fp)
+        details = {
+            "runtime_guard": True,
+            "restorable": [str(n) for n in guard.restorable],
+            "first_position": [str(n) for n in guard.first_position],
+            "clamp_only": [str(n) for n in guard.clamp_only],
+            "note": "pin is a runtime guard: load the model and install "
+                    "achilles_guard.defenses.pin.PinGuard.from_fingerprint(fp) (or guard monitor --protect)",
+        }
+        return Applied(replace(step.lm, model=PinnedModel(step.lm.model, guard)), None, True, details)
+
+
+DEFENSE = PinDefense()

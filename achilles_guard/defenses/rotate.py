@@ -137,3 +137,25 @@ def _untie_config(config) -> None:
     text = config.get_text_config() if hasattr(config, "get_text_config") else None
     if text is not None and text is not config:
         text.tie_word_embeddings = False
+
+
+class RotateDefense:
+    """`--strategy rotate`: a rotated checkpoint (the neuron basis changes)."""
+
+    name = "rotate"
+    kind = "weights"
+
+    def check(self, request, fp) -> None:
+        check_rotatable(fp.model_type)
+
+    def apply(self, step):
+        from achilles_guard.defenses.base import Applied
+
+        work = step.load()
+        record = rotate_model(work.model, seed=step.request.seed, kind=step.request.rotation)
+        details = {"rotation": record.kind, "seed": record.seed, "untied_lm_head": record.untied,
+                   "rotate_seconds": round(record.seconds, 4), "seconds_per_layer": round(record.seconds_per_layer, 5)}
+        return Applied.saved(step, work, details, same_basis=False)
+
+
+DEFENSE = RotateDefense()
