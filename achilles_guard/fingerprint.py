@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -74,6 +75,7 @@ class ActivationBaseline:
     first_min_abs: float | None = None  # min |a[0]| over the probes
     first_max_abs: float | None = None  # max |a[0]| over the probes
     rest_max_abs: float | None = None  # max |a[t]|, t >= 1
+    min_abs: float | None = None  # min |a| over every position
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,7 @@ def activation_baselines(model, neurons: list[Neuron], probes: list[torch.Tensor
     stats = {m: torch.zeros(4, len(cs), dtype=torch.float64) for m, cs in idx.items()}  # sum, sumsq, max|a|, sum|a|
     first = {m: [] for m in idx}  # per probe: (k,) value at position 0
     rest = {m: torch.zeros(len(cs), dtype=torch.float64) for m, cs in idx.items()}  # max |a[t]|, t >= 1
+    low = {m: torch.full((len(cs),), math.inf, dtype=torch.float64) for m, cs in idx.items()}  # min |a|
     count = 0
 
     def collect(name):
@@ -165,6 +168,7 @@ def activation_baselines(model, neurons: list[Neuron], probes: list[torch.Tensor
             s[2] = torch.maximum(s[2], a.abs().amax(0))
             s[3] += a.abs().sum(0)
             first[name].append(a[0])
+            low[name] = torch.minimum(low[name], a.abs().amin(0))
             if a.shape[0] > 1:
                 rest[name] = torch.maximum(rest[name], a[1:].abs().amax(0))
         return fn
@@ -182,7 +186,8 @@ def activation_baselines(model, neurons: list[Neuron], probes: list[torch.Tensor
         for j, c in enumerate(cs.tolist()):
             out[Neuron(m, c)] = ActivationBaseline(
                 float(mean[j]), float(std[j]), float(s[2, j]), float(s[3, j] / count),
-                float(a0[:, j].mean()), float(a0[:, j].abs().min()), float(a0[:, j].abs().max()), float(rest[m][j]))
+                float(a0[:, j].mean()), float(a0[:, j].abs().min()), float(a0[:, j].abs().max()), float(rest[m][j]),
+                float(low[m][j]))
     return out
 
 

@@ -9,41 +9,16 @@ masking or loss code.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from tests.builders import run_guard
+from tests.builders import independent_delta, run_guard
 
 pytestmark = pytest.mark.realmodel
 
 SINK = ("model.layers.11.mlp.down_proj", 507)
-
-
-def independent_delta(model, input_ids: torch.Tensor, neurons) -> float:
-    """Δ log10 PPL of zeroing `neurons` [(module, channel)], with plain hooks and plain cross-entropy."""
-    def loss() -> float:
-        with torch.no_grad():
-            logits = model(input_ids=input_ids, use_cache=False).logits[0, :-1].float()
-        return float(F.cross_entropy(logits, input_ids[0, 1:]))
-
-    clean = loss()
-    handles = []
-    for module, channel in neurons:
-        def zero(mod, args, out, c=channel):
-            out = out.clone()
-            out[..., c] = 0.0
-            return out
-        handles.append(model.get_submodule(module).register_forward_hook(zero))
-    try:
-        masked = loss()
-    finally:
-        for h in handles:
-            h.remove()
-    return (masked - clean) / math.log(10)
 
 
 @pytest.fixture(scope="session")
@@ -172,16 +147,23 @@ def small_fp(smol_lm, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("strategy", ["pin", "rotate"])
-def test_harden_verdict_matches_an_independent_re_mask(strategy, small_fp, smollm2, smol_lm, tmp_path):
+@pytest.mark.parametrize("strategy", ["pin", "redundancy"])
+def test_harden_verdict_matches_an_independent_reattack(strategy, small_fp, smollm2, smol_lm, tmp_path):
+    """harden's verdict, checked without harden's numbers: the re-scan's strongest set re-masked with plain
+    hooks, and for a mitigated verdict a fresh portfolio run (another seed) that must find no set below
+    10 x n0, and the original set, re-masked, that must no longer collapse the hardened model."""
+    from dataclasses import replace
+
     from achilles_guard.model import load_model
+    from achilles_guard.scan import ScanParams, run_scan, tokenize_probe
 
     target = tmp_path / strategy
     done = run_guard(["harden", str(smollm2), "--fingerprint", str(small_fp / "fingerprint.safetensors"),
-                      "--strategy", strategy, "--out", str(target), "--format", "json"], timeout=300)
+                      "--strategy", strategy, "--out", str(target), "--format", "json"], timeout=600)
     assert done.returncode in (0, 1), done.stderr
     outcome = json.loads((target / "harden-report.json").read_text())
     verdict = outcome["verdict"]
+    attempt = outcome["attempts"][0]
     assert (done.returncode == 0) == (verdict == "mitigated")
     rescan = json.loads((target / "report.json").read_text())
     strongest = rescan["strongest"]
@@ -190,12 +172,21 @@ def test_harden_verdict_matches_an_independent_re_mask(strategy, small_fp, smoll
         from achilles_guard.defenses.pin import PinGuard, PinnedModel
         from achilles_guard.fingerprint import load_fingerprint
 
-        model = PinnedModel(smol_lm.model, PinGuard.from_fingerprint(load_fingerprint(small_fp / "fingerprint.safetensors")))
+        lm = replace(smol_lm, model=PinnedModel(smol_lm.model, PinGuard.from_fingerprint(load_fingerprint(small_fp / "fingerprint.safetensors"))))
+        assert "hardened_model" not in attempt
     else:
-        model = load_model(target / "model", dtype="float32", device="cpu").model
-    if strongest is None:
-        assert verdict == "mitigated"
-    else:  # the re-attack's set, re-masked independently, still collapses: the verdict must say so
-        got = independent_delta(model, ids, _pairs(strongest["critical_set"]))
+        assert attempt["hardened_model"] == "model"
+        lm = load_model(target / attempt["hardened_model"], dtype="float32", device="cpu")
+    if strongest is not None:  # the re-attack's set, re-masked independently, reproduces its Δ
+        got = independent_delta(lm.model, ids, _pairs(strongest["critical_set"]))
         assert got == pytest.approx(strongest["delta_log10"], abs=2e-3)
-        assert got >= 1.0 and verdict == "not mitigated"
+    if verdict == "mitigated":
+        n0 = attempt["n0"]
+        assert attempt["margin"] is None or attempt["margin"] >= 10
+        original = json.loads((small_fp / "report.json").read_text())["strongest"]["critical_set"]
+        assert independent_delta(lm.model, ids, _pairs(original)) < 1.0  # the original attack no longer collapses
+        again = run_scan(lm, [tokenize_probe(lm, "again", rescan["texts"][0]["text"])],
+                         ScanParams(samples=4, seed=7, max_neurons=10 * n0, greedy_pool=4))
+        assert again.strongest is None  # no attack of the portfolio collapses it below 10 x n0
+    else:
+        assert strongest is not None and (attempt["margin"] or 0) < 10 or attempt["clean_cost"] > 0.01

@@ -29,6 +29,7 @@ With no attack nothing is triggered and the output is bit-identical (torch.where
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
@@ -84,8 +85,11 @@ class PinGuard:
             mean = torch.tensor([r.baseline.mean for r in rs], dtype=torch.float32)
             mean_abs = torch.tensor([r.baseline.mean_abs for r in rs], dtype=torch.float32)
             max_abs = torch.tensor([r.baseline.max_abs for r in rs], dtype=torch.float32)
-            # always-on: typical magnitude close to the peak, and a stable sign (|mean| ~ mean |a|)
-            steady_mask = (mean_abs >= steady * max_abs) & (mean.abs() >= steady * mean_abs) & (max_abs > 0)
+            # always-on: typical magnitude close to the peak, and a stable sign (|mean| ~ mean |a|); with the
+            # smallest |a| seen (newer fingerprints) "vanished" means below floor x that, so no probe position triggers
+            min_abs = torch.tensor([_or(r.baseline.min_abs, r.baseline.mean_abs) for r in rs], dtype=torch.float32)
+            steady_mask = (mean_abs >= steady * max_abs) & (mean.abs() >= steady * mean_abs) & (max_abs > 0) & (min_abs > 0)
+            vanish_below = floor * torch.minimum(mean_abs, min_abs)
             first, first_floor = _first_position(rs, steady=steady, sink_ratio=sink_ratio, floor=floor)
             sink_mask = (first_floor > 0) & ~steady_mask
             for r, ok, sink in zip(rs, steady_mask.tolist(), sink_mask.tolist()):
@@ -96,8 +100,8 @@ class PinGuard:
                 module,
                 torch.tensor([r.neuron.channel for r in rs], dtype=torch.long),
                 mean,
-                torch.where(steady_mask, floor * mean_abs, torch.zeros_like(mean_abs)),
-                ceiling * max_abs,
+                torch.where(steady_mask, vanish_below, torch.zeros_like(mean_abs)),
+                torch.where(max_abs > 0, ceiling * max_abs, torch.full_like(max_abs, math.inf)),  # never seen: no ceiling
                 torch.where(sink_mask, first, mean),
                 torch.where(sink_mask, first_floor, torch.zeros_like(first_floor)),
             )
@@ -174,6 +178,10 @@ class PinGuard:
             return output
 
         return pin
+
+
+def _or(value, default):
+    return default if value is None else value
 
 
 def _first_position(records, *, steady: float, sink_ratio: float, floor: float) -> tuple[torch.Tensor, torch.Tensor]:

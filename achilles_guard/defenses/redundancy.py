@@ -34,7 +34,7 @@ from achilles_guard.adapters import adapter_for
 from achilles_guard.defenses.rotate import ROTATABLE
 from achilles_guard.defenses.split import SplitPlan, _cols, _rows, split_model
 from achilles_guard.errors import UsageError
-from achilles_guard.neurons import Neuron, decoder_blocks
+from achilles_guard.neurons import decoder_blocks
 
 __all__ = ["REDUNDANT", "RedundancyPlan", "plan_redundancy", "widen_residual", "check_redundant", "DEFENSE"]
 
