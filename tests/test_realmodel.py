@@ -133,14 +133,15 @@ def test_monitor_sees_the_sink_disrupted(smol_scan, smol_lm):
 
 @pytest.fixture(scope="session")
 def small_fp(smol_lm, tmp_path_factory):
-    """A cheap scan for harden (one text, 10 samples, greedy pool 4): harden re-attacks with these params."""
+    """A cheap scan for harden (one text, 4 samples, budget 10 = 10 x n0, greedy pool 2): harden re-attacks with
+    these params, so a defence that holds costs a search up to 10 per attack, not 1000."""
     from achilles_guard.fingerprint import write_fingerprint
     from achilles_guard.report import scan_report, write_json
     from achilles_guard.scan import ScanParams, run_scan, tokenize_probe
     from achilles_guard.texts import default_texts
 
     name, text = default_texts()[0]
-    result = run_scan(smol_lm, [tokenize_probe(smol_lm, name, text)], ScanParams(samples=10, max_neurons=40, greedy_pool=4))
+    result = run_scan(smol_lm, [tokenize_probe(smol_lm, name, text)], ScanParams(samples=4, max_neurons=10, greedy_pool=2))
     out = tmp_path_factory.mktemp("smol-small")
     write_json(out / "report.json", scan_report(result))
     write_fingerprint(out / "fingerprint.safetensors", result, top=8)
@@ -186,7 +187,8 @@ def test_harden_verdict_matches_an_independent_reattack(strategy, small_fp, smol
         original = json.loads((small_fp / "report.json").read_text())["strongest"]["critical_set"]
         assert independent_delta(lm.model, ids, _pairs(original)) < 1.0  # the original attack no longer collapses
         again = run_scan(lm, [tokenize_probe(lm, "again", rescan["texts"][0]["text"])],
-                         ScanParams(samples=4, seed=7, max_neurons=10 * n0, greedy_pool=4))
+                         ScanParams(samples=4, seed=7, max_neurons=10 * n0, greedy_pool=2))
         assert again.strongest is None  # no attack of the portfolio collapses it below 10 x n0
-    else:
-        assert strongest is not None and (attempt["margin"] or 0) < 10 or attempt["clean_cost"] > 0.01
+    else:  # measured (docs/defenses.md): pin leaves a 5-neuron late-layer set (margin 5 < 10)
+        assert (strongest is not None and (attempt["margin"] or 0) < 10) or attempt["clean_cost"] > 0.01 \
+            or any(a["delta_at_n0_after"] is not None and a["delta_at_n0_after"] >= 1 for a in attempt["attacks"])
