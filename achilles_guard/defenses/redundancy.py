@@ -10,6 +10,7 @@ c by k channels c_1..c_k, each holding h_c / sqrt(k):
 The sum of squares of h is unchanged (k (h_c / sqrt(k))^2 = h_c^2), but RMSNorm divides it by the
 hidden size, now d' = d + k - 1: every norm gain is multiplied by sqrt(d / d') and eps by d / d',
 which makes rms' = sqrt(d / d') rms exactly, so every norm output (and so every reader) is unchanged.
+When d' is not a multiple of the head count (configs require it), channels that are exactly 0 pad it.
 A tied LM head stays tied (embedding and head columns get the same factor). `head_dim` is written into
 the config explicitly (it no longer equals hidden_size / heads).
 
@@ -104,6 +105,10 @@ def widen_residual(model: nn.Module, plan: RedundancyPlan) -> int:
     scale = torch.ones(d, dtype=torch.float64)
     scale[chosen] = 1.0 / math.sqrt(k)
     scale = scale[src]  # (d',)
+    # configs require hidden_size % heads == 0: pad with channels that are exactly 0 (no writer, no reader)
+    pad = -int(src.numel()) % model.config.num_attention_heads
+    src = torch.cat([src, torch.zeros(pad, dtype=torch.long)])
+    scale = torch.cat([scale, torch.zeros(pad, dtype=torch.float64)])
     d_new = int(src.numel())
     tied = head is not None and head.weight is embed.weight
     config = model.config
