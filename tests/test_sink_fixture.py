@@ -135,6 +135,14 @@ def test_split_does_not_mitigate_the_sink_fixture(sink):
     assert any("residual-stream channels" in note for note in attempt.details["notes"])
 
 
+def _margin_scan(sink):
+    """A scan whose budget is exactly 10 x n0 (n0 = 1: greedy's upstream unit), so a defence that holds
+    costs a search up to 10 per attack in the re-attack, not 100."""
+    root, model_dir, _, _, _ = sink
+    target = root / "scan-margin"
+    return target if (target / "report.json").is_file() else scanned(model_dir, target, max_neurons=10, greedy_pool=8)
+
+
 def test_position_aware_pin_mitigates_the_sink_fixture_and_an_independent_reattack_agrees(sink):
     """The guard restores the first-position value of every fingerprinted neuron that has one (the
     massive channels, the sink keys) and the always-on ones (the sink queries); harden says mitigated,
@@ -143,7 +151,8 @@ def test_position_aware_pin_mitigates_the_sink_fixture_and_an_independent_reatta
     from achilles_guard.fingerprint import load_fingerprint
     from achilles_guard.scan import ScanParams, run_scan
 
-    root, model_dir, lm, ids, scan_dir = sink
+    root, model_dir, lm, ids, _ = sink
+    scan_dir = _margin_scan(sink)
     outcome = harden(HardenRequest(model_dir, scan_dir / "fingerprint.safetensors", None, "pin", root / "pin"))
     attempt = outcome.attempts[0]
     v = attempt.verification
@@ -169,12 +178,13 @@ def test_redundancy_protects_the_massive_channels_but_not_the_sink_heads(sink):
     """Measured: the 3 massive channels carried by 32 channels each and the writing unit split in 32 make
     PCICN need many more neurons, function-preserving (cost ~0), but one sink head's query row (an
     attention input, not a residual channel) still collapses the fixture alone: not mitigated."""
-    root, model_dir, _, _, scan_dir = sink
+    root, model_dir, _, _, _ = sink
+    scan_dir = _margin_scan(sink)
     outcome = harden(HardenRequest(model_dir, scan_dir / "fingerprint.safetensors", None, "redundancy", root / "red"))
     attempt = outcome.attempts[0]
     v = attempt.verification
     assert attempt.details["channels"] and attempt.details["units"] == {"0": [3]}
     assert v.clean_cost < 1e-4 and v.original_attack_after is not None and v.original_attack_after < 0.01
-    assert v.after.n_star is None or v.after.n_star >= 10 * 3
+    assert not v.after.converged  # PCICN no longer finds a set within 10 (3 before)
     assert v.verdict == "not mitigated" and v.after.strongest_n == 1
     assert attempt.hardened_model == root / "red" / "model"
