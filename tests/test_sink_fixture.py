@@ -160,7 +160,7 @@ def test_position_aware_pin_mitigates_the_sink_fixture_and_an_independent_reatta
     assert v.verdict == "mitigated" and v.clean_cost == 0.0, v.reasons
     assert v.margin is None or v.margin >= 10
     n0 = v.n0
-    guard = PinGuard.from_fingerprint(load_fingerprint(scan_dir / "fingerprint.safetensors"))
+    guard = PinGuard.from_fingerprint(load_fingerprint(scan_dir / "fingerprint.safetensors"), neurons="all")
     pinned = PinnedModel(lm.model, guard)
     with torch.no_grad():  # bit-identical when nothing is attacked
         assert torch.equal(lm.model(input_ids=ids).logits, pinned(input_ids=ids).logits)

@@ -71,10 +71,11 @@ class PinGuard:
         self._counts: dict[torch.device, torch.Tensor] = {}
 
     @staticmethod
-    def from_fingerprint(fp, *, neurons: str = "all", floor: float = 0.5, ceiling: float = 4.0, steady: float = 0.5,
+    def from_fingerprint(fp, *, neurons: str = "critical", floor: float = 0.5, ceiling: float = 4.0, steady: float = 0.5,
                          sink_ratio: float = 10.0) -> "PinGuard":
-        """Guard every neuron the fingerprint records (`neurons="all"`: every attack's set and the top-R of
-        every ranking) or only every attack's set (`"critical"`: the paper's sets and each portfolio attack's)."""
+        """Guard every attack's set (`neurons="critical"`: the paper's sets and each portfolio attack's; what
+        `guard monitor --protect` installs) or every neuron the fingerprint records (`"all"`: also the top-R of
+        every ranking; what `guard harden --strategy pin` measures, see docs/defenses.md for its false triggers)."""
         records = [r for r in fp.neurons if r.critical or r.attacks] if neurons == "critical" else list(fp.neurons)
         by_module: dict[str, list] = {}
         for r in records:
@@ -261,8 +262,9 @@ class PinDefense:
 
         from achilles_guard.defenses.base import Applied
 
-        guard = PinGuard.from_fingerprint(step.fp)
+        guard = PinGuard.from_fingerprint(step.fp, neurons="all")
         details = {
+            "neurons": "all",
             "runtime_guard": True,
             "restorable": [str(n) for n in guard.restorable],
             "first_position": [str(n) for n in guard.first_position],
