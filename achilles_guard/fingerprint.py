@@ -23,8 +23,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -69,6 +70,13 @@ class ActivationBaseline:
     std: float
     max_abs: float
     mean_abs: float
+    # per-position profile (absent in fingerprints written before it): the first position of each probe
+    # vs every later one - an attention-sink massive activation lives at the first position only
+    first_mean: float | None = None  # mean of a[0] over the probes
+    first_min_abs: float | None = None  # min |a[0]| over the probes
+    first_max_abs: float | None = None  # max |a[0]| over the probes
+    rest_max_abs: float | None = None  # max |a[t]|, t >= 1
+    min_abs: float | None = None  # min |a| over every position
 
 
 @dataclass(frozen=True)
@@ -95,6 +103,7 @@ class NeuronRecord:
     critical: bool
     slices: tuple[str, ...]  # SliceRecord keys
     baseline: ActivationBaseline
+    attacks: tuple[str, ...] = ()  # the portfolio attacks whose set holds the neuron
 
 
 @dataclass(frozen=True)
@@ -146,6 +155,9 @@ def activation_baselines(model, neurons: list[Neuron], probes: list[torch.Tensor
         per_module.setdefault(n.module, []).append(n.channel)
     idx = {m: torch.tensor(cs, dtype=torch.long) for m, cs in per_module.items()}
     stats = {m: torch.zeros(4, len(cs), dtype=torch.float64) for m, cs in idx.items()}  # sum, sumsq, max|a|, sum|a|
+    first = {m: [] for m in idx}  # per probe: (k,) value at position 0
+    rest = {m: torch.zeros(len(cs), dtype=torch.float64) for m, cs in idx.items()}  # max |a[t]|, t >= 1
+    low = {m: torch.full((len(cs),), math.inf, dtype=torch.float64) for m, cs in idx.items()}  # min |a|
     count = 0
 
     def collect(name):
@@ -156,6 +168,11 @@ def activation_baselines(model, neurons: list[Neuron], probes: list[torch.Tensor
             s[1] += (a * a).sum(0)
             s[2] = torch.maximum(s[2], a.abs().amax(0))
             s[3] += a.abs().sum(0)
+            first[name].append(a[0])
+            low[name] = torch.minimum(low[name], a.abs().amin(0))
+            if a.shape[0] > 1:
+                rest[name] = torch.maximum(rest[name], a[1:].abs().amax(0))
+
         return fn
 
     with torch.no_grad(), hooks(model, {m: collect(m) for m in idx}):
@@ -167,9 +184,18 @@ def activation_baselines(model, neurons: list[Neuron], probes: list[torch.Tensor
         s = stats[m]
         mean = s[0] / count
         std = (s[1] / count - mean**2).clamp_min(0).sqrt()
+        a0 = torch.stack(first[m])  # (probes, k)
         for j, c in enumerate(cs.tolist()):
             out[Neuron(m, c)] = ActivationBaseline(
-                float(mean[j]), float(std[j]), float(s[2, j]), float(s[3, j] / count)
+                float(mean[j]),
+                float(std[j]),
+                float(s[2, j]),
+                float(s[3, j] / count),
+                float(a0[:, j].mean()),
+                float(a0[:, j].abs().min()),
+                float(a0[:, j].abs().max()),
+                float(rest[m][j]),
+                float(low[m][j]),
             )
     return out
 
@@ -201,13 +227,28 @@ def fingerprint_bytes(result, *, top: int = 64, sign_key: bytes | None = None) -
     critical = {n for t in result.texts for n in t.result.critical_set}
     found_by: dict[Neuron, set[str]] = {}  # portfolio attacks whose (pruned) set holds the neuron
     for t in result.texts:
-        for a in (t.portfolio.attacks if t.portfolio else ()):
+        for a in t.portfolio.attacks if t.portfolio else ():
             for n in a.critical_set:
                 found_by.setdefault(n, set()).add(a.attack)
-    others = [n for t in result.texts if t.portfolio for r in t.portfolio.rankings.values() if r is not t.ranking
-              for n in r.top(min(top, len(r)))]
-    chosen = list(dict.fromkeys([*result.primary.result.critical_set, *sorted(critical), *sorted(found_by),
-                                 *ranking.top(min(top, len(ranking))), *others]))
+    others = [
+        n
+        for t in result.texts
+        if t.portfolio
+        for r in t.portfolio.rankings.values()
+        if r is not t.ranking
+        for n in r.top(min(top, len(r)))
+    ]
+    chosen = list(
+        dict.fromkeys(
+            [
+                *result.primary.result.critical_set,
+                *sorted(critical),
+                *sorted(found_by),
+                *ranking.top(min(top, len(ranking))),
+                *others,
+            ]
+        )
+    )
     check_fingerprint_nonempty(len(chosen))
     by_name = result.candidates.by_name()
     # rank of every neuron: inverse permutation of the ranking order
@@ -227,7 +268,7 @@ def fingerprint_bytes(result, *, top: int = 64, sign_key: bytes | None = None) -
         from achilles_guard.gguf_integrity import GGUFSliceSource
 
         gguf_source = GGUFSliceSource(lm.directory)
-    with (gguf_source or Checkpoint.open(lm.directory)) as ckpt:
+    with gguf_source or Checkpoint.open(lm.directory) as ckpt:
         for neuron in chosen:
             cand = by_name[neuron.module]
             keys = []
@@ -247,9 +288,15 @@ def fingerprint_bytes(result, *, top: int = 64, sign_key: bytes | None = None) -
                 value = ckpt.read_slice(ckpt_key, ws.axis, ws.index).contiguous()
                 tensors[ws.key] = value
                 slices[ws.key] = {
-                    "param": ws.param, "checkpoint_key": ckpt_key, "axis": ws.axis, "index": ws.index,
-                    "null_value": ws.null_value, "shard": ckpt.shard_of(ckpt_key), "dtype": dtype,
-                    "shape": list(shape), "sha256": tensor_sha256(value),
+                    "param": ws.param,
+                    "checkpoint_key": ckpt_key,
+                    "axis": ws.axis,
+                    "index": ws.index,
+                    "null_value": ws.null_value,
+                    "shard": ckpt.shard_of(ckpt_key),
+                    "dtype": dtype,
+                    "shape": list(shape),
+                    "sha256": tensor_sha256(value),
                 }
             gidx = int(offsets[module_pos[neuron.module]]) + neuron.channel
             rank = int(position[gidx]) + 1
@@ -265,12 +312,7 @@ def fingerprint_bytes(result, *, top: int = 64, sign_key: bytes | None = None) -
                     "critical": neuron in critical,
                     "attacks": sorted(found_by.get(neuron, ())),  # additive: the portfolio sets it is in
                     "slices": keys,
-                    "baseline": {
-                        "mean": base.mean,
-                        "std": base.std,
-                        "max_abs": base.max_abs,
-                        "mean_abs": base.mean_abs,
-                    },
+                    "baseline": asdict(base),
                 }
             )
     primary = result.primary.result
@@ -285,10 +327,13 @@ def fingerprint_bytes(result, *, top: int = 64, sign_key: bytes | None = None) -
         "critical_set": json.dumps([{"module": n.module, "channel": n.channel} for n in primary.critical_set]),
         "neurons": json.dumps(neurons_meta),
         "slices": json.dumps(slices, sort_keys=True),
-        "baseline": json.dumps({
-            "loss": primary.baseline_loss, "log10_ppl": log10_ppl(primary.baseline_loss),
-            "texts": [t.result.baseline_loss for t in result.texts],
-        }),
+        "baseline": json.dumps(
+            {
+                "loss": primary.baseline_loss,
+                "log10_ppl": log10_ppl(primary.baseline_loss),
+                "texts": [t.result.baseline_loss for t in result.texts],
+            }
+        ),
         "probe_texts": json.dumps([t.probe.text for t in result.texts]),
     }
     if gguf_source is not None:
@@ -335,20 +380,34 @@ def load_fingerprint(path: str | Path, *, verify_key: bytes | None = None) -> Fi
         }
         neurons = tuple(
             NeuronRecord(
-                neuron=Neuron(n["module"], n["channel"]), layer=n["layer"], component=n["component"], rank=n["rank"],
-                importance=n["importance"] if n["importance"] is not None else float("inf"), critical=n["critical"],
-                slices=tuple(n["slices"]), baseline=ActivationBaseline(**n["baseline"]),
+                neuron=Neuron(n["module"], n["channel"]),
+                layer=n["layer"],
+                component=n["component"],
+                rank=n["rank"],
+                importance=n["importance"] if n["importance"] is not None else float("inf"),
+                critical=n["critical"],
+                slices=tuple(n["slices"]),
+                baseline=ActivationBaseline(**n["baseline"]),
+                attacks=tuple(n.get("attacks", ())),
             )
             for n in json.loads(metadata["neurons"])
         )
         critical = tuple(Neuron(n["module"], n["channel"]) for n in json.loads(metadata["critical_set"]))
         baseline = json.loads(metadata["baseline"])
         fp = Fingerprint(
-            path=str(path), tensors=tensors, slices=slices, neurons=neurons, critical_set=critical,
-            config_sha256=metadata["config_sha256"], model_type=metadata["model_type"],
-            architecture=metadata["architecture"], tool_version=metadata["tool_version"],
-            scan_params=json.loads(metadata["scan_params"]), baseline_loss=float(baseline["loss"]),
-            probe_texts=tuple(json.loads(metadata["probe_texts"])), signed="hmac_sha256" in metadata,
+            path=str(path),
+            tensors=tensors,
+            slices=slices,
+            neurons=neurons,
+            critical_set=critical,
+            config_sha256=metadata["config_sha256"],
+            model_type=metadata["model_type"],
+            architecture=metadata["architecture"],
+            tool_version=metadata["tool_version"],
+            scan_params=json.loads(metadata["scan_params"]),
+            baseline_loss=float(baseline["loss"]),
+            probe_texts=tuple(json.loads(metadata["probe_texts"])),
+            signed="hmac_sha256" in metadata,
             metadata=metadata,
         )
     except (KeyError, TypeError, ValueError, AttributeError) as err:
@@ -376,6 +435,3 @@ def _mac(key: bytes, tensors: dict[str, torch.Tensor], metadata: dict[str, str])
         mac.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
         mac.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return mac.hexdigest()
-
-
-

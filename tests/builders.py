@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import http.client
 import json
+import math
 import os
 import re
 import signal
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from prometheus_client.parser import text_string_to_metric_families
 
 from achilles_guard.demo import DEMO_PLANT, Plant, build_tokenizer, plant_massive
@@ -330,3 +332,27 @@ def tiny_gguf(path: Path, qtype: str = "Q4_0", *, seed: int = 0, hidden: int = 6
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def independent_delta(model, input_ids: torch.Tensor, neurons) -> float:
+    """Δ log10 PPL of zeroing `neurons` [(module, channel)], with plain hooks and plain cross-entropy: none of the
+    project's masking or loss code (a PinnedModel works too: its hooks go on the wrapped modules, before the guard)."""
+    def loss() -> float:
+        with torch.no_grad():
+            logits = model(input_ids=input_ids, use_cache=False).logits[0, :-1].float()
+        return float(F.cross_entropy(logits, input_ids[0, 1:]))
+
+    clean = loss()
+    handles = []
+    for module, channel in neurons:
+        def zero(mod, args, out, c=channel):
+            out = out.clone()
+            out[..., c] = 0.0
+            return out
+        handles.append(model.get_submodule(module).register_forward_hook(zero))
+    try:
+        masked = loss()
+    finally:
+        for h in handles:
+            h.remove()
+    return (masked - clean) / math.log(10)

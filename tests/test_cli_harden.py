@@ -38,12 +38,26 @@ def test_split_on_residual_set_exits_1_in_a_subprocess(planted, scan_dir, tmp_pa
     assert (tmp_path / "out" / "model" / "config.json").is_file()
 
 
-def test_auto_tries_rotate_then_pin(planted, scan_dir, tmp_path):
+def test_auto_tries_the_cheapest_first_and_says_why_it_stopped(planted, scan_dir, tmp_path):
     res = runner.invoke(app, ["harden", str(planted[0]), "--fingerprint", str(scan_dir / "fingerprint.safetensors"),
                               "--strategy", "auto", "--out", str(tmp_path / "out")])
     doc = json.loads((tmp_path / "out" / "harden-report.json").read_text())
-    assert [a["strategy"] for a in doc["attempts"]] == ["rotate", "pin"]
-    assert res.exit_code == (0 if doc["verdict"] == "mitigated" else 1)
+    assert [a["strategy"] for a in doc["attempts"]] == ["pin"]  # the runtime guard mitigates: auto stops there
+    assert doc["verdict"] == "mitigated" and res.exit_code == 0
+    assert doc["stopped"].startswith("pin is mitigated") and doc["tried"][0].startswith("pin: mitigated")
+    attempt = doc["attempts"][0]
+    assert "hardened_model" not in attempt  # a runtime guard writes no checkpoint
+    assert attempt["margin"] is None and attempt["margin_text"].startswith("none within budget")
+    assert {a["attack"] for a in attempt["attacks"]} == {"pcicn", "activation", "gradient", "greedy"}
+    assert all(a["delta_at_n0_after"] is None or a["delta_at_n0_after"] < 1 for a in attempt["attacks"])
+    assert attempt["table"][0]["metric"].startswith("margin")  # the margin comes first
+
+
+def test_unknown_strategy_and_runtime_guard_not_last_exit_2(planted, scan_dir, tmp_path):
+    for strategy in ("bogus", "pin+redundancy"):
+        res = runner.invoke(app, ["harden", str(planted[0]), "--fingerprint", str(scan_dir / "fingerprint.safetensors"),
+                                  "--strategy", strategy, "--out", str(tmp_path / "out")])
+        assert res.exit_code == 2 and not (tmp_path / "out").exists(), res.output
 
 
 def test_repair_subprocess_restores_a_zeroed_slice(planted, scan_dir, tmp_path):

@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from achilles_guard.defenses.finetune import FinetuneConfig, finetune, read_corpus
+from achilles_guard.defenses.finetune import FinetuneConfig, finetune
 from achilles_guard.defenses.harden import HardenRequest, harden
 from achilles_guard.errors import InputError
 from achilles_guard.fingerprint import load_fingerprint
@@ -74,5 +74,14 @@ def test_resume_after_interruption_equals_a_straight_run(planted, scan_dir, corp
 
 def test_empty_data_is_an_input_error(tmp_path):
     (tmp_path / "d").mkdir()
+    with pytest.raises(InputError, match="holds no"):
+        FinetuneConfig(data=str(tmp_path / "d")).validated()
+    (tmp_path / "d" / "blank.txt").write_text("  \n")
     with pytest.raises(InputError, match="no text found"):
-        read_corpus(tmp_path / "d")
+        FinetuneConfig(data=str(tmp_path / "d")).validated()
+
+
+def test_raw_files_are_read_like_guard_eval_reads_them(tmp_path):
+    """One corpus reader (evaluation.load_corpus): a .raw file (WikiText's) is accepted, not refused."""
+    (tmp_path / "wiki.test.raw").write_text("The river rose through the night.\n")
+    assert FinetuneConfig(data=str(tmp_path / "wiki.test.raw")).validated().data.endswith(".raw")

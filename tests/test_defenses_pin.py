@@ -23,7 +23,7 @@ def test_pin_restores_zeroed_critical_weights_and_is_silent_otherwise(planted, t
     lm = load_model(path)
     ids = lm.tokenizer(PROBE, return_tensors="pt")["input_ids"]
     guard = PinGuard.from_fingerprint(fp)
-    assert set(guard.restorable) == critical
+    assert critical <= set(guard.restorable)  # the paper's set, plus every portfolio attack's set
 
     with torch.no_grad():
         clean_logits = lm.model(input_ids=ids).logits

@@ -9,41 +9,16 @@ masking or loss code.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from tests.builders import run_guard
+from tests.builders import independent_delta, run_guard
 
 pytestmark = pytest.mark.realmodel
 
 SINK = ("model.layers.11.mlp.down_proj", 507)
-
-
-def independent_delta(model, input_ids: torch.Tensor, neurons) -> float:
-    """Δ log10 PPL of zeroing `neurons` [(module, channel)], with plain hooks and plain cross-entropy."""
-    def loss() -> float:
-        with torch.no_grad():
-            logits = model(input_ids=input_ids, use_cache=False).logits[0, :-1].float()
-        return float(F.cross_entropy(logits, input_ids[0, 1:]))
-
-    clean = loss()
-    handles = []
-    for module, channel in neurons:
-        def zero(mod, args, out, c=channel):
-            out = out.clone()
-            out[..., c] = 0.0
-            return out
-        handles.append(model.get_submodule(module).register_forward_hook(zero))
-    try:
-        masked = loss()
-    finally:
-        for h in handles:
-            h.remove()
-    return (masked - clean) / math.log(10)
 
 
 @pytest.fixture(scope="session")
@@ -171,7 +146,8 @@ def test_monitor_sees_the_sink_disrupted(smol_scan, smol_lm):
 
 @pytest.fixture(scope="session")
 def small_fp(smol_lm, tmp_path_factory):
-    """A cheap scan for harden (one text, 10 samples, greedy pool 4): harden re-attacks with these params."""
+    """A cheap scan for harden (one text, 4 samples, budget 10 = 10 x n0, greedy pool 2): harden re-attacks with
+    these params, so a defence that holds costs a search up to 10 per attack, not 1000."""
     from achilles_guard.fingerprint import write_fingerprint
     from achilles_guard.report import scan_report, write_json
     from achilles_guard.scan import ScanParams, run_scan, tokenize_probe
@@ -179,7 +155,7 @@ def small_fp(smol_lm, tmp_path_factory):
 
     name, text = default_texts()[0]
     result = run_scan(
-        smol_lm, [tokenize_probe(smol_lm, name, text)], ScanParams(samples=10, max_neurons=40, greedy_pool=4)
+        smol_lm, [tokenize_probe(smol_lm, name, text)], ScanParams(samples=4, max_neurons=10, greedy_pool=2)
     )
     out = tmp_path_factory.mktemp("smol-small")
     write_json(out / "report.json", scan_report(result))
@@ -187,16 +163,36 @@ def small_fp(smol_lm, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("strategy", ["pin", "rotate"])
-def test_harden_verdict_matches_an_independent_re_mask(strategy, small_fp, smollm2, smol_lm, tmp_path):
+@pytest.mark.parametrize("strategy", ["redundancy"])  # pin on SmolLM2: margin 5, measured in docs/defenses.md
+def test_harden_verdict_matches_an_independent_reattack(strategy, small_fp, smollm2, smol_lm, tmp_path):
+    """harden's verdict, checked without harden's numbers: the re-scan's strongest set re-masked with plain
+    hooks, and for a mitigated verdict a fresh portfolio run (another seed) that must find no set below
+    10 x n0, and the original set, re-masked, that must no longer collapse the hardened model."""
+    from dataclasses import replace
+
     from achilles_guard.model import load_model
+    from achilles_guard.scan import ScanParams, run_scan, tokenize_probe
 
     target = tmp_path / strategy
-    done = run_guard(["harden", str(smollm2), "--fingerprint", str(small_fp / "fingerprint.safetensors"),
-                      "--strategy", strategy, "--out", str(target), "--format", "json"], timeout=300)
+    done = run_guard(
+        [
+            "harden",
+            str(smollm2),
+            "--fingerprint",
+            str(small_fp / "fingerprint.safetensors"),
+            "--strategy",
+            strategy,
+            "--out",
+            str(target),
+            "--format",
+            "json",
+        ],
+        timeout=600,
+    )
     assert done.returncode in (0, 1), done.stderr
     outcome = json.loads((target / "harden-report.json").read_text())
     verdict = outcome["verdict"]
+    attempt = outcome["attempts"][0]
     assert (done.returncode == 0) == (verdict == "mitigated")
     rescan = json.loads((target / "report.json").read_text())
     strongest = rescan["strongest"]
@@ -205,38 +201,33 @@ def test_harden_verdict_matches_an_independent_re_mask(strategy, small_fp, smoll
         from achilles_guard.defenses.pin import PinGuard, PinnedModel
         from achilles_guard.fingerprint import load_fingerprint
 
-        model = PinnedModel(
-            smol_lm.model, PinGuard.from_fingerprint(load_fingerprint(small_fp / "fingerprint.safetensors"))
+        lm = replace(
+            smol_lm,
+            model=PinnedModel(
+                smol_lm.model, PinGuard.from_fingerprint(load_fingerprint(small_fp / "fingerprint.safetensors"))
+            ),
         )
+        assert "hardened_model" not in attempt
     else:
-        model = load_model(target / "model", dtype="float32", device="cpu").model
-    if strongest is None:
-        assert verdict == "mitigated"
-    else:  # the re-attack's set, re-masked independently, still collapses: the verdict must say so
-        got = independent_delta(model, ids, _pairs(strongest["critical_set"]))
+        assert attempt["hardened_model"] == "model"
+        lm = load_model(target / attempt["hardened_model"], dtype="float32", device="cpu")
+    if strongest is not None:  # the re-attack's set, re-masked independently, reproduces its Δ
+        got = independent_delta(lm.model, ids, _pairs(strongest["critical_set"]))
         assert got == pytest.approx(strongest["delta_log10"], abs=2e-3)
-        assert got >= 1.0 and verdict == "not mitigated"
-
-
-def test_the_real_gguf_verifies_against_the_safetensors_fingerprint(smol_scan, smollm2_gguf, tmp_path):
-    """Cross-format on the real Q4_1 file: the float release's fingerprint calls every slice equivalent (no false
-    positive), and a zeroed or 0.9-scaled critical row written by `guard tamper` into a GGUF copy is caught."""
-    _, _, out = smol_scan
-    fp = out / "fingerprint.safetensors"
-    verify = ["verify-checkpoint", "--fingerprint", str(fp), "--format", "json"]
-    clean = run_guard([*verify, str(smollm2_gguf)], timeout=120)
-    assert clean.returncode == 0, clean.stderr
-    doc = json.loads(clean.stdout)
-    assert doc["verdict"] == "intact" and {s["status"] for s in doc["slices"]} <= {"intact", "equivalent"}
-    # the header and the fingerprinted blocks, never the whole file
-    assert doc["checkpoint"]["bytes_read"] < 0.03 * doc["checkpoint"]["file_size"]
-    for kind, extra, status in [("zero", [], "zeroed"), ("scale", ["--scale", "0.9"], "scaled")]:
-        copy = tmp_path / f"{kind}.gguf"
-        done = run_guard(["tamper", str(smollm2_gguf), "--out", str(copy), "--neuron", f"{SINK[0]}:{SINK[1]}",
-                          "--kind", kind, *extra], timeout=120)
-        assert done.returncode == 0, done.stderr
-        caught = run_guard([*verify, str(copy)], timeout=120)
-        assert caught.returncode == 1, caught.stderr
-        changed = [s for s in json.loads(caught.stdout)["slices"] if s["status"] not in ("intact", "equivalent")]
-        assert {s["status"] for s in changed} == {status} and all(s["critical"] for s in changed)
-        copy.unlink()
+    if verdict == "mitigated":
+        n0 = attempt["n0"]
+        assert attempt["margin"] is None or attempt["margin"] >= 10
+        original = json.loads((small_fp / "report.json").read_text())["strongest"]["critical_set"]
+        assert independent_delta(lm.model, ids, _pairs(original)) < 1.0  # the original attack no longer collapses
+        again = run_scan(
+            lm,
+            [tokenize_probe(lm, "again", rescan["texts"][0]["text"])],
+            ScanParams(samples=4, seed=7, max_neurons=10 * n0, greedy_pool=2),
+        )
+        assert again.strongest is None  # no attack of the portfolio collapses it below 10 x n0
+    else:  # measured (docs/defenses.md): pin leaves a 5-neuron late-layer set (margin 5 < 10)
+        assert (
+            (strongest is not None and (attempt["margin"] or 0) < 10)
+            or attempt["clean_cost"] > 0.01
+            or any(a["delta_at_n0_after"] is not None and a["delta_at_n0_after"] >= 1 for a in attempt["attacks"])
+        )

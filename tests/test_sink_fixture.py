@@ -12,17 +12,18 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
 from achilles_guard.defenses.harden import HardenRequest, harden
-from achilles_guard.defenses.verify import losses, original_attack_delta
+from achilles_guard.defenses.reattack import losses, original_attack_delta
 from achilles_guard.masking import MaskPlan, hooks, masked
 from achilles_guard.model import load_model
 from achilles_guard.neurons import Neuron
 from achilles_guard.scan import tokenize_probe
-from tests.builders import PROBE, run_guard, scanned
+from tests.builders import PROBE, independent_delta, run_guard, scanned
 from tests.sink import SINK_PLANT, build_sink_model
 
 CRITICAL = tuple(sorted(SINK_PLANT.critical_set(), key=lambda n: n.channel))
@@ -135,16 +136,66 @@ def test_rotation_does_not_mitigate_the_sink_fixture(sink):
     assert values["v"][0, 0].abs().max() > 0.05  # the BOS value every position copies (0 exactly when clean)
 
 
-@pytest.mark.parametrize("strategy", ["pin", "split"])
-def test_pin_and_split_do_not_mitigate_the_sink_fixture(sink, strategy):
+def test_split_does_not_mitigate_the_sink_fixture(sink):
     root, model_dir, _, _, scan_dir = sink
-    outcome = harden(HardenRequest(model_dir, scan_dir / "fingerprint.safetensors", None, strategy, root / strategy))
+    outcome = harden(HardenRequest(model_dir, scan_dir / "fingerprint.safetensors", None, "split", root / "split"))
     attempt = outcome.attempts[0]
     v = attempt.verification
     assert v.verdict == "not mitigated"
     assert v.after.n_star == 3 and v.original_attack_after is not None and v.original_attack_after > 5.0
-    if strategy == "pin":  # massive at one position only: not "always-on", so only clamped, never restored
-        assert attempt.details["restorable"] == [] and len(attempt.details["clamp_only"]) == 3
-        assert attempt.details["interventions_during_verification"] == 0
-    else:
-        assert any("residual-stream channels" in note for note in attempt.details["notes"])
+    assert any("residual-stream channels" in note for note in attempt.details["notes"])
+
+
+def _margin_scan(sink):
+    """A scan whose budget is exactly 10 x n0 (n0 = 1: greedy's upstream unit), so a defence that holds
+    costs a search up to 10 per attack in the re-attack, not 100."""
+    root, model_dir, _, _, _ = sink
+    target = root / "scan-margin"
+    return target if (target / "report.json").is_file() else scanned(model_dir, target, max_neurons=10, greedy_pool=8)
+
+
+def test_position_aware_pin_mitigates_the_sink_fixture_and_an_independent_reattack_agrees(sink):
+    """The guard restores the first-position value of every fingerprinted neuron that has one (the
+    massive channels, the sink keys) and the always-on ones (the sink queries); harden says mitigated,
+    and a re-attack with another seed, plain hooks and plain cross-entropy finds no set below 10 x n0."""
+    from achilles_guard.defenses.pin import PinGuard, PinnedModel
+    from achilles_guard.fingerprint import load_fingerprint
+    from achilles_guard.scan import ScanParams, run_scan
+
+    root, model_dir, lm, ids, _ = sink
+    scan_dir = _margin_scan(sink)
+    outcome = harden(HardenRequest(model_dir, scan_dir / "fingerprint.safetensors", None, "pin", root / "pin"))
+    attempt = outcome.attempts[0]
+    v = attempt.verification
+    assert set(map(str, CRITICAL)) <= set(attempt.details["first_position"])
+    assert v.verdict == "mitigated" and v.clean_cost == 0.0, v.reasons
+    assert v.margin is None or v.margin >= 10
+    n0 = v.n0
+    guard = PinGuard.from_fingerprint(load_fingerprint(scan_dir / "fingerprint.safetensors"), neurons="all")
+    pinned = PinnedModel(lm.model, guard)
+    with torch.no_grad():  # bit-identical when nothing is attacked
+        assert torch.equal(lm.model(input_ids=ids).logits, pinned(input_ids=ids).logits)
+    again = run_scan(replace(lm, model=pinned), [tokenize_probe(lm, "again", PROBE)],
+                     ScanParams(samples=10, seed=7, max_neurons=10 * n0, greedy_pool=16))
+    assert again.strongest is None  # no attack of the portfolio collapses it below 10 x n0
+    before = json.loads((scan_dir / "report.json").read_text())["strongest"]["critical_set"]
+
+    original = [(c["module"], c["channel"]) for c in before]
+    assert independent_delta(lm.model, ids, original) > 5  # the bare model collapses
+    assert abs(independent_delta(pinned, ids, original)) < 0.01  # the guarded one does not
+
+
+def test_redundancy_protects_the_massive_channels_but_not_the_sink_heads(sink):
+    """Measured: the 3 massive channels carried by 32 channels each and the writing unit split in 32 make
+    PCICN need many more neurons, function-preserving (cost ~0), but one sink head's query row (an
+    attention input, not a residual channel) still collapses the fixture alone: not mitigated."""
+    root, model_dir, _, _, _ = sink
+    scan_dir = _margin_scan(sink)
+    outcome = harden(HardenRequest(model_dir, scan_dir / "fingerprint.safetensors", None, "redundancy", root / "red"))
+    attempt = outcome.attempts[0]
+    v = attempt.verification
+    assert attempt.details["channels"] and attempt.details["units"] == {"0": [3]}
+    assert v.clean_cost < 1e-4 and v.original_attack_after is not None and v.original_attack_after < 0.01
+    assert not v.after.converged  # PCICN no longer finds a set within 10 (3 before)
+    assert v.verdict == "not mitigated" and v.after.strongest_n == 1
+    assert attempt.hardened_model == root / "red" / "model"

@@ -29,12 +29,22 @@ __all__ = ["harden_command"]
 def harden_command(
     model_dir: Path = typer.Argument(..., help="The model directory that was scanned."),
     fingerprint: Path = typer.Option(..., "--fingerprint", help="fingerprint.safetensors written by guard scan."),
-    strategy: str = typer.Option(..., "--strategy", help="rotate, split, finetune, pin or auto."),
+    strategy: str = typer.Option(
+        ..., "--strategy", help="pin, redundancy, split, rotate, finetune, a chain like redundancy+pin, or auto."
+    ),
     out: Path = typer.Option(..., "--out", help="Directory for the hardened model, its report and harden-report.json."),
     report: Optional[Path] = typer.Option(
         None, "--report", help="The scan's report.json (default: next to the fingerprint)."
     ),
     max_cost: float = typer.Option(0.01, help="Largest acceptable clean cost, in orders of magnitude of perplexity."),
+    min_margin: float = typer.Option(
+        10.0, "--min-margin", help="Mitigated needs the smallest collapsing set to grow at least this many times."
+    ),
+    redundancy_copies: int = typer.Option(
+        32,
+        "--redundancy-copies",
+        help="redundancy: channels carrying each critical residual channel (and copies of its writing units).",
+    ),
     copies: int = typer.Option(8, help="split: copies of each critical unit (>= 2)."),
     seed: int = typer.Option(0, help="rotate: seed of the orthogonal matrix; finetune: seed of the dropout."),
     rotation: str = typer.Option(
@@ -55,15 +65,15 @@ def harden_command(
     device: str = DeviceOption(),
     format: Format = typer.Option(Format.table, "--format", help="What stdout carries: table or json."),
 ) -> None:
-    """Harden a model against critical-neuron collapse and verify it by re-running PCICN.
+    """Harden a model against critical-neuron collapse and verify it by re-attacking with the whole portfolio.
 
     Exit 0 mitigated, 1 not mitigated, 2 bad input (nothing written), 3 runtime failure.
     """
-    from achilles_guard.defenses.harden import STRATEGIES, HardenRequest, harden
-    from achilles_guard.defenses.verify import HELD_OUT_TEXTS
+    from achilles_guard.defenses.harden import HardenRequest, harden, parse_strategy
+    from achilles_guard.defenses.reattack import HELD_OUT_TEXTS
 
-    if strategy not in STRATEGIES:
-        raise UsageError(f"--strategy {strategy!r}: use one of {', '.join(STRATEGIES)}")
+    if strategy != "auto":
+        parse_strategy(strategy)
     if not model_dir.is_dir():
         raise InputError(f"{model_dir}: no such directory")
     if out.resolve() == model_dir.resolve() or model_dir.resolve() in out.resolve().parents:
@@ -72,17 +82,41 @@ def harden_command(
         )
     if not fingerprint.is_file():
         raise InputError(f"--fingerprint {fingerprint}: no such file (run guard scan MODEL --out DIR first)")
-    if copies < 1 or (strategy == "split" and copies < 2):
+    if copies < 1 or ("split" in strategy.split("+") and copies < 2):
         raise UsageError(f"--copies must be >= 2 (got {copies}): a unit needs at least two copies to be split")
     held = list(HELD_OUT_TEXTS)
     for path in held_out_file:
         if not path.is_file():
             raise InputError(f"--held-out-file {path}: no such file")
         held.append((path.stem, path.read_text(encoding="utf-8").strip()))
-    finetune = {"data": str(data) if data else None, "steps": steps, "lr": lr, "batch_size": batch_size,
-                "seq_len": seq_len, "drop_p": drop_p, "drop_top": drop_top, "kl_weight": kl_weight, "seed": seed}
-    request = HardenRequest(model_dir, fingerprint, report, strategy, out, copies=copies, seed=seed, rotation=rotation,
-                            max_cost=max_cost, dtype=dtype, device=device, held_out=tuple(held), finetune=finetune)
+    finetune = {
+        "data": str(data) if data else None,
+        "steps": steps,
+        "lr": lr,
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "drop_p": drop_p,
+        "drop_top": drop_top,
+        "kl_weight": kl_weight,
+        "seed": seed,
+    }
+    request = HardenRequest(
+        model_dir,
+        fingerprint,
+        report,
+        strategy,
+        out,
+        copies=copies,
+        seed=seed,
+        rotation=rotation,
+        max_cost=max_cost,
+        dtype=dtype,
+        device=device,
+        held_out=tuple(held),
+        finetune=finetune,
+        min_margin=min_margin,
+        redundancy_copies=redundancy_copies,
+    )
     _precheck(request)
     first_created = _first_missing(out)
     prepare_out_dir(out).mkdir(parents=True, exist_ok=True)
@@ -135,7 +169,7 @@ def _rmdir(directory: Path) -> bool:
 
 def _precheck(request) -> None:
     """Every input check that can fail, before OUT is created."""
-    from achilles_guard.defenses.harden import auto_order
+    from achilles_guard.defenses.harden import DEFENSES, auto_order, parse_strategy
     from achilles_guard.fingerprint import load_fingerprint
 
     fp = load_fingerprint(request.fingerprint)
@@ -144,15 +178,11 @@ def _precheck(request) -> None:
         raise InputError(
             f"scan report {report}: no such file; give --report, or keep report.json next to the fingerprint"
         )
-    strategies = auto_order(fp) if request.strategy == "auto" else [request.strategy]
-    if "rotate" in strategies:
-        from achilles_guard.defenses.rotate import check_rotatable
-
-        check_rotatable(fp.model_type)
-    if "finetune" in strategies:
-        from achilles_guard.defenses.finetune import FinetuneConfig
-
-        FinetuneConfig(**request.finetune).validated()
+    if request.min_margin < 1:
+        raise UsageError(f"--min-margin must be >= 1 (got {request.min_margin})")
+    candidates = auto_order(fp, request) if request.strategy == "auto" else [request.strategy]
+    for name in dict.fromkeys(n for c in candidates for n in parse_strategy(c)):
+        DEFENSES[name].check(request, fp)
 
 
 def _table(doc: dict):
@@ -175,6 +205,13 @@ def _table(doc: dict):
             parts.append(Text(f"  ! {note}", style="yellow"))
         style = "bold green" if attempt["verdict"] == "mitigated" else "bold red"
         parts.append(Text(f"  verdict: {attempt['verdict']}", style=style))
-    parts.append(Text(f"overall: {doc['verdict']} (strategy {doc['chosen']})",
-                      style="bold green" if doc["verdict"] == "mitigated" else "bold red"))
+    if doc.get("stopped"):
+        parts.append(Text(f"stopped: {doc['stopped']}", style="dim"))
+    parts.append(
+        Text(
+            f"overall: {doc['verdict']} (strategy {doc['chosen']}, margin "
+            f"{next(a['margin_text'] for a in doc['attempts'] if a['strategy'] == doc['chosen'])})",
+            style="bold green" if doc["verdict"] == "mitigated" else "bold red",
+        )
+    )
     return Group(*parts)

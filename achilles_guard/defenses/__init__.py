@@ -1,9 +1,12 @@
-"""Defences against critical-neuron collapse, each verified by re-running the attack (`verify`).
+"""Defences against critical-neuron collapse, each behind one interface (base.py) and each verified by
+re-attacking with the whole attack portfolio (`reattack`).
 
-    rotate   - orthogonal rotation of the residual stream (function-preserving redundancy)
-    split    - Net2WiderNet duplication of critical MLP units (function-preserving)
-    finetune - targeted neuron dropout + KL to the frozen original (training-time hardening)
-    pin      - runtime forward-hook guard holding critical neurons to their baseline profile
-    repair   - restore tampered producing slices of a checkpoint from the fingerprint
-    verify   - re-attack a hardened model with the same PCICN parameters; before/after verdict
+    pin        - runtime guard: restores always-on and first-position (attention-sink) values (monitor --protect)
+    redundancy - carry each critical residual channel on k channels and split the units that write it
+    split      - Net2WiderNet duplication of critical MLP units (function-preserving)
+    rotate     - orthogonal rotation of the residual stream (function-preserving redundancy)
+    finetune   - neuron dropout over every attack's set + KL to the frozen original (training-time hardening)
+    harden     - apply each step -> re-attack -> margin and verdict (strategies, chains, auto)
+    reattack   - re-run the scan and the portfolio on a hardened model; margin, Δ with n0 neurons, clean cost
+    repair     - restore tampered producing slices of a checkpoint from the fingerprint
 """

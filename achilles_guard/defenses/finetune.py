@@ -1,8 +1,9 @@
 """Training-time hardening: targeted neuron dropout + KL to the frozen original.
 
-Each step draws `batch_size` windows of `seq_len` tokens from local text (`--data`: a .txt or
-.jsonl file, or a directory of them; nothing is downloaded) and, per row, masks each of the top
-`drop_top` fingerprinted neurons with probability `drop_p` (one per-row MaskPlan, the shared
+Each step draws `batch_size` windows of `seq_len` tokens from local text (`--data`: a .txt, .raw or
+.jsonl file, or a directory of them, read by `evaluation.load_corpus`; nothing is downloaded) and,
+per row, masks each of the top `drop_top` fingerprinted neurons with probability `drop_p` (one per-row
+MaskPlan, the shared
 masking mechanism). Loss = cross-entropy + λ · KL(original || model), the original's logits taken
 unmasked from the frozen original. accelerate places the model; state (weights, optimizer, step)
 is checkpointed atomically every `save_every` steps and on Ctrl-C, and a later run with the same
@@ -25,11 +26,10 @@ import torch
 import torch.nn.functional as F
 
 from achilles_guard.errors import InputError, UsageError
+from achilles_guard.evaluation import load_corpus
 from achilles_guard.masking import MaskPlan, masked
 
-__all__ = ["FinetuneConfig", "finetune", "read_corpus"]
-
-_SUFFIXES = (".txt", ".jsonl")
+__all__ = ["FinetuneConfig", "finetune"]
 
 
 @dataclass(frozen=True)
@@ -60,39 +60,21 @@ class FinetuneConfig:
         for ok, message in checks:
             if not ok:
                 raise UsageError(message)
-        read_corpus(Path(self.data))
+        load_corpus(Path(self.data))  # the one corpus reader (evaluation.py): .txt, .raw, .jsonl
         return self
 
 
-def read_corpus(path: Path) -> list[str]:
-    """Texts of a .txt file, a .jsonl file (field "text"), or every such file under a directory."""
-    if not path.exists():
-        raise InputError(f"--data {path}: no such file or directory")
-    files = sorted(p for p in path.rglob("*") if p.suffix in _SUFFIXES and p.is_file()) if path.is_dir() else [path]
-    if path.is_file() and path.suffix not in _SUFFIXES:
-        raise InputError(f"--data {path}: use a .txt or .jsonl file, or a directory of them")
-    texts = []
-    for f in files:
-        try:
-            body = f.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as err:
-            raise InputError(f"--data {f}: cannot read it as UTF-8 text ({err})") from None
-        if f.suffix == ".jsonl":
-            for i, line in enumerate(body.splitlines()):
-                if line.strip():
-                    try:
-                        texts.append(str(json.loads(line)["text"]))
-                    except (ValueError, KeyError, TypeError):
-                        raise InputError(f"--data {f}:{i + 1}: each line must be a JSON object with a \"text\" field") from None
-        elif body.strip():
-            texts.append(body)
-    if not any(t.strip() for t in texts):
-        raise InputError(f"--data {path}: no text found (empty file, or no .txt/.jsonl files in the directory)")
-    return texts
-
-
-def finetune(model, original, fp, tokenizer, config: FinetuneConfig, *, checkpoint_dir: Path,
-             log: Callable[[str], None] | None = None, progress: Callable[[int, int, str], None] | None = None) -> dict:
+def finetune(
+    model,
+    original,
+    fp,
+    tokenizer,
+    config: FinetuneConfig,
+    *,
+    checkpoint_dir: Path,
+    log: Callable[[str], None] | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> dict:
     """Fine-tune `model` in place (float32); returns what happened (steps, losses, resumed_from).
 
     `progress(step, steps, detail)` is called after every step (the CLI's Rich progress bar);
@@ -101,10 +83,18 @@ def finetune(model, original, fp, tokenizer, config: FinetuneConfig, *, checkpoi
     from accelerate import Accelerator
 
     config = config.validated()
-    tokens = torch.cat([tokenizer(t, return_tensors="pt")["input_ids"][0] for t in read_corpus(Path(config.data))])  # (N,)
+    tokens = torch.cat(
+        [tokenizer(t, return_tensors="pt")["input_ids"][0] for t in load_corpus(Path(config.data))]
+    )  # (N,)
     if tokens.numel() < config.seq_len + 1:
-        raise InputError(f"--data {config.data}: only {tokens.numel()} tokens; need more than --seq-len {config.seq_len}")
-    candidates = sorted(fp.neurons, key=lambda r: r.rank)[: config.drop_top]
+        raise InputError(
+            f"--data {config.data}: only {tokens.numel()} tokens; need more than --seq-len {config.seq_len}"
+        )
+    # every attack's set first (the fingerprint marks the neurons of every portfolio attack's set
+    # `critical`), then the best-ranked others: dropout over what any attack would remove
+    candidates = sorted(fp.neurons, key=lambda r: (not r.critical, r.rank))[
+        : max(config.drop_top, len(fp.critical_records))
+    ]
     modules = sorted({r.neuron.module for r in candidates})
     channels = {m: torch.tensor([r.neuron.channel for r in candidates if r.neuron.module == m]) for m in modules}
 
@@ -122,13 +112,21 @@ def finetune(model, original, fp, tokenizer, config: FinetuneConfig, *, checkpoi
             g = torch.Generator().manual_seed(config.seed * 1_000_003 + step)  # per-step: resume-exact
             starts = torch.randint(0, tokens.numel() - config.seq_len, (config.batch_size,), generator=g)
             batch = torch.stack([tokens[s : s + config.seq_len] for s in starts.tolist()]).to(device)  # (B, L)
-            factors = {m: (torch.rand(config.batch_size, len(c), generator=g) >= config.drop_p).float() for m, c in channels.items()}
+            factors = {
+                m: (torch.rand(config.batch_size, len(c), generator=g) >= config.drop_p).float()
+                for m, c in channels.items()
+            }
             with torch.no_grad():
                 reference = original(input_ids=batch, use_cache=False).logits.float()  # (B, L, V)
             with masked(model, MaskPlan(channels, factors)):
                 logits = model(input_ids=batch, use_cache=False).logits.float()  # (B, L, V)
             ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
-            kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(reference, -1), log_target=True, reduction="batchmean") / config.seq_len
+            kl = (
+                F.kl_div(
+                    F.log_softmax(logits, -1), F.log_softmax(reference, -1), log_target=True, reduction="batchmean"
+                )
+                / config.seq_len
+            )
             loss = ce + config.kl_weight * kl
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
@@ -149,16 +147,27 @@ def finetune(model, original, fp, tokenizer, config: FinetuneConfig, *, checkpoi
     model = accelerator.unwrap_model(model)
     model.requires_grad_(False)
     model.eval()
-    return {"steps": config.steps, "resumed_from": start, "config": asdict(config),
-            "dropout_neurons": [str(r.neuron) for r in candidates], "final_ce": history[-1][1] if history else None,
-            "final_kl": history[-1][2] if history else None, "history_tail": history[-10:]}
+    return {
+        "steps": config.steps,
+        "resumed_from": start,
+        "config": asdict(config),
+        "dropout_neurons": [str(r.neuron) for r in candidates],
+        "final_ce": history[-1][1] if history else None,
+        "final_kl": history[-1][2] if history else None,
+        "history_tail": history[-10:],
+    }
 
 
 def _save_state(directory: Path, model, optimizer, config: FinetuneConfig, step: int, history: list) -> None:
     """Atomic: write to a temporary file in the directory, then os.replace."""
     directory.mkdir(parents=True, exist_ok=True)
-    state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "config": json.dumps(_resume_key(config)), "history": json.dumps(history)}
+    state = {
+        "step": step,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "config": json.dumps(_resume_key(config)),
+        "history": json.dumps(history),
+    }
     fd, tmp = tempfile.mkstemp(prefix=".state.", suffix=".tmp", dir=directory)
     os.close(fd)
     try:
@@ -186,3 +195,35 @@ def _resume_key(config: FinetuneConfig) -> dict:
     key.pop("steps")  # a resumed run may ask for more steps
     key.pop("save_every")
     return key
+
+
+class FinetuneDefense:
+    """`--strategy finetune`: neuron dropout over every attack's set + KL to the original, on `--data`."""
+
+    name = "finetune"
+    kind = "weights"
+
+    def check(self, request, fp) -> None:
+        FinetuneConfig(**request.finetune).validated()
+
+    def apply(self, step):
+        from achilles_guard.defenses.base import Applied
+
+        config = FinetuneConfig(**step.request.finetune).validated()
+        work = step.load(dtype="float32", device=step.request.device)
+        progress = step.progress
+        steps = (lambda done, total, detail: progress("harden", "finetune", done, total, detail)) if progress else None
+        details = finetune(
+            work.model,
+            step.original.model,
+            step.fp,
+            work.tokenizer,
+            config,
+            checkpoint_dir=step.out / "finetune-state",
+            log=step.log,
+            progress=steps,
+        )
+        return Applied.saved(step, work, details, same_basis=True)
+
+
+DEFENSE = FinetuneDefense()

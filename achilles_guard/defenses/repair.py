@@ -14,8 +14,6 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from achilles_guard.checkpoint import Checkpoint
 from achilles_guard.errors import UsageError
 from achilles_guard.model import config_sha256
@@ -23,6 +21,7 @@ from achilles_guard.model import config_sha256
 TAMPER_MARKER = "TAMPERED_BY_GUARD.json"
 
 __all__ = ["SliceRepair", "RepairOutcome", "repair_checkpoint", "check_out_dir"]
+
 
 @dataclass(frozen=True)
 class SliceRepair:
@@ -82,7 +81,9 @@ def repair_checkpoint(source: str | Path, fp, out: str | Path) -> RepairOutcome:
             verdicts = judge_slice(ckpt, rec, fp.tensors[key])  # the same lookup and judgement as verify-checkpoint
             first = verdicts[0]
             if first.status is SliceStatus.missing:
-                results[key] = SliceRepair(key, rec.checkpoint_key, "unrepairable", "tensor missing from the checkpoint")
+                results[key] = SliceRepair(
+                    key, rec.checkpoint_key, "unrepairable", "tensor missing from the checkpoint"
+                )
                 continue
             ckey = first.checkpoint_key
             if all(v.ok for v in verdicts):  # intact or equivalent (e.g. a bf16 re-save): nothing to restore
@@ -92,9 +93,13 @@ def repair_checkpoint(source: str | Path, fp, out: str | Path) -> RepairOutcome:
             wrong = [v for v in bad if v.status is SliceStatus.shape_mismatch or v.actual_dtype != rec.dtype]
             if wrong:
                 v = wrong[0]
-                results[key] = SliceRepair(key, ckey, "unrepairable",
-                                           f"tensor is {v.actual_dtype}{list(v.actual_shape or ())} in {v.shard}, "
-                                           f"the fingerprint recorded {rec.dtype}{list(rec.shape)}")
+                results[key] = SliceRepair(
+                    key,
+                    ckey,
+                    "unrepairable",
+                    f"tensor is {v.actual_dtype}{list(v.actual_shape or ())} in {v.shard}, "
+                    f"the fingerprint recorded {rec.dtype}{list(rec.shape)}",
+                )
                 continue
             for v in bad:
                 plan.setdefault(v.shard, {}).setdefault(ckey, []).append(rec)
@@ -110,7 +115,7 @@ def repair_checkpoint(source: str | Path, fp, out: str | Path) -> RepairOutcome:
         verified = _verify(staging, fp, results)
     try:
         matches = config_sha256(source) == fp.config_sha256
-    except Exception:  # noqa: BLE001 - a missing config is reported, not fatal to the weights' repair
+    except Exception:
         matches = False
     return RepairOutcome(str(source), str(out), tuple(results[k] for k in fp.slices), matches, verified)
 

@@ -32,10 +32,30 @@ __all__ = ["ROTATABLE", "RotationRecord", "orthogonal", "rotate_model", "check_r
 
 # model_type -> (attention readers, mlp readers, attention writer, mlp writer); names relative to a block.
 ROTATABLE: dict[str, tuple[tuple[str, ...], tuple[str, ...], str, str]] = {
-    "llama": (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"), "self_attn.o_proj", "mlp.down_proj"),
-    "mistral": (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"), "self_attn.o_proj", "mlp.down_proj"),
-    "qwen2": (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"), "self_attn.o_proj", "mlp.down_proj"),
-    "gemma": (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"), "self_attn.o_proj", "mlp.down_proj"),
+    "llama": (
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        ("mlp.gate_proj", "mlp.up_proj"),
+        "self_attn.o_proj",
+        "mlp.down_proj",
+    ),
+    "mistral": (
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        ("mlp.gate_proj", "mlp.up_proj"),
+        "self_attn.o_proj",
+        "mlp.down_proj",
+    ),
+    "qwen2": (
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        ("mlp.gate_proj", "mlp.up_proj"),
+        "self_attn.o_proj",
+        "mlp.down_proj",
+    ),
+    "gemma": (
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        ("mlp.gate_proj", "mlp.up_proj"),
+        "self_attn.o_proj",
+        "mlp.down_proj",
+    ),
     "phi3": (("self_attn.qkv_proj",), ("mlp.gate_up_proj",), "self_attn.o_proj", "mlp.down_proj"),
 }
 
@@ -137,3 +157,30 @@ def _untie_config(config) -> None:
     text = config.get_text_config() if hasattr(config, "get_text_config") else None
     if text is not None and text is not config:
         text.tie_word_embeddings = False
+
+
+class RotateDefense:
+    """`--strategy rotate`: a rotated checkpoint (the neuron basis changes)."""
+
+    name = "rotate"
+    kind = "weights"
+
+    def check(self, request, fp) -> None:
+        check_rotatable(fp.model_type)
+
+    def apply(self, step):
+        from achilles_guard.defenses.base import Applied
+
+        work = step.load()
+        record = rotate_model(work.model, seed=step.request.seed, kind=step.request.rotation)
+        details = {
+            "rotation": record.kind,
+            "seed": record.seed,
+            "untied_lm_head": record.untied,
+            "rotate_seconds": round(record.seconds, 4),
+            "seconds_per_layer": round(record.seconds_per_layer, 5),
+        }
+        return Applied.saved(step, work, details, same_basis=False)
+
+
+DEFENSE = RotateDefense()

@@ -63,8 +63,10 @@ def plan_split(model: nn.Module, critical: tuple[Neuron, ...], by_name: dict, *,
         raise UsageError(f"--copies must be >= 2 (got {copies}): a unit needs at least two copies to be split")
     model_type = getattr(model.config, "model_type", "")
     if model_type not in SPLITTABLE:
-        raise UsageError(f"--strategy split supports gated MLPs with separate gate/up/down projections "
-                         f"({', '.join(SPLITTABLE)}); model_type {model_type!r} is not one of them")
+        raise UsageError(
+            f"--strategy split supports gated MLPs with separate gate/up/down projections "
+            f"({', '.join(SPLITTABLE)}); model_type {model_type!r} is not one of them"
+        )
     prefix, blocks = decoder_blocks(model)
     units: dict[int, set[int]] = {}
     residual, unsupported, fed = [], [], {}
@@ -83,7 +85,13 @@ def plan_split(model: nn.Module, critical: tuple[Neuron, ...], by_name: dict, *,
                 fed[str(neuron)] = (layer, u)
         else:
             unsupported.append(neuron)
-    return SplitPlan(copies, {l: tuple(sorted(u)) for l, u in sorted(units.items())}, tuple(residual), tuple(unsupported), fed)
+    return SplitPlan(
+        copies,
+        {layer: tuple(sorted(u)) for layer, u in sorted(units.items())},
+        tuple(residual),
+        tuple(unsupported),
+        fed,
+    )
 
 
 def split_model(model: nn.Module, plan: SplitPlan) -> int:
@@ -132,3 +140,36 @@ def _cols(linear: nn.Linear, src: torch.Tensor, scale: torch.Tensor) -> nn.Linea
     if linear.bias is not None:
         new.bias.copy_(linear.bias)
     return new.requires_grad_(False)
+
+
+class SplitDefense:
+    """`--strategy split`: Net2WiderNet copies of the critical MLP units (`--copies`)."""
+
+    name = "split"
+    kind = "weights"
+
+    def check(self, request, fp) -> None:
+        if request.copies < 2:
+            raise UsageError(
+                f"--copies must be >= 2 (got {request.copies}): a unit needs at least two copies to be split"
+            )
+
+    def apply(self, step):
+        from achilles_guard.defenses.base import Applied
+        from achilles_guard.neurons import discover
+
+        work = step.load()
+        by_name = discover(work.model, step.fp.scan_params.get("components", "all")).by_name()
+        plan = plan_split(work.model, step.fp.critical_set, by_name, copies=step.request.copies)
+        width = split_model(work.model, plan)
+        details = {
+            "copies": plan.copies,
+            "units": {str(k): list(v) for k, v in plan.units.items()},
+            "intermediate_size": width,
+            "protects_all": plan.protects_all,
+            "notes": plan.notes(),
+        }
+        return Applied.saved(step, work, details, same_basis=True)
+
+
+DEFENSE = SplitDefense()

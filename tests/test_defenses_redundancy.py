@@ -1,0 +1,52 @@
+"""redundancy: the widened model computes the same function, loads with plain from_pretrained, and
+zeroing one copy of a residual channel removes only 1/sqrt(k) of it."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from achilles_guard.defenses.redundancy import check_redundant, plan_redundancy, widen_residual
+from achilles_guard.errors import UsageError
+from achilles_guard.neurons import Neuron
+from tests.builders import tiny_model
+
+
+def _fp(*records):
+    return SimpleNamespace(
+        neurons=tuple(
+            SimpleNamespace(neuron=Neuron(m, c), component=comp, layer=layer, critical=True, attacks=())
+            for m, c, comp, layer in records
+        )
+    )
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_function_preserving_and_loads_with_plain_from_pretrained(tied, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("llama", tie_word_embeddings=tied).double()
+    ids = torch.randint(0, model.config.vocab_size, (1, 12))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    fp = _fp(("model.layers.1.mlp.down_proj", 5, "mlp_out", 1), ("model.layers.0.mlp.act_fn", 3, "mlp_act", 0))
+    plan = plan_redundancy(model, fp, [ids], copies=5)
+    assert plan.channels == (5,) and 3 in plan.units[0] and plan.units[1]  # the writing units of layer 1 too
+    d = model.config.hidden_size
+    d_new = widen_residual(model, plan)
+    assert d_new >= d + 4 and d_new % model.config.num_attention_heads == 0
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+    assert (after - before).abs().max() < 1e-6  # float64 weights (RoPE tables are float32 in transformers)
+    model.float().save_pretrained(tmp_path / "m", safe_serialization=True)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
+    assert reloaded.config.hidden_size == d_new and reloaded.config.head_dim == model.config.head_dim
+    with torch.no_grad():
+        assert torch.allclose(reloaded(input_ids=ids).logits, before.float(), atol=1e-4)
+
+
+def test_other_families_are_refused():
+    with pytest.raises(UsageError, match="redundancy"):
+        check_redundant("gpt2")
