@@ -47,34 +47,18 @@ def gguf_targets(layout: GGUFLayout, targets) -> list[tuple[object, SliceBlocks]
 def select_gguf_targets(src: Path, source: Path | None, explicit: list[str], top: int | None) -> list:
     """`guard tamper`'s neuron choice (fingerprint, report.json or --neuron) resolved to slices of a GGUF file."""
     from achilles_guard.neurons import producing_slices
-    from achilles_guard.tamper import TamperTarget, neuron_option, neurons_from_report
+    from achilles_guard.tamper import TamperTarget, neuron_option, neurons_from_report, targets_from_fingerprint
 
     if (source is None) == (not explicit):
-        raise UsageError("give either --neurons REPORT_OR_FINGERPRINT or --neuron MODULE:CHANNEL (exactly one way)")
+        raise UsageError("give either --neurons REPORT_OR_FINGERPRINT or --neuron MODULE[CHANNEL] (exactly one way)")
     if top is not None and top < 1:
         raise UsageError(f"--top must be >= 1 (got {top})")
     targets = []
     with read_layout(src) as layout:
         if source is not None and source.suffix == ".safetensors":
-            from achilles_guard.fingerprint import load_fingerprint
             from achilles_guard.gguf_integrity import find_gguf_slice
 
-            fp = load_fingerprint(source)
-            records = (
-                sorted(fp.neurons, key=lambda r: r.rank)[:top]
-                if top
-                else [r for r in fp.neurons if r.critical and r.neuron in set(fp.critical_set)]
-            )
-            if not records:
-                raise InputError(f"{source}: names no critical set (the scan did not converge); use --top N")
-            for r in records:
-                for key in r.slices:
-                    s = fp.slices[key]
-                    name = find_gguf_slice(layout, s)
-                    if name is None:
-                        raise InputError(f"{src}: parameter {s.param} (producing {r.neuron}) is not in the GGUF file")
-                    targets.append(TamperTarget(r.neuron, name, s.axis, s.index, s.null_value))
-            return targets
+            return targets_from_fingerprint(source, top, lambda record: find_gguf_slice(layout, record), str(src))
         chosen = neurons_from_report(source, top) if source is not None else [neuron_option(s) for s in explicit]
         model = _meta_model(src)
         for n in chosen:

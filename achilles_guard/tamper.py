@@ -24,8 +24,15 @@ from achilles_guard.errors import InputError, UsageError, first_line
 from achilles_guard.neurons import Neuron, parse_neuron
 
 __all__ = [
-    "TamperKind", "TamperTarget", "select_targets", "tamper_checkpoint", "check_out", "check_kind_options",
-    "scaled_slice", "MARKER", "BANNER",
+    "TamperKind",
+    "TamperTarget",
+    "select_targets",
+    "tamper_checkpoint",
+    "check_out",
+    "check_kind_options",
+    "scaled_slice",
+    "MARKER",
+    "BANNER",
 ]
 
 MARKER = "TAMPERED_BY_GUARD.json"
@@ -86,7 +93,10 @@ def select_targets(src: Path, source: Path | None, explicit: list[str], top: int
     with Checkpoint.open(src) as ckpt:
         weight_map = dict(ckpt.weight_map)
     if source is not None and source.suffix == ".safetensors":
-        return _targets_from_fingerprint(source, top, weight_map)
+        from achilles_guard.checkpoint import find_slice
+
+        # the same slice lookup as verify-checkpoint and repair
+        return targets_from_fingerprint(source, top, lambda record: find_slice(weight_map, record))
     chosen = neurons_from_report(source, top) if source is not None else [neuron_option(s) for s in explicit]
     model = _meta_model(src)
     from achilles_guard.neurons import producing_slices
@@ -121,8 +131,14 @@ def select_targets(src: Path, source: Path | None, explicit: list[str], top: int
 
 
 def tamper_checkpoint(
-    src: str | Path, out: str | Path, targets: list[TamperTarget], *, kind: TamperKind = TamperKind.zero,
-    scale: float = 0.3, noise: float = 0.1, seed: int = 0,
+    src: str | Path,
+    out: str | Path,
+    targets: list[TamperTarget],
+    *,
+    kind: TamperKind = TamperKind.zero,
+    scale: float = 0.3,
+    noise: float = 0.1,
+    seed: int = 0,
 ) -> Path:
     """Copy `src` to `out` with every target slice changed; atomic (temp dir, then rename)."""
     from safetensors import safe_open
@@ -215,8 +231,9 @@ def _tampered(
     return (value + eps).to(view.dtype)
 
 
-def _targets_from_fingerprint(path: Path, top: int | None, weight_map: dict) -> list[TamperTarget]:
-    from achilles_guard.checkpoint import find_slice
+def targets_from_fingerprint(path: Path, top: int | None, find, where: str = "the checkpoint") -> list[TamperTarget]:
+    """The fingerprint's critical set (or its top-N ranked neurons) as tamper targets; `find(SliceRecord)` names
+    the tensor holding each slice in the target file (None: not there), for safetensors and GGUF alike."""
     from achilles_guard.fingerprint import load_fingerprint
 
     fp = load_fingerprint(path)
@@ -231,9 +248,9 @@ def _targets_from_fingerprint(path: Path, top: int | None, weight_map: dict) -> 
     for r in records:
         for key in r.slices:
             s = fp.slices[key]
-            name = find_slice(weight_map, s)  # the same lookup as verify-checkpoint and repair
+            name = find(s)
             if name is None:
-                raise InputError(f"parameter {s.param} (producing {r.neuron}) is not in the checkpoint")
+                raise InputError(f"parameter {s.param} (producing {r.neuron}) is not in {where}")
             targets.append(TamperTarget(r.neuron, name, s.axis, s.index, s.null_value))
     return targets
 
