@@ -231,3 +231,22 @@ def test_harden_verdict_matches_an_independent_reattack(strategy, small_fp, smol
             or attempt["clean_cost"] > 0.01
             or any(a["delta_at_n0_after"] is not None and a["delta_at_n0_after"] >= 1 for a in attempt["attacks"])
         )
+
+
+def test_scanning_the_real_gguf_finds_the_same_neuron_by_its_gguf_tensor(smollm2_gguf, tmp_path):
+    """`guard scan` on the Q4_1 file itself (one text, 4 samples, the mlp-out candidates, PCICN only, to stay
+    cheap): the same critical neuron as the float directory, fingerprinted by its GGUF tensor's raw blocks."""
+    from achilles_guard.fingerprint import load_fingerprint
+    from achilles_guard.texts import default_texts
+
+    out = tmp_path / "scan"
+    done = run_guard(["scan", str(smollm2_gguf), "--text", default_texts()[0][1], "--samples", "4",
+                      "--components", "mlp-out", "--attacks", "pcicn", "--fingerprint-top", "4", "--out", str(out),
+                      "--format", "json"], timeout=600)
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    assert _pairs(doc["critical_set"]) == [SINK] and doc["delta_log10"] >= 4.0
+    fp = load_fingerprint(out / "fingerprint.safetensors")
+    assert any(s.checkpoint_key == "blk.11.ffn_down.weight" and s.index == SINK[1] for s in fp.slices.values())
+    clean = run_guard(["verify-checkpoint", str(smollm2_gguf), "--fingerprint", str(out / "fingerprint.safetensors")])
+    assert clean.returncode == 0, clean.stderr
