@@ -25,7 +25,7 @@ import hmac
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -107,6 +107,17 @@ class NeuronRecord:
 
 
 @dataclass(frozen=True)
+class NormWeights:
+    """A norm module's whole weight (and bias) as the checkpoint stores them; `offset` is added to the weight
+    to get the gain (1 for Gemma's x_hat * (1 + w), else 0)."""
+
+    module: str
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    offset: float
+
+
+@dataclass(frozen=True)
 class Fingerprint:
     path: str
     tensors: dict[str, torch.Tensor]
@@ -122,6 +133,8 @@ class Fingerprint:
     probe_texts: tuple[str, ...]
     signed: bool
     metadata: dict[str, str]
+    # every scanned norm module's whole gain (and bias), for the runtime guard's exact rule: {module: NormWeights}
+    norms: dict = field(default_factory=dict)
 
     @property
     def critical_records(self) -> tuple[NeuronRecord, ...]:
@@ -315,6 +328,7 @@ def fingerprint_bytes(result, *, top: int = 64, sign_key: bytes | None = None) -
                     "baseline": asdict(base),
                 }
             )
+    norms = {} if gguf_source is not None else _norm_weights(lm, result.candidates, tensors)
     primary = result.primary.result
     metadata = {
         "format": FORMAT,
@@ -336,11 +350,69 @@ def fingerprint_bytes(result, *, top: int = 64, sign_key: bytes | None = None) -
         ),
         "probe_texts": json.dumps([t.probe.text for t in result.texts]),
     }
+    if norms:
+        metadata["norms"] = json.dumps(norms, sort_keys=True)
     if gguf_source is not None:
         metadata["gguf"] = gguf_source.metadata_json()
     if sign_key is not None:
         metadata["hmac_sha256"] = _mac(sign_key, tensors, metadata)
     return save(tensors, metadata=metadata)
+
+
+NORM_PREFIX = "norms/"  # tensor names of the whole norm weights: norms/<parameter>
+
+
+def _norm_weights(lm, candidates, tensors: dict) -> dict:
+    """Add every candidate norm module's whole weight and bias to `tensors` (a few kB per layer: the runtime
+    guard recomputes any norm channel from them); their records for the metadata."""
+    from achilles_guard.adapters import adapter_for
+
+    offset = adapter_for(lm.model_type).norm_weight_offset
+    out = {}
+    norm_modules = [c.name for c in candidates.candidates if c.kind == "norm"]
+    if not norm_modules:
+        return out
+    with Checkpoint.open(lm.directory) as ckpt:
+        for module in norm_modules:
+            for pname, _ in lm.model.get_submodule(module).named_parameters(recurse=False):
+                param = f"{module}.{pname}"
+                key = resolve_key(ckpt.weight_map, param)
+                if key is None or pname not in ("weight", "bias"):
+                    continue
+                value = ckpt.read(key).contiguous()
+                if value.dim() != 1:
+                    continue
+                tensors[NORM_PREFIX + param] = value
+                out[param] = {
+                    "module": module,
+                    "role": pname,
+                    "checkpoint_key": key,
+                    "shard": ckpt.shard_of(key),
+                    "offset": offset if pname == "weight" else 0.0,
+                    "sha256": tensor_sha256(value),
+                }
+    return out
+
+
+def _load_norms(tensors: dict, metadata: dict, path) -> dict:
+    """{module: NormWeights} from the fingerprint's `norms` section (absent in older fingerprints)."""
+    records = json.loads(metadata.get("norms", "{}"))
+    parts: dict[str, dict] = {}
+    for param, rec in records.items():
+        value = tensors.get(NORM_PREFIX + param)
+        if value is None or value.dim() != 1 or tensor_sha256(value) != rec["sha256"]:
+            raise InputError(f"fingerprint {path}: norm weight {param} does not match its recorded sha256; corrupt")
+        parts.setdefault(rec["module"], {})[rec["role"]] = (value, float(rec["offset"]))
+    out = {}
+    for module, roles in parts.items():
+        if "weight" not in roles:
+            continue
+        weight, offset = roles["weight"]
+        bias = roles.get("bias", (None, 0.0))[0]
+        if bias is not None and bias.shape != weight.shape:
+            raise InputError(f"fingerprint {path}: norm {module}: weight and bias shapes differ; corrupt")
+        out[module] = NormWeights(module, weight, bias, offset)
+    return out
 
 
 def load_fingerprint(path: str | Path, *, verify_key: bytes | None = None) -> Fingerprint:
@@ -409,6 +481,7 @@ def load_fingerprint(path: str | Path, *, verify_key: bytes | None = None) -> Fi
             probe_texts=tuple(json.loads(metadata["probe_texts"])),
             signed="hmac_sha256" in metadata,
             metadata=metadata,
+            norms=_load_norms(tensors, metadata, path),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise InputError(f"fingerprint {path}: malformed metadata ({type(err).__name__}: {err})") from None

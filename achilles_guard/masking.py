@@ -20,10 +20,17 @@ from typing import Callable, Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
-__all__ = ["hooks", "MaskPlan", "masked"]
+__all__ = ["hooks", "reads_input", "MaskPlan", "masked"]
 
-# A hook function receives the module's output tensor; it may return a replacement.
+# A hook function receives the module's output tensor; it may return a replacement. A function marked
+# with `reads_input` (below) receives (output, first positional input, module) instead.
 OutputFn = Callable[[torch.Tensor], "torch.Tensor | None"]
+
+
+def reads_input(fn: Callable[[torch.Tensor, torch.Tensor, nn.Module], "torch.Tensor | None"]) -> OutputFn:
+    """Mark a hook function that also needs the module and its input: `fn(output, input, module)`."""
+    fn.reads_input = True  # type: ignore[attr-defined]
+    return fn  # type: ignore[return-value]
 
 
 @contextmanager
@@ -41,6 +48,13 @@ def hooks(model: nn.Module, fns: Mapping[str, OutputFn]) -> Iterator[None]:
 
 
 def _adapt(fn: OutputFn):
+    if getattr(fn, "reads_input", False):
+
+        def hook_with_input(module, args, output):
+            return fn(output, args[0] if args else None, module)
+
+        return hook_with_input
+
     def hook(module, args, output):
         return fn(output)
 

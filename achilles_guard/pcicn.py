@@ -74,6 +74,26 @@ class Ranking:
         """A mask plan whose row b masks the top ns[b] neurons."""
         return MaskPlan.top_n(self.module_names, self.module_index, self.channels, ns, scale=scale)
 
+    def demoted(self, neurons) -> "Ranking":
+        """The same ranking with `neurons` moved to the end (order kept among both groups): what an attacker who
+        knows a runtime guard restores those neurons would rank. Self when none of them is a candidate."""
+        offsets = self.candidates.offsets
+        cands = self.candidates.candidates
+        index = {c.name: i for i, c in enumerate(cands)}
+        ids = [
+            int(offsets[index[n.module]]) + n.channel
+            for n in neurons
+            if n.module in index and 0 <= n.channel < cands[index[n.module]].width
+        ]
+        if not ids:
+            return self
+        out = torch.zeros(self.candidates.total, dtype=torch.bool)
+        out[torch.tensor(ids, dtype=torch.long)] = True
+        last = out[self.order]
+        keep = torch.cat([torch.nonzero(~last).flatten(), torch.nonzero(last).flatten()])
+        return Ranking(self.method, self.candidates, self.order[keep], self.importance[keep],
+                       self.module_index[keep], self.channels[keep])
+
     @staticmethod
     def from_scores(method: str, candidates: CandidateSet, scores: torch.Tensor) -> "Ranking":
         """Sort (N,) scores laid out in forward order; a stable sort keeps that order among ties."""

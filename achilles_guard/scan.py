@@ -216,8 +216,12 @@ def run_scan(
     *,
     progress: Callable[[str, str, int, int], None] | None = None,
     candidates: CandidateSet | None = None,
+    demote: tuple[Neuron, ...] = (),
 ) -> ScanResult:
-    """Rank and search on every probe text. `progress(text_name, stage, done, total)`."""
+    """Rank and search on every probe text. `progress(text_name, stage, done, total)`.
+
+    `demote`: neurons every ranking moves to its end (a runtime guard restores them; an attacker who knows
+    the guard spends no budget on them)."""
     params = params.validated()
     candidates = candidates or discover(lm.model, params.components)
     attacks = params.attack_list
@@ -237,7 +241,8 @@ def run_scan(
             lm.model, probe.input_ids, candidates,
             method=params.ranking, alpha=params.alpha, samples=params.samples, seed=params.seed, progress=report,
             also=also if "activation" in needed else None,
-        )
+        ).demoted(demote)
+        also = {m: r.demoted(demote) for m, r in also.items()}
         t1 = time.perf_counter()
         result = search(
             lm.model, probe.input_ids, ranking,
@@ -249,7 +254,7 @@ def run_scan(
         for method in sorted(needed - set(rankings)):
             t3 = time.perf_counter()
             rankings[method] = rank(lm.model, probe.input_ids, candidates, method=method, alpha=params.alpha,
-                                    samples=params.samples, seed=params.seed, progress=report)
+                                    samples=params.samples, seed=params.seed, progress=report).demoted(demote)
             times[method] = time.perf_counter() - t3
         portfolio = run_portfolio(
             lm.model, probe.input_ids, candidates, rankings, attacks=attacks, primary=(params.ranking, result),

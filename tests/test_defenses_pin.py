@@ -23,7 +23,7 @@ def test_pin_restores_zeroed_critical_weights_and_is_silent_otherwise(planted, t
     lm = load_model(path)
     ids = lm.tokenizer(PROBE, return_tensors="pt")["input_ids"]
     guard = PinGuard.from_fingerprint(fp)
-    assert critical <= set(guard.restorable)  # the paper's set, plus every portfolio attack's set
+    assert critical <= set(guard.exact)  # down_proj rows: recomputed from the fingerprint's stored rows
 
     with torch.no_grad():
         clean_logits = lm.model(input_ids=ids).logits
@@ -38,6 +38,44 @@ def test_pin_restores_zeroed_critical_weights_and_is_silent_otherwise(planted, t
                 lm.model.get_parameter(ws.param).select(ws.axis, ws.index).fill_(ws.null_value)
     attacked = _loss(lm.model, ids)
     assert delta_log10(attacked, clean) >= 1  # the tamper collapses the bare model
-    pinned = _loss(PinnedModel(lm.model, guard), ids)
-    assert abs(delta_log10(pinned, clean)) < 0.01  # the guard brings it back within tolerance
-    assert guard.interventions == ids.shape[1] * len(critical)  # every position of every neuron, counted
+    with torch.no_grad():
+        restored_logits = PinnedModel(lm.model, guard)(input_ids=ids).logits
+    assert torch.allclose(restored_logits, clean_logits, rtol=1e-4, atol=1e-4)  # put back exactly, not "within"
+    assert abs(delta_log10(_loss(PinnedModel(lm.model, guard), ids), clean)) < 1e-5
+    # every position of every neuron, counted (twice: two forwards)
+    assert guard.interventions == 2 * ids.shape[1] * len(critical)
+
+
+def test_exact_rule_restores_any_row_tamper_on_unseen_inputs_and_never_fires_untampered(planted, tmp_path):
+    """The weight-backed rule recomputes x @ w from the fingerprinted row: a scaled, sign-flipped or noised row
+    is put back at every position of prompts the scan never saw; untampered, 0 interventions on those prompts
+    for every fingerprinted row, in float32 and float16."""
+    path, critical = planted
+    fp = load_fingerprint(scanned(path, tmp_path / "scan") / "fingerprint.safetensors")
+    lm = load_model(path)
+    guard = PinGuard.from_fingerprint(fp)  # what monitor --protect installs: profile rules on the critical sets only
+    assert len(guard.exact) > len(critical)  # rows of the top of every ranking too, not only the critical set
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, lm.model.config.vocab_size, (2, 37), generator=g) for _ in range(3)]
+    for dtype in (torch.float32, torch.float16):
+        model = lm.model.to(dtype)
+        with torch.no_grad():
+            clean = [model(input_ids=p).logits for p in prompts]
+            guard.reset()
+            with guard.installed(model):
+                assert all(torch.equal(c, model(input_ids=p).logits) for c, p in zip(clean, prompts))
+            assert guard.interventions == 0
+    model = lm.model.float()
+    rows = [n for n in guard.exact if n not in critical][:4]  # neurons outside the critical set
+    with torch.no_grad():
+        clean = [model(input_ids=p).logits for p in prompts]
+        for i, neuron in enumerate(rows):
+            w = model.get_parameter(f"{neuron.module}.weight")[neuron.channel]
+            w.copy_([w * 0.5, -w, w + 0.3 * torch.randn(w.shape, generator=g), torch.zeros_like(w)][i % 4])
+        tampered = [model(input_ids=p).logits for p in prompts]
+        assert any(not torch.allclose(t, c, atol=1e-3) for t, c in zip(tampered, clean))
+        guard.reset()
+        with guard.installed(model):
+            for c, p in zip(clean, prompts):
+                assert torch.allclose(model(input_ids=p).logits, c, rtol=1e-4, atol=1e-4)
+    assert guard.restorations > 0

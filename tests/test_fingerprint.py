@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
 
 from achilles_guard.checkpoint import Checkpoint, tensor_sha256
 from achilles_guard.cli import app
 from achilles_guard.errors import InputError
-from achilles_guard.fingerprint import FORMAT, SignatureError, load_fingerprint, read_key
+from achilles_guard.fingerprint import FORMAT, NORM_PREFIX, SignatureError, load_fingerprint, read_key
 from tests.builders import run_guard
 
 
@@ -30,8 +31,30 @@ def test_round_trip_exact_bytes_and_metadata(planted_scan):
     # plain safetensors can read it: format marker + JSON metadata
     with safe_open(str(out / "fingerprint.safetensors"), framework="pt") as handle:
         meta = handle.metadata()
-        assert meta["format"] == FORMAT and set(handle.keys()) == set(fp.slices)
+        norms = {NORM_PREFIX + p for p in json.loads(meta["norms"])}
+        assert meta["format"] == FORMAT and set(handle.keys()) == set(fp.slices) | norms
     assert json.loads(meta["critical_set"])
+    # every scanned norm's whole weight, bytes as in the checkpoint (the runtime guard's exact rule reads them)
+    with Checkpoint.open(path) as ckpt:
+        scanned_norms = {k for k in ckpt.weight_map if "norm" in k and k.startswith("model.layers.")}
+        assert {k[len(NORM_PREFIX):] for k in norms} == scanned_norms
+        for name, w in fp.norms.items():
+            assert torch.equal(w.weight, ckpt.read(f"{name}.weight")) and w.bias is None and w.offset == 0.0
+
+
+def test_a_changed_norm_weight_makes_the_fingerprint_corrupt(planted_scan, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, _, out = planted_scan
+    with safe_open(str(out / "fingerprint.safetensors"), framework="pt") as handle:
+        meta = handle.metadata()
+    tensors = load_file(str(out / "fingerprint.safetensors"))
+    key = sorted(k for k in tensors if k.startswith(NORM_PREFIX))[0]
+    tensors[key] = tensors[key].clone()
+    tensors[key][0] += 1.0  # a guard restoring from this would restore the wrong value
+    save_file(tensors, str(tmp_path / "fp.safetensors"), metadata=meta)
+    with pytest.raises(InputError, match="norm weight .* does not match its recorded sha256"):
+        load_fingerprint(tmp_path / "fp.safetensors")
 
 
 def test_signed_fingerprint_verifies_with_its_key(planted_scan):

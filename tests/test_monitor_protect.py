@@ -141,7 +141,8 @@ def test_watch_cli_protect(planted, planted_fp):
     )
     assert result.exit_code == 0, result.output
     # the 3 planted channels + greedy's gate_proj[3]
-    assert "protection on: 4 critical neuron(s) pinned" in result.output
+    assert re.search(r"protection on: \d+ neuron\(s\) recomputed from their fingerprinted weights \(4 critical\)",
+                     result.output)
     assert re.search(r"pin guard on, 0 activation values restored or clamped", result.output)
 
 
@@ -185,7 +186,7 @@ def servers(planted, planted_fp):
 
 def test_servers_protect_against_the_whole_set_zeroed(servers):
     bare, protected = servers["bare"], servers["protected"]
-    assert any("protection on: 4 critical neuron(s) pinned" in line for line in protected.log)
+    assert any(re.search(r"recomputed from their fingerprinted weights \(4 critical\)", line) for line in protected.log)
     clean = {p: bare.complete(p, max_tokens=8)["choices"][0]["text"] for p in PROMPTS}
     before = protected.scrape()
     assert before[("guard_protection_enabled", ())] == 1 and bare.scrape()[("guard_protection_enabled", ())] == 0

@@ -167,7 +167,7 @@ def test_position_aware_pin_mitigates_the_sink_fixture_and_an_independent_reatta
     outcome = harden(HardenRequest(model_dir, scan_dir / "fingerprint.safetensors", None, "pin", root / "pin"))
     attempt = outcome.attempts[0]
     v = attempt.verification
-    assert set(map(str, CRITICAL)) <= set(attempt.details["first_position"])
+    assert set(map(str, CRITICAL)) <= set(attempt.details["exact"]) | set(attempt.details["first_position"])
     assert v.verdict == "mitigated" and v.clean_cost == 0.0, v.reasons
     assert v.margin is None or v.margin >= 10
     n0 = v.n0
@@ -175,8 +175,11 @@ def test_position_aware_pin_mitigates_the_sink_fixture_and_an_independent_reatta
     pinned = PinnedModel(lm.model, guard)
     with torch.no_grad():  # bit-identical when nothing is attacked
         assert torch.equal(lm.model(input_ids=ids).logits, pinned(input_ids=ids).logits)
+    # the attacker knows what the guard restores and spends no budget on it (every norm channel, every
+    # fingerprinted row): without that, the unfingerprinted layers.0.post_attention_layernorm[1] collapses it alone
+    assert attempt.details["ranked_last_by_the_reattack"] == len(guard.restored) > 0
     again = run_scan(replace(lm, model=pinned), [tokenize_probe(lm, "again", PROBE)],
-                     ScanParams(samples=10, seed=7, max_neurons=10 * n0, greedy_pool=16))
+                     ScanParams(samples=10, seed=7, max_neurons=10 * n0, greedy_pool=16), demote=guard.restored)
     assert again.strongest is None  # no attack of the portfolio collapses it below 10 x n0
     before = json.loads((scan_dir / "report.json").read_text())["strongest"]["critical_set"]
 

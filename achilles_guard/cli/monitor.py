@@ -173,8 +173,10 @@ def _pin_guard(fp, log):
     from achilles_guard.defenses.pin import PinGuard
 
     guard = PinGuard.from_fingerprint(fp)
-    log.print(f"guard monitor: protection on: {len(guard.restorable)} critical neuron(s) pinned to their baseline, "
-              f"{len(guard.clamp_only)} clamped only (input-dependent)", soft_wrap=True)
+    critical = {r.neuron for r in fp.neurons if r.critical or r.attacks}
+    log.print(f"guard monitor: protection on: {len(guard.exact)} neuron(s) recomputed from their fingerprinted "
+              f"weights ({len(critical & set(guard.exact))} critical), {len(guard.restorable)} critical neuron(s) "
+              f"pinned to their baseline, {len(guard.clamp_only)} clamped only (input-dependent)", soft_wrap=True)
     return guard
 
 

@@ -52,6 +52,8 @@ class Applied:
     checkpoint: Path | None  # weight-level: the saved HF directory; None for a runtime guard
     same_basis: bool  # neuron names still mean what they meant before (the old mask can be re-applied)
     details: dict
+    # a runtime guard: the neurons it restores; the re-attack ranks them last (the attacker knows the guard)
+    guarded: tuple = ()
 
     @staticmethod
     def saved(step: Step, work: LoadedModel, details: dict, *, same_basis: bool) -> "Applied":

@@ -275,7 +275,10 @@ def _attempt(
             max_cost=req.max_cost,
             min_margin=req.min_margin,
             progress=progress,
+            demote=applied.guarded,
         )
+        if applied.guarded:
+            applied.details["ranked_last_by_the_reattack"] = len(applied.guarded)
         if isinstance(hardened.model, torch.nn.Module):
             write_json(step_out / "report.json", scan_report(result))
             write_fingerprint(step_out / "fingerprint.safetensors", result)

@@ -293,14 +293,16 @@ def reattack(
     max_cost: float = 0.01,
     min_margin: float = DEFAULT_MIN_MARGIN,
     progress=None,
+    demote: tuple[Neuron, ...] = (),
 ) -> tuple[Verification, ScanResult]:
     """Re-run the scan (PCICN and the portfolio) on `hardened_lm` and decide (see module docstring).
 
     `held_out` pairs the same text tokenized for the original and the hardened model (1, T) each;
-    `before_doc` is the original scan's report (per-attack numbers before).
+    `before_doc` is the original scan's report (per-attack numbers before); `demote`: the neurons a runtime
+    guard restores, ranked last by every attack (the strongest attacker knows what is guarded).
     """
     hardened = hardened_lm.model
-    result = run_scan(hardened_lm, probes, params, progress=progress)
+    result = run_scan(hardened_lm, probes, params, progress=progress, demote=demote)
     after = AttackSummary.of(result)
     primary_ids = probes[0].input_ids
     existing = _existing(hardened, original_set)
