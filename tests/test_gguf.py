@@ -396,3 +396,28 @@ def test_truncated_gguf_is_one_line_exit_2_for_every_model_command(ggufs, f32_sc
         assert res.exit_code == 2 and "\n" not in err and "Traceback" not in err, (args, res.exit_code, err)
         assert ("truncated GGUF" if "missing" not in args[1] else "no such file") in err, (args, err)
     assert not out.exists()
+
+
+def test_vocabulary_string_lengths_are_bounds_checked(ggufs, tmp_path):
+    """The header parser skips the vocabulary by its length prefixes only: a prefix that runs past the file, or
+    a count larger than the strings there, is a truncated header (InputError), never a read past the end."""
+    import struct
+
+    from achilles_guard.errors import InputError
+    from achilles_guard.gguf_file import read_layout
+
+    data = ggufs["Q4_0"].read_bytes()
+    key = b"tokenizer.ggml.tokens"
+    at = data.index(key) + len(key)
+    etype, count = struct.unpack_from("<IQ", data, at + 4)
+    assert etype == 8 and count > 200
+    first = at + 4 + 4 + 8  # value type, element type, count; then the first string's u64 length
+    with read_layout(ggufs["Q4_0"]) as layout:
+        assert layout.metadata["tokenizer.ggml.tokens"] == ("array", 8, count)
+    for offset, value in ((first, 1 << 40), (first, len(data)), (at + 8, count + 10**6)):
+        bad = bytearray(data)
+        struct.pack_into("<Q", bad, offset, value)
+        path = tmp_path / "bad.gguf"
+        path.write_bytes(bytes(bad))
+        with pytest.raises(InputError, match="truncated|corrupt"):
+            read_layout(path).close()
