@@ -249,8 +249,11 @@ def test_hostile_gguf_bytes_never_crash_verify(ggufs, gguf_scan, tmp_path):
 
 @pytest.fixture(scope="session")
 def f32_scan(ggufs, tmp_path_factory):
-    """A scan of the F32 GGUF with float_scan's parameters: the same weights as the float directory."""
-    return scanned(ggufs["F32"], tmp_path_factory.mktemp("f32-scan"), text=TEXT, samples=4, attacks="pcicn")
+    """A scan of the F32 GGUF (the float directory's weights) with float_scan's parameters, but a budget of 40
+    masks (n* is 34): harden's re-attack, which re-runs every attack with the scan's budget, stays cheap."""
+    return scanned(
+        ggufs["F32"], tmp_path_factory.mktemp("f32-scan"), text=TEXT, samples=4, attacks="pcicn", max_neurons=40
+    )
 
 
 def _cli(args: list[str]):
@@ -421,3 +424,20 @@ def test_vocabulary_string_lengths_are_bounds_checked(ggufs, tmp_path):
         path.write_bytes(bytes(bad))
         with pytest.raises(InputError, match="truncated|corrupt"):
             read_layout(path).close()
+
+
+def test_monitor_serves_a_gguf_model(ggufs, f32_scan):
+    """`guard monitor model.gguf --serve`: healthy, completions name the GGUF, metrics carry its name as label."""
+    from tests.builders import Server
+
+    srv = Server([str(ggufs["F32"]), "--fingerprint", str(f32_scan / "fingerprint.safetensors"), "--serve"])
+    try:
+        status, health = srv.request("GET", "/healthz")
+        assert status == 200 and health["integrity_ok"] and health["canary_ok"], health
+        doc = srv.complete("The heat is", max_tokens=3)
+        assert doc["model"] == "tiny-F32.gguf" and doc["usage"]["completion_tokens"] == 3
+        srv.scrape()
+        assert 'model="tiny-F32.gguf"' in srv.last_scrape
+    finally:
+        code, log = srv.stop()
+    assert code == 0, log
