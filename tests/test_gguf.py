@@ -441,3 +441,12 @@ def test_monitor_serves_a_gguf_model(ggufs, f32_scan):
     finally:
         code, log = srv.stop()
     assert code == 0, log
+
+
+def test_hardened_gguf_is_saved_in_its_float_type_else_float32(ggufs):
+    """A weight-level defence saves a GGUF's hardened copy as safetensors: F16 matrices stay float16, F32 and
+    quantized ones (saved as their dequantized values) float32."""
+    from achilles_guard.defenses.base import stored_dtype
+
+    expected = {"F32": torch.float32, "F16": torch.float16, "Q8_0": torch.float32, "Q4_0": torch.float32}
+    assert {q: stored_dtype(ggufs[q]) for q in expected} == expected
