@@ -290,16 +290,22 @@ class _Truncated(Exception):
     pass
 
 
+_STRUCTS: dict[str, struct.Struct] = {}
+_U64 = struct.Struct("<Q")
+
+
 class _Cursor:
     def __init__(self, buf, size: int):
         self.buf, self.size, self.pos = buf, size, 0
 
     def take(self, fmt: str):
-        n = struct.calcsize("<" + fmt)
-        if self.pos + n > self.size:
+        packer = _STRUCTS.get(fmt)
+        if packer is None:
+            packer = _STRUCTS[fmt] = struct.Struct("<" + fmt)
+        if self.pos + packer.size > self.size:
             raise _Truncated
-        value = struct.unpack_from("<" + fmt, self.buf, self.pos)[0]
-        self.pos += n
+        value = packer.unpack_from(self.buf, self.pos)[0]
+        self.pos += packer.size
         return value
 
     def string(self) -> str:
@@ -315,6 +321,18 @@ class _Cursor:
         if n > self.size - self.pos:
             raise _Truncated
         self.pos += n
+
+    def skip_strings(self, count: int) -> None:
+        """Skip `count` strings (a vocabulary array): only their u64 length prefixes are read, one
+        unpack_from each over the mapped header and no Python object per string; as strict as skip_string."""
+        buf, size, pos, length = self.buf, self.size, self.pos, _U64.unpack_from
+        for _ in range(count):
+            if pos + 8 > size:
+                raise _Truncated
+            pos += 8 + length(buf, pos)[0]
+            if pos > size:
+                raise _Truncated
+        self.pos = pos
 
 
 def _parse(path: Path, buf: mmap.mmap, size: int) -> GGUFLayout:
@@ -402,8 +420,7 @@ def _value(cur: _Cursor, vtype: int):
                 raise _Truncated
             cur.pos += n
         elif etype == _STRING:
-            for _ in range(count):
-                cur.skip_string()
+            cur.skip_strings(count)
         elif etype == _ARRAY:
             for _ in range(count):
                 _value(cur, _ARRAY)

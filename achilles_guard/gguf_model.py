@@ -12,6 +12,8 @@ quantization type guard cannot read back, a header that implies far more paramet
 
 from __future__ import annotations
 
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -77,6 +79,23 @@ def check_gguf(path: str | Path) -> GGUFLayout:
     return layout
 
 
+@contextmanager
+def _quiet_dequantize():
+    """transformers' GGUF loader draws its own tqdm bar (not switched off by its logging settings):
+    keep it off stderr unless stderr is a terminal, like every other progress line of guard."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is None or sys.stderr.isatty():
+        yield
+        return
+    gguf_utils.tqdm = lambda iterable, *args, **kwargs: iterable
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
 def load_gguf_model(path: str | Path, *, dtype: str = "auto", device: str = "auto"):
     """A LoadedModel from a GGUF file (see module docstring); `directory` is the file itself."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -92,7 +111,10 @@ def load_gguf_model(path: str | Path, *, dtype: str = "auto", device: str = "aut
     quiet_transformers()
     folder, name = str(path.parent), path.name
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch_dtype, local_files_only=True)
+        with _quiet_dequantize():
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, gguf_file=name, dtype=torch_dtype, local_files_only=True
+            )
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
     except torch.cuda.OutOfMemoryError:
         raise

@@ -10,6 +10,16 @@ norm channels), then times, with the page cache dropped (cold) and warm:
 Everything is written under a temporary directory (default /tmp) and deleted at the end.
 
     PYTHONPATH=. python benchmarks/verify_speed.py [--sizes 6,32] [--tmp /tmp] [--repeat 3]
+
+`--gguf`: GGUF against safetensors of the same model, in process (imports excluded): the tiny llama
+of the tests (tests/builders.tiny_gguf, --qtype) and its float32 safetensors conversion, and, when it
+is cached (`python -m tests.realmodel`), SmolLM2-135M-Instruct.Q4_1.gguf and its converted directory.
+The same 64 neurons are fingerprinted from each file (GGUF: raw blocks; safetensors: slices); the
+rows give the best-of-`--repeat` warm verify time (load_fingerprint + verify), the cold one (page
+cache dropped first), the bytes the verifier reads (header + slices/blocks) and GGUF/safetensors ratios,
+and the GGUF header parse alone (read_layout).
+
+    PYTHONPATH=. python benchmarks/verify_speed.py --gguf [--qtype Q4_1] [--repeat 20] [--tiny-only]
 """
 
 from __future__ import annotations
@@ -142,8 +152,9 @@ def write_benchmark_fingerprint(root: Path, path: Path, layers: int) -> int:
 
 
 def drop_cache(root: Path) -> None:
-    """Evict the checkpoint's pages from the page cache (no root needed: posix_fadvise DONTNEED)."""
-    for f in root.iterdir():
+    """Evict the checkpoint's pages (a directory's files, or one file) from the page cache (no root needed:
+    posix_fadvise DONTNEED)."""
+    for f in [root] if root.is_file() else [p for p in root.iterdir() if p.is_file()]:
         fd = os.open(f, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -173,12 +184,177 @@ def time_hash(root: Path) -> float:
     return time.perf_counter() - t0
 
 
+def fingerprint_same_neurons(model_source: Path, hf_dir: Path, path: Path, n_neurons: int = N_NEURONS) -> int:
+    """Fingerprint `n_neurons` neurons spread over the layers (down_proj rows, SwiGLU units, norm channels,
+    o_proj rows) of `model_source`: a .gguf file (slices = its raw blocks, as `guard scan` records them) or a
+    safetensors directory. `hf_dir` gives the module tree (config.json). Returns the number of slices."""
+    from safetensors.torch import save
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from achilles_guard.checkpoint import Checkpoint, tensor_sha256
+    from achilles_guard.fingerprint import FORMAT, SCHEMA_VERSION
+    from achilles_guard.gguf_file import is_gguf
+    from achilles_guard.gguf_integrity import GGUFSliceSource
+    from achilles_guard.model import config_sha256
+    from achilles_guard.neurons import Candidate, Neuron, producing_slices
+
+    config = AutoConfig.from_pretrained(str(hf_dir))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    layers, hidden, inter = config.num_hidden_layers, config.hidden_size, config.intermediate_size
+    kinds = [("mlp.down_proj", "linear", "mlp_out"), ("mlp.act_fn", "activation", "mlp_act"),
+             ("post_attention_layernorm", "norm", "norm"), ("self_attn.o_proj", "linear", "attn_out")]
+    gen = torch.Generator().manual_seed(1)
+    tensors, slices, neurons = {}, {}, []
+    gguf = is_gguf(model_source)
+    with (GGUFSliceSource(model_source) if gguf else Checkpoint.open(model_source)) as source:
+        for i in range(n_neurons):
+            layer = i * layers // n_neurons
+            rel, kind, component = kinds[i % len(kinds)]
+            width = inter if kind == "activation" else hidden
+            n = Neuron(f"model.layers.{layer}.{rel}", int(torch.randint(width, (1,), generator=gen)))
+            keys = []
+            for ws in producing_slices(model, n, Candidate(n.module, layer, component, kind, width)):
+                if gguf:
+                    keys.append(source.add(ws, tensors, slices))
+                    continue
+                keys.append(ws.key)
+                shape, dtype = source.shape_dtype(ws.param)
+                value = source.read_slice(ws.param, ws.axis, ws.index).contiguous()
+                tensors[ws.key] = value
+                slices[ws.key] = {"param": ws.param, "checkpoint_key": ws.param, "axis": ws.axis, "index": ws.index,
+                                  "null_value": ws.null_value, "shard": source.shard_of(ws.param), "dtype": dtype,
+                                  "shape": list(shape), "sha256": tensor_sha256(value)}
+            neurons.append({"module": n.module, "channel": n.channel, "layer": layer, "component": component,
+                            "rank": i + 1, "importance": 1.0, "critical": i < 3, "slices": keys,
+                            "baseline": {"mean": 0.0, "std": 1.0, "max_abs": 1.0, "mean_abs": 1.0}})
+        metadata = {
+            "format": FORMAT,
+            "schema_version": str(SCHEMA_VERSION),
+            "tool_version": "benchmark",
+            "config_sha256": source.layout.config_sha256 if gguf else config_sha256(model_source),
+            "model_type": config.model_type,
+            "architecture": config.architectures[0] if config.architectures else "LlamaForCausalLM",
+            "scan_params": "{}",
+            "critical_set": json.dumps([{"module": x["module"], "channel": x["channel"]} for x in neurons[:3]]),
+            "neurons": json.dumps(neurons),
+            "slices": json.dumps(slices, sort_keys=True),
+            "baseline": json.dumps({"loss": 1.0, "log10_ppl": 0.43, "texts": [1.0]}),
+            "probe_texts": "[]",
+        }
+        if gguf:
+            metadata["gguf"] = source.metadata_json()
+    path.write_bytes(save(tensors, metadata=metadata))
+    return len(slices)
+
+
+def safetensors_bytes_read(root: Path, fp, shards: tuple[str, ...]) -> int:
+    """What verify_checkpoint reads: each opened shard's header (8-byte length + JSON) and every slice's elements."""
+    total = 0
+    for shard in shards:
+        with open(root / shard, "rb") as handle:
+            total += 8 + int.from_bytes(handle.read(8), "little")
+    return total + sum(fp.tensors[key].numel() * fp.tensors[key].element_size() for key in fp.slices)
+
+
+def time_gguf_pair(label: str, gguf_path: Path, hf_dir: Path, work: Path, repeat: int) -> dict:
+    """Warm and cold verify of the GGUF and of the safetensors directory, same 64 neurons; header parse alone."""
+    from achilles_guard.detectors.checkpoint_verify import verify_checkpoint
+    from achilles_guard.fingerprint import load_fingerprint
+    from achilles_guard.gguf_file import read_layout
+    from achilles_guard.gguf_integrity import verify_gguf
+
+    fp_g, fp_s = work / f"{label}-gguf.fp.safetensors", work / f"{label}-st.fp.safetensors"
+    n_slices = fingerprint_same_neurons(gguf_path, hf_dir, fp_g)
+    assert fingerprint_same_neurons(hf_dir, hf_dir, fp_s) == n_slices
+
+    def gguf_once():
+        t0 = time.perf_counter()
+        report = verify_gguf(gguf_path, load_fingerprint(fp_g))
+        elapsed = time.perf_counter() - t0
+        assert report.ok and report.counts["intact"] == n_slices, report.counts
+        return elapsed, report.bytes_read, report.header_bytes
+
+    def st_once():
+        t0 = time.perf_counter()
+        fp = load_fingerprint(fp_s)
+        report = verify_checkpoint(hf_dir, fp)
+        elapsed = time.perf_counter() - t0
+        assert report.ok and report.counts["intact"] == n_slices, report.counts
+        return elapsed, safetensors_bytes_read(hf_dir, fp, report.shards_read)
+
+    def header_once():
+        t0 = time.perf_counter()
+        read_layout(gguf_path).close()
+        return time.perf_counter() - t0
+
+    def cold(fn, target: Path):
+        drop_cache(target)
+        return fn()[0]
+
+    warm_g = [gguf_once() for _ in range(repeat)]
+    warm_s = [st_once() for _ in range(repeat)]
+    header = min(header_once() for _ in range(repeat))
+    cold_g = min(cold(gguf_once, gguf_path) for _ in range(max(1, repeat // 5)))
+    cold_s = min(cold(st_once, hf_dir) for _ in range(max(1, repeat // 5)))
+    st_size = sum(f.stat().st_size for f in hf_dir.glob("*.safetensors"))
+    return dict(label=label, slices=n_slices, g_warm=min(t for t, *_ in warm_g), s_warm=min(t for t, _ in warm_s),
+                g_cold=cold_g, s_cold=cold_s, g_bytes=warm_g[0][1], g_header=warm_g[0][2], s_bytes=warm_s[0][1],
+                g_size=gguf_path.stat().st_size, s_size=st_size, header=header)
+
+
+def gguf_main(args) -> None:
+    import gguf  # noqa: F401  (imports are not part of the timing)
+
+    import achilles_guard.detectors.checkpoint_verify
+    import achilles_guard.gguf_integrity  # noqa: F401
+    from achilles_guard.model import load_model
+    from tests.builders import tiny_gguf
+
+    work = Path(tempfile.mkdtemp(prefix="guard-verify-gguf-", dir=args.tmp))
+    rows = []
+    try:
+        tiny = tiny_gguf(work / f"tiny-{args.qtype}.gguf", args.qtype)
+        lm = load_model(tiny, dtype="float32", device="cpu")
+        lm.model.save_pretrained(work / "tiny-st", safe_serialization=True)
+        rows.append(time_gguf_pair(f"tiny {args.qtype}", tiny, work / "tiny-st", work, args.repeat))
+        from tests.realmodel import GGUF_NAME, find_cached
+
+        cached = None if args.tiny_only else find_cached()
+        smol = cached and cached.parent / f"{cached.name}-gguf" / GGUF_NAME
+        if smol and smol.is_file():
+            rows.append(time_gguf_pair("SmolLM2 Q4_1", smol, cached, work, args.repeat))
+        elif not args.tiny_only:
+            print("SmolLM2 GGUF not cached (python -m tests.realmodel fetches it): tiny model only")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"{'model':>13} {'slices':>6} | {'GGUF file':>10} {'read':>10} {'header':>10} {'parse':>8} "
+          f"{'warm':>8} {'cold':>8} | {'st files':>10} {'read':>8} {'warm':>8} {'cold':>8} | "
+          f"{'read ×':>7} {'warm ×':>7} {'cold ×':>7}")
+    for r in rows:
+        print(f"{r['label']:>13} {r['slices']:>6} | {r['g_size']:>10,} {r['g_bytes']:>10,} {r['g_header']:>10,} "
+              f"{r['header'] * 1e3:>6.1f}ms {r['g_warm'] * 1e3:>6.1f}ms {r['g_cold'] * 1e3:>6.1f}ms | "
+              f"{r['s_size']:>10,} {r['s_bytes']:>8,} {r['s_warm'] * 1e3:>6.1f}ms {r['s_cold'] * 1e3:>6.1f}ms | "
+              f"{r['g_bytes'] / r['s_bytes']:>7.1f} {r['g_warm'] / r['s_warm']:>7.2f} "
+              f"{r['g_cold'] / r['s_cold']:>7.2f}")
+    print(f"(best of {args.repeat} warm, {max(1, args.repeat // 5)} cold; verify = load_fingerprint + verify of "
+          f"{N_NEURONS} neurons; read = header + slice/block bytes the verifier reads; × = GGUF / safetensors; "
+          "parse = GGUF header parse alone)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="6,32", help="layer counts to build (6 ≈ 1 GB, 32 ≈ 4.3 GB)")
     parser.add_argument("--tmp", default="/tmp")
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=None, help="default: 3 (20 with --gguf)")
+    parser.add_argument("--gguf", action="store_true", help="GGUF vs safetensors of the same model (see above)")
+    parser.add_argument("--qtype", default="Q4_1", help="--gguf: type of the tiny GGUF's matrices")
+    parser.add_argument("--tiny-only", action="store_true", help="--gguf: skip SmolLM2 even when it is cached")
     args = parser.parse_args()
+    if args.gguf:
+        args.repeat = args.repeat or 20
+        return gguf_main(args)
+    args.repeat = args.repeat or 3
     import achilles_guard.detectors.checkpoint_verify  # imports are not part of the timing
     import achilles_guard.model  # noqa: F401
 

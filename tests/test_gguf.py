@@ -242,3 +242,211 @@ def test_hostile_gguf_bytes_never_crash_verify(ggufs, gguf_scan, tmp_path):
         assert "Traceback" not in err and (result.exit_code != 2 or "\n" not in err), (i, err)
         codes[result.exit_code] = codes.get(result.exit_code, 0) + 1
     assert codes.get(2, 0) >= 10  # most header edits are refused as input errors
+
+
+# --- every model command on a .gguf: eval, study, generate, monitor, harden (in process: CliRunner) ---
+
+
+@pytest.fixture(scope="session")
+def f32_scan(ggufs, tmp_path_factory):
+    """A scan of the F32 GGUF (the float directory's weights) with float_scan's parameters, but a budget of 40
+    masks (n* is 34): harden's re-attack, which re-runs every attack with the scan's budget, stays cheap."""
+    return scanned(
+        ggufs["F32"], tmp_path_factory.mktemp("f32-scan"), text=TEXT, samples=4, attacks="pcicn", max_neurons=40
+    )
+
+
+def _cli(args: list[str]):
+    from typer.testing import CliRunner
+
+    from achilles_guard.cli import app
+
+    return CliRunner().invoke(app, args)
+
+
+def _json_out(result) -> dict:
+    assert result.exit_code == 0, (result.exit_code, result.output, repr(result.exception))
+    return json.loads(result.stdout)
+
+
+def test_scan_of_f32_gguf_finds_the_float_models_critical_set(f32_scan, float_scan):
+    gguf_doc = json.loads((f32_scan / "report.json").read_text())
+    float_doc = json.loads((float_scan / "report.json").read_text())
+    assert gguf_doc["model"]["path"].endswith("tiny-F32.gguf") and gguf_doc["converged"]
+    names = [[(c["module"], c["channel"]) for c in d["critical_set"]] for d in (gguf_doc, float_doc)]
+    assert names[0] == names[1] and gguf_doc["n_star"] == float_doc["n_star"] > 0
+    assert gguf_doc["baseline"]["loss"] == pytest.approx(float_doc["baseline"]["loss"], rel=1e-5)
+
+
+def test_eval_study_generate_on_gguf_equal_the_float_model(ggufs, f32_scan, float_scan, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(" ".join([TEXT] * 3))
+    float_dir = float_scan.parent / "float"
+    models = {"gguf": (str(ggufs["F32"]), f32_scan), "float": (str(float_dir), float_scan)}
+    docs = {}
+    for kind, (model, scan) in models.items():
+        report = str(scan / "report.json")
+        docs[kind, "eval"] = _json_out(
+            _cli(["eval", model, "--report", report, "--data", str(corpus), "--levels", "0,1,n*", "--format", "json"])
+        )
+        docs[kind, "generate"] = _json_out(
+            _cli(["generate", model, "--report", report, "--prompt", "The heat is", "--max-new-tokens", "3",
+                  "--top-k", "3", "--format", "json"])
+        )
+        docs[kind, "study"] = _json_out(
+            _cli(["study", "scale", model, "--report", report, "--text", TEXT, "--out", str(tmp_path / kind),
+                  "--format", "json"])
+        )
+    gguf_eval, float_eval = docs["gguf", "eval"], docs["float", "eval"]
+    assert gguf_eval["model"]["path"] == str(ggufs["F32"]) and gguf_eval["data"] == float_eval["data"]
+    assert gguf_eval["baseline"]["ppl"] == pytest.approx(float_eval["baseline"]["ppl"], rel=1e-4)
+    assert [lv["n"] for lv in gguf_eval["levels"]] == [lv["n"] for lv in float_eval["levels"]] == [0, 1, 34]
+    for a, b in zip(gguf_eval["levels"], float_eval["levels"]):
+        assert a["ppl"] == pytest.approx(b["ppl"], rel=1e-4)
+    assert gguf_eval["levels"][-1]["delta_log10"] > 0.5  # masking the critical set still hurts on the GGUF
+    gen = docs["gguf", "generate"]
+    assert gen["model"] == str(ggufs["F32"]) and gen["answers"] == docs["float", "generate"]["answers"]
+    assert [[t["id"] for t in lv["top"]] for lv in gen["topk"]["levels"]] == [
+        [t["id"] for t in lv["top"]] for lv in docs["float", "generate"]["topk"]["levels"]
+    ]
+    study = docs["gguf", "study"]
+    assert study["model"]["path"] == str(ggufs["F32"]) and (tmp_path / "gguf" / "study-scale.json").is_file()
+    assert [r["beta"] for r in study["rows"]] == [r["beta"] for r in docs["float", "study"]["rows"]]
+    for a, b in zip(study["rows"], docs["float", "study"]["rows"]):
+        assert a["delta_log10"] == pytest.approx(b["delta_log10"], rel=1e-4, abs=1e-6)
+
+
+def test_monitor_one_shot_on_gguf_clean_protected_and_tampered(ggufs, f32_scan, tmp_path):
+    from achilles_guard.fingerprint import load_fingerprint
+
+    fp = str(f32_scan / "fingerprint.safetensors")
+    n = len(load_fingerprint(fp).slices)
+    base = ["--fingerprint", fp, "--iterations", "1", "--interval", "0.01"]
+    clean = _cli(["monitor", str(ggufs["F32"]), *base, "--protect"])
+    assert clean.exit_code == 0, clean.output
+    assert f"{n} slices hashed, 0 changed" in clean.stdout and "pin guard on" in clean.stdout
+    assert "tiny-F32.gguf" in clean.stdout
+    bad = tmp_path / "zeroed.gguf"
+    done = _cli(["tamper", str(ggufs["F32"]), "--out", str(bad), "--neurons", fp, "--kind", "zero"])
+    assert done.exit_code == 0, done.output
+    caught = _cli(["monitor", str(bad), *base])
+    assert caught.exit_code == 1 and "ALERT" in caught.stdout
+    assert f"{n} slices hashed, 0 changed" not in caught.stdout and "changed: blk." in caught.stdout
+
+
+def test_harden_pin_on_gguf_runs_the_runtime_guard(ggufs, f32_scan, tmp_path):
+    out = tmp_path / "pin"
+    fp = str(f32_scan / "fingerprint.safetensors")
+    res = _cli(["harden", str(ggufs["F32"]), "--fingerprint", fp, "--strategy", "pin", "--out", str(out),
+                "--format", "json"])
+    assert res.exit_code in (0, 1), (res.output, repr(res.exception))
+    doc = json.loads((out / "harden-report.json").read_text())
+    assert doc == json.loads(res.stdout) and doc["model"] == str(ggufs["F32"])
+    attempt = doc["attempts"][0]
+    assert attempt["strategy"] == "pin" and "hardened_model" not in attempt and not (out / "model").exists()
+    assert attempt["clean_cost_probe"] == 0.0 and doc["verdict"] == ("mitigated" if res.exit_code == 0 else
+                                                                      "not mitigated")
+
+
+def test_harden_weight_strategy_on_gguf_writes_a_safetensors_directory(ggufs, f32_scan, tmp_path):
+    """A weight-level defence cannot write GGUF: its hardened checkpoint is a plain HF safetensors directory
+    (config + tokenizer) that from_pretrained loads, computing what the GGUF computes (rotate: same function)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = ggufs["F32"]
+    before = src.read_bytes()
+    out = tmp_path / "rotate"
+    fp = str(f32_scan / "fingerprint.safetensors")
+    res = _cli(["harden", str(src), "--fingerprint", fp, "--strategy", "rotate", "--out", str(out), "--format", "json"])
+    assert res.exit_code in (0, 1), (res.output, repr(res.exception))
+    doc = json.loads(res.stdout)
+    assert doc["model"] == str(src) and doc["attempts"][0]["hardened_model"] == "model"
+    model_dir = out / "model"
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in model_dir.iterdir()}
+    assert not list(model_dir.glob("*.gguf")) and src.read_bytes() == before
+    config = json.loads((model_dir / "config.json").read_text())
+    assert "quantization_config" not in config and config["dtype"] == "float32"
+    hardened = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    original = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name).eval()
+    tok, gguf_tok = AutoTokenizer.from_pretrained(str(model_dir)), AutoTokenizer.from_pretrained(
+        str(src.parent), gguf_file=src.name
+    )
+    ids = tok(TEXT, return_tensors="pt").input_ids
+    assert ids.tolist() == gguf_tok(TEXT, return_tensors="pt").input_ids.tolist()
+    with torch.no_grad():
+        assert hardened(ids, labels=ids).loss.item() == pytest.approx(original(ids, labels=ids).loss.item(), rel=1e-4)
+    assert (out / "fingerprint.safetensors").is_file() and (out / "report.json").is_file()
+
+
+def test_truncated_gguf_is_one_line_exit_2_for_every_model_command(ggufs, f32_scan, tmp_path):
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(ggufs["F32"].read_bytes()[:20000])
+    report, fp, t = str(f32_scan / "report.json"), str(f32_scan / "fingerprint.safetensors"), str(truncated)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(TEXT)
+    out = tmp_path / "out"
+    cases = [
+        ["eval", t, "--report", report, "--data", str(corpus)],
+        ["generate", t, "--report", report, "--prompt", "hi"],
+        ["study", "scale", t, "--report", report, "--out", str(out)],
+        ["monitor", t, "--fingerprint", fp, "--iterations", "1"],
+        ["harden", t, "--fingerprint", fp, "--strategy", "rotate", "--out", str(out)],
+        ["harden", str(tmp_path / "missing.gguf"), "--fingerprint", fp, "--strategy", "pin", "--out", str(out)],
+    ]
+    for args in cases:
+        res = _cli(args)
+        err = (res.stderr or "").strip()
+        assert res.exit_code == 2 and "\n" not in err and "Traceback" not in err, (args, res.exit_code, err)
+        assert ("truncated GGUF" if "missing" not in args[1] else "no such file") in err, (args, err)
+    assert not out.exists()
+
+
+def test_vocabulary_string_lengths_are_bounds_checked(ggufs, tmp_path):
+    """The header parser skips the vocabulary by its length prefixes only: a prefix that runs past the file, or
+    a count larger than the strings there, is a truncated header (InputError), never a read past the end."""
+    import struct
+
+    from achilles_guard.errors import InputError
+    from achilles_guard.gguf_file import read_layout
+
+    data = ggufs["Q4_0"].read_bytes()
+    key = b"tokenizer.ggml.tokens"
+    at = data.index(key) + len(key)
+    etype, count = struct.unpack_from("<IQ", data, at + 4)
+    assert etype == 8 and count > 200
+    first = at + 4 + 4 + 8  # value type, element type, count; then the first string's u64 length
+    with read_layout(ggufs["Q4_0"]) as layout:
+        assert layout.metadata["tokenizer.ggml.tokens"] == ("array", 8, count)
+    for offset, value in ((first, 1 << 40), (first, len(data)), (at + 8, count + 10**6)):
+        bad = bytearray(data)
+        struct.pack_into("<Q", bad, offset, value)
+        path = tmp_path / "bad.gguf"
+        path.write_bytes(bytes(bad))
+        with pytest.raises(InputError, match="truncated|corrupt"):
+            read_layout(path).close()
+
+
+def test_monitor_serves_a_gguf_model(ggufs, f32_scan):
+    """`guard monitor model.gguf --serve`: healthy, completions name the GGUF, metrics carry its name as label."""
+    from tests.builders import Server
+
+    srv = Server([str(ggufs["F32"]), "--fingerprint", str(f32_scan / "fingerprint.safetensors"), "--serve"])
+    try:
+        status, health = srv.request("GET", "/healthz")
+        assert status == 200 and health["integrity_ok"] and health["canary_ok"], health
+        doc = srv.complete("The heat is", max_tokens=3)
+        assert doc["model"] == "tiny-F32.gguf" and doc["usage"]["completion_tokens"] == 3
+        srv.scrape()
+        assert 'model="tiny-F32.gguf"' in srv.last_scrape
+    finally:
+        code, log = srv.stop()
+    assert code == 0, log
+
+
+def test_hardened_gguf_is_saved_in_its_float_type_else_float32(ggufs):
+    """A weight-level defence saves a GGUF's hardened copy as safetensors: F16 matrices stay float16, F32 and
+    quantized ones (saved as their dequantized values) float32."""
+    from achilles_guard.defenses.base import stored_dtype
+
+    expected = {"F32": torch.float32, "F16": torch.float16, "Q8_0": torch.float32, "Q4_0": torch.float32}
+    assert {q: stored_dtype(ggufs[q]) for q in expected} == expected

@@ -27,7 +27,9 @@ __all__ = ["harden_command"]
 @app.command("harden")
 @guarded
 def harden_command(
-    model_dir: Path = typer.Argument(..., help="The model directory that was scanned."),
+    model_dir: Path = typer.Argument(
+        ..., help="The model directory (or .gguf file) that was scanned; the hardened model is a safetensors directory."
+    ),
     fingerprint: Path = typer.Option(..., "--fingerprint", help="fingerprint.safetensors written by guard scan."),
     strategy: str = typer.Option(
         ..., "--strategy", help="pin, redundancy, split, rotate, finetune, a chain like redundancy+pin, or auto."
@@ -74,7 +76,12 @@ def harden_command(
 
     if strategy != "auto":
         parse_strategy(strategy)
-    if not model_dir.is_dir():
+    from achilles_guard.gguf_file import is_gguf
+
+    gguf = is_gguf(model_dir)
+    if gguf and not model_dir.is_file():
+        raise InputError(f"{model_dir}: no such file")
+    if not gguf and not model_dir.is_dir():
         raise InputError(f"{model_dir}: no such directory")
     if out.resolve() == model_dir.resolve() or model_dir.resolve() in out.resolve().parents:
         raise UsageError(
@@ -118,6 +125,10 @@ def harden_command(
         redundancy_copies=redundancy_copies,
     )
     _precheck(request)
+    if gguf:  # header checks (truncated, unsupported type...) before OUT exists
+        from achilles_guard.gguf_model import check_gguf
+
+        check_gguf(model_dir).close()
     first_created = _first_missing(out)
     prepare_out_dir(out).mkdir(parents=True, exist_ok=True)
     log = stderr()

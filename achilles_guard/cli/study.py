@@ -125,8 +125,7 @@ def study_command(
         runs=runs,
         user_texts=[(f"text-{i + 1}", t) for i, t in enumerate(text)],
     )
-    out = prepare_out_dir(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_out_dir(out)  # checked writable now, created only once there is a result (bad input leaves none)
     load_kwargs = {"trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle}
     lm = load_model(model_dir, dtype=dtype, device=device, **load_kwargs)
     if ranked is not None:
@@ -149,6 +148,7 @@ def study_command(
              "device": lm.device, "config_sha256": lm.config_sha256, "probe": probe.name, "probe_tokens": probe.tokens,
              "corpus": source, "corpus_tokens": corpus.tokens}
     doc = result.as_dict(model)
+    out.mkdir(parents=True, exist_ok=True)
     json_path = write_json(out / f"study-{name}.json", doc)
     written = [json_path]
     if plot:

@@ -76,10 +76,18 @@ class Defense(Protocol):
 
 
 def stored_dtype(model_dir: Path) -> torch.dtype:
-    """The floating dtype the checkpoint stores its weights in (float32 when none is found)."""
+    """The floating dtype the checkpoint stores its weights in (float32 when none is found).
+
+    A GGUF file: float16 / bfloat16 when every matrix is stored in it, else float32 (a quantized
+    matrix is saved as its dequantized float32 values: a hardened GGUF is a safetensors directory)."""
     from achilles_guard.checkpoint import Checkpoint
+    from achilles_guard.gguf_file import is_gguf, read_layout
 
     names = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    if is_gguf(model_dir):
+        with read_layout(model_dir) as layout:
+            kinds = {t.qtype for t in layout.tensors.values() if len(t.ne) >= 2}
+        return names[kinds.pop()] if len(kinds) == 1 and kinds <= {"F16", "BF16"} else torch.float32
     with Checkpoint.open(model_dir) as ckpt:
         for key in ckpt.weight_map:
             _, dtype = ckpt.shape_dtype(key)
