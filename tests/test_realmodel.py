@@ -163,7 +163,7 @@ def small_fp(smol_lm, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("strategy", ["redundancy"])  # pin on SmolLM2: margin 5, measured in docs/defenses.md
+@pytest.mark.parametrize("strategy", ["redundancy", "pin"])  # both measured mitigated (docs/defenses.md)
 def test_harden_verdict_matches_an_independent_reattack(strategy, small_fp, smollm2, smol_lm, tmp_path):
     """harden's verdict, checked without harden's numbers: the re-scan's strongest set re-masked with plain
     hooks, and for a mitigated verdict a fresh portfolio run (another seed) that must find no set below
@@ -201,16 +201,14 @@ def test_harden_verdict_matches_an_independent_reattack(strategy, small_fp, smol
         from achilles_guard.defenses.pin import PinGuard, PinnedModel
         from achilles_guard.fingerprint import load_fingerprint
 
-        lm = replace(
-            smol_lm,
-            model=PinnedModel(
-                smol_lm.model, PinGuard.from_fingerprint(load_fingerprint(small_fp / "fingerprint.safetensors"))
-            ),
-        )
-        assert "hardened_model" not in attempt
+        guard = PinGuard.from_fingerprint(load_fingerprint(small_fp / "fingerprint.safetensors"), neurons="all")
+        lm = replace(smol_lm, model=PinnedModel(smol_lm.model, guard))
+        demote = guard.restored  # the attacker knows what the guard restores (every norm channel, every stored row)
+        assert "hardened_model" not in attempt and attempt["details"]["ranked_last_by_the_reattack"] == len(demote)
     else:
         assert attempt["hardened_model"] == "model"
         lm = load_model(target / attempt["hardened_model"], dtype="float32", device="cpu")
+        demote = ()
     if strongest is not None:  # the re-attack's set, re-masked independently, reproduces its Δ
         got = independent_delta(lm.model, ids, _pairs(strongest["critical_set"]))
         assert got == pytest.approx(strongest["delta_log10"], abs=2e-3)
@@ -223,14 +221,10 @@ def test_harden_verdict_matches_an_independent_reattack(strategy, small_fp, smol
             lm,
             [tokenize_probe(lm, "again", rescan["texts"][0]["text"])],
             ScanParams(samples=4, seed=7, max_neurons=10 * n0, greedy_pool=2),
+            demote=demote,
         )
         assert again.strongest is None  # no attack of the portfolio collapses it below 10 x n0
-    else:  # measured (docs/defenses.md): pin leaves a 5-neuron late-layer set (margin 5 < 10)
-        assert (
-            (strongest is not None and (attempt["margin"] or 0) < 10)
-            or attempt["clean_cost"] > 0.01
-            or any(a["delta_at_n0_after"] is not None and a["delta_at_n0_after"] >= 1 for a in attempt["attacks"])
-        )
+    assert verdict == "mitigated", attempt["reasons"]  # what docs/defenses.md reports for both
 
 
 def test_scanning_the_real_gguf_finds_the_same_neuron_by_its_gguf_tensor(smollm2_gguf, tmp_path):
