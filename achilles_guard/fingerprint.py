@@ -328,7 +328,7 @@ def fingerprint_bytes(result, *, top: int = 64, sign_key: bytes | None = None) -
                     "baseline": asdict(base),
                 }
             )
-    norms = {} if gguf_source is not None else _norm_weights(lm, result.candidates, tensors)
+    norms = _norm_weights(lm, result.candidates, tensors, gguf=gguf_source is not None)
     primary = result.primary.result
     metadata = {
         "format": FORMAT,
@@ -362,9 +362,12 @@ def fingerprint_bytes(result, *, top: int = 64, sign_key: bytes | None = None) -
 NORM_PREFIX = "norms/"  # tensor names of the whole norm weights: norms/<parameter>
 
 
-def _norm_weights(lm, candidates, tensors: dict) -> dict:
+def _norm_weights(lm, candidates, tensors: dict, *, gguf: bool = False) -> dict:
     """Add every candidate norm module's whole weight and bias to `tensors` (a few kB per layer: the runtime
-    guard recomputes any norm channel from them); their records for the metadata."""
+    guard recomputes any norm channel from them); their records for the metadata. From the checkpoint's exact
+    bytes; for a GGUF file, the values transformers loaded from it (float32; the file is the one scanned)."""
+    from contextlib import nullcontext
+
     from achilles_guard.adapters import adapter_for
 
     offset = adapter_for(lm.model_type).norm_weight_offset
@@ -372,14 +375,14 @@ def _norm_weights(lm, candidates, tensors: dict) -> dict:
     norm_modules = [c.name for c in candidates.candidates if c.kind == "norm"]
     if not norm_modules:
         return out
-    with Checkpoint.open(lm.directory) as ckpt:
+    with nullcontext() if gguf else Checkpoint.open(lm.directory) as ckpt:
         for module in norm_modules:
-            for pname, _ in lm.model.get_submodule(module).named_parameters(recurse=False):
+            for pname, p in lm.model.get_submodule(module).named_parameters(recurse=False):
                 param = f"{module}.{pname}"
-                key = resolve_key(ckpt.weight_map, param)
+                key = param if gguf else resolve_key(ckpt.weight_map, param)
                 if key is None or pname not in ("weight", "bias"):
                     continue
-                value = ckpt.read(key).contiguous()
+                value = (p.detach().float().cpu() if gguf else ckpt.read(key)).contiguous()
                 if value.dim() != 1:
                     continue
                 tensors[NORM_PREFIX + param] = value
@@ -387,7 +390,7 @@ def _norm_weights(lm, candidates, tensors: dict) -> dict:
                     "module": module,
                     "role": pname,
                     "checkpoint_key": key,
-                    "shard": ckpt.shard_of(key),
+                    "shard": Path(lm.directory).name if gguf else ckpt.shard_of(key),
                     "offset": offset if pname == "weight" else 0.0,
                     "sha256": tensor_sha256(value),
                 }
