@@ -30,7 +30,9 @@ def harden_command(
     model_dir: Path = typer.Argument(..., help="The model directory that was scanned."),
     fingerprint: Path = typer.Option(..., "--fingerprint", help="fingerprint.safetensors written by guard scan."),
     strategy: str = typer.Option(
-        ..., "--strategy", help="pin, redundancy, split, rotate, finetune, a chain like redundancy+pin, or auto."
+        ...,
+        "--strategy",
+        help="pin, redundancy, heads, split, rotate, finetune, a chain like redundancy+heads, or auto.",
     ),
     out: Path = typer.Option(..., "--out", help="Directory for the hardened model, its report and harden-report.json."),
     report: Optional[Path] = typer.Option(
@@ -44,6 +46,11 @@ def harden_command(
         32,
         "--redundancy-copies",
         help="redundancy: channels carrying each critical residual channel (and copies of its writing units).",
+    ),
+    head_copies: int = typer.Option(
+        32,
+        "--head-copies",
+        help="heads: copies of each attention head that holds a fingerprinted q/k/v channel (>= 2).",
     ),
     copies: int = typer.Option(8, help="split: copies of each critical unit (>= 2)."),
     seed: int = typer.Option(0, help="rotate: seed of the orthogonal matrix; finetune: seed of the dropout."),
@@ -116,6 +123,7 @@ def harden_command(
         finetune=finetune,
         min_margin=min_margin,
         redundancy_copies=redundancy_copies,
+        head_copies=head_copies,
     )
     _precheck(request)
     first_created = _first_missing(out)
