@@ -137,3 +137,10 @@ def random_gpt2(tmp_path_factory):
     root = tmp_path_factory.mktemp("gpt2")
     path = save_model(tiny_model("gpt2"), root / "m")
     return path, scanned(path, root / "scan", max_neurons=5)
+
+
+def test_heads_with_one_copy_exits_2_before_writing(planted, scan_dir, tmp_path):
+    res = runner.invoke(app, ["harden", str(planted[0]), "--fingerprint", str(scan_dir / "fingerprint.safetensors"),
+                              "--strategy", "redundancy+heads", "--head-copies", "1", "--out", str(tmp_path / "out")])
+    assert res.exit_code == 2 and not (tmp_path / "out").exists(), res.output
+    assert "--head-copies must be >= 2" in res.output

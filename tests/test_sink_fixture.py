@@ -202,3 +202,43 @@ def test_redundancy_protects_the_massive_channels_but_not_the_sink_heads(sink):
     assert not v.after.converged  # PCICN no longer finds a set within 10 (3 before)
     assert v.verdict == "not mitigated" and v.after.strongest_n == 1
     assert attempt.hardened_model == root / "red" / "model"
+
+
+def test_redundancy_plus_head_duplication_mitigates_and_an_independent_reattack_agrees(sink):
+    """Weight-level: redundancy carries the massive channels on 32 channels each, then `heads` replaces every
+    fingerprinted head (the sink heads of layers 1-3, found by the redundancy re-scan) by 384 copies. Measured:
+    one broken copy's share is 1/k and the fixture collapses at a share of about 1/32, so k must exceed
+    32 x 9 for no set below 10 to collapse it. harden says mitigated; a re-attack of the checkpoint loaded
+    with plain from_pretrained, another seed and a budget of exactly 10 x n0 finds no collapsing set, and
+    the original sets (and the sink head's query row that collapses the redundancy model alone) no longer
+    collapse it under plain hooks."""
+    from transformers import AutoModelForCausalLM
+
+    from achilles_guard.scan import ScanParams, run_scan
+
+    root, model_dir, lm, ids, _ = sink
+    scan_dir = _margin_scan(sink)
+    outcome = harden(HardenRequest(model_dir, scan_dir / "fingerprint.safetensors", None, "redundancy+heads",
+                                   root / "rh", head_copies=384))
+    attempt = outcome.attempts[0]
+    v = attempt.verification
+    assert attempt.details["heads"]["groups"] == {"1": [0, 1], "2": [0, 1], "3": [0, 1]}
+    assert [s["verdict"] for s in attempt.steps] == ["not mitigated", "mitigated"], attempt.steps
+    assert v.verdict == "mitigated" and v.clean_cost < 1e-4, v.reasons
+    n0 = v.n0
+    hardened_dir = root / "rh" / "heads" / "model"
+    assert attempt.hardened_model == hardened_dir
+    plain = AutoModelForCausalLM.from_pretrained(hardened_dir, dtype=torch.float32).eval()
+    assert plain.config.num_attention_heads > 384  # the checkpoint really holds the copies
+    hardened = replace(load_model(hardened_dir), model=plain)
+    again = run_scan(hardened, [tokenize_probe(hardened, "again", PROBE)],
+                     ScanParams(samples=10, seed=7, max_neurons=10 * n0, greedy_pool=16))
+    assert again.strongest is None  # no attack of the portfolio collapses it below 10 x n0
+    before = json.loads((scan_dir / "report.json").read_text())
+    sets = [before["strongest"]["critical_set"], before["critical_set"]]
+    slow = 16 // 2 - 1  # the sink heads' query row (head 0 of layer 3): what collapsed the redundancy model alone
+    sets.append([{"module": "model.layers.3.self_attn.q_proj", "channel": slow}])
+    for found in sets:
+        neurons = [(c["module"], c["channel"]) for c in found]
+        assert independent_delta(lm.model, ids, neurons) > 5  # collapses the original
+        assert abs(independent_delta(plain, ids, neurons)) < 0.1  # not the hardened checkpoint

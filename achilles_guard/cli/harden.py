@@ -32,7 +32,9 @@ def harden_command(
     ),
     fingerprint: Path = typer.Option(..., "--fingerprint", help="fingerprint.safetensors written by guard scan."),
     strategy: str = typer.Option(
-        ..., "--strategy", help="pin, redundancy, split, rotate, finetune, a chain like redundancy+pin, or auto."
+        ...,
+        "--strategy",
+        help="pin, redundancy, heads, split, rotate, finetune, a chain like redundancy+heads, or auto.",
     ),
     out: Path = typer.Option(..., "--out", help="Directory for the hardened model, its report and harden-report.json."),
     report: Optional[Path] = typer.Option(
@@ -46,6 +48,11 @@ def harden_command(
         32,
         "--redundancy-copies",
         help="redundancy: channels carrying each critical residual channel (and copies of its writing units).",
+    ),
+    head_copies: int = typer.Option(
+        32,
+        "--head-copies",
+        help="heads: copies of each attention head that holds a fingerprinted q/k/v channel (>= 2).",
     ),
     copies: int = typer.Option(8, help="split: copies of each critical unit (>= 2)."),
     seed: int = typer.Option(0, help="rotate: seed of the orthogonal matrix; finetune: seed of the dropout."),
@@ -123,6 +130,7 @@ def harden_command(
         finetune=finetune,
         min_margin=min_margin,
         redundancy_copies=redundancy_copies,
+        head_copies=head_copies,
     )
     _precheck(request)
     if gguf:  # header checks (truncated, unsupported type...) before OUT exists

@@ -3,6 +3,7 @@ re-attacking with the whole attack portfolio (`reattack`).
 
     pin        - runtime guard: restores always-on and first-position (attention-sink) values (monitor --protect)
     redundancy - carry each critical residual channel on k channels and split the units that write it
+    heads      - Net2WiderNet over attention heads: k copies of every head holding a fingerprinted q/k/v channel
     split      - Net2WiderNet duplication of critical MLP units (function-preserving)
     rotate     - orthogonal rotation of the residual stream (function-preserving redundancy)
     finetune   - neuron dropout over every attack's set + KL to the frozen original (training-time hardening)

@@ -5,7 +5,7 @@
 
 Every defence implements one interface (defenses/base.py: `check`, `apply(step) -> Applied`), so
 the loop below reads: for each step, apply -> re-attack (reattack.py) -> margin and verdict. A
-strategy is one defence (`pin`, `redundancy`, `rotate`, `split`, `finetune`), a chain `a+b` (each
+strategy is one defence (`pin`, `redundancy`, `heads`, `rotate`, `split`, `finetune`), a chain `a+b` (each
 step hardens the previous step's checkpoint, planned from the previous step's re-scan; a runtime
 guard only last), or `auto`: candidates from cheapest to most expensive, stopping at the first
 mitigated one; the report says what it tried and why it stopped.
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from achilles_guard import __version__
-from achilles_guard.defenses import finetune, pin, redundancy, rotate, split
+from achilles_guard.defenses import finetune, heads, pin, redundancy, rotate, split
 from achilles_guard.defenses.base import Step
 from achilles_guard.defenses.reattack import DEFAULT_MIN_MARGIN, HELD_OUT_TEXTS, AttackSummary, Verification, reattack
 from achilles_guard.errors import InputError, UsageError
@@ -46,7 +46,10 @@ __all__ = [
 ]
 
 # cheapest first: auto's order
-DEFENSES = {d.name: d for d in (pin.DEFENSE, redundancy.DEFENSE, split.DEFENSE, rotate.DEFENSE, finetune.DEFENSE)}
+DEFENSES = {
+    d.name: d
+    for d in (pin.DEFENSE, redundancy.DEFENSE, heads.DEFENSE, split.DEFENSE, rotate.DEFENSE, finetune.DEFENSE)
+}
 STRATEGIES = (*DEFENSES, "auto")
 HARDEN_SCHEMA = "achilles-guard/harden/v2"
 
@@ -69,6 +72,7 @@ class HardenRequest:
     allow_short: bool = True
     min_margin: float = DEFAULT_MIN_MARGIN
     redundancy_copies: int = 32
+    head_copies: int = 32
 
 
 @dataclass(frozen=True)
@@ -158,6 +162,8 @@ def auto_order(fp, request: HardenRequest | None = None) -> list[str]:
         order.append("rotate")
     if fp.model_type in redundancy.REDUNDANT:
         order.append("redundancy+pin")
+    if fp.model_type in heads.DUPLICABLE and any(r.component == "attn_in" for r in fp.neurons):
+        order.append("redundancy+heads")
     if request is not None and request.finetune.get("data"):
         order.append("finetune")
     return order

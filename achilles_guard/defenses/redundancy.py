@@ -37,7 +37,16 @@ from achilles_guard.defenses.split import SplitPlan, _cols, _rows, split_model
 from achilles_guard.errors import UsageError
 from achilles_guard.neurons import decoder_blocks
 
-__all__ = ["REDUNDANT", "RedundancyPlan", "plan_redundancy", "widen_residual", "check_redundant", "DEFENSE"]
+__all__ = [
+    "REDUNDANT",
+    "RedundancyPlan",
+    "plan_redundancy",
+    "widen_residual",
+    "pad_residual",
+    "rewrite_residual",
+    "check_redundant",
+    "DEFENSE",
+]
 
 # families whose residual stream is read only through RMSNorms and whose embeddings are not scaled by
 # sqrt(hidden_size) (Gemma's are: widening would change them)
@@ -103,20 +112,39 @@ def widen_residual(model: nn.Module, plan: RedundancyPlan) -> int:
         split_model(model, SplitPlan(plan.copies, plan.units, (), (), {}))
     if not plan.channels:
         return model.config.hidden_size
-    attn_readers, mlp_readers, attn_writer, mlp_writer = ROTATABLE[model_type]
-    offset = adapter_for(model_type).norm_weight_offset
-    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
-    d = embed.weight.shape[1]
+    d = model.get_input_embeddings().weight.shape[1]
     k = plan.copies
     chosen = torch.tensor(plan.channels, dtype=torch.long)
     src = torch.cat([torch.arange(d), chosen.repeat_interleave(k - 1)])  # (d',) source channel of each new channel
     scale = torch.ones(d, dtype=torch.float64)
     scale[chosen] = 1.0 / math.sqrt(k)
-    scale = scale[src]  # (d',)
+    return rewrite_residual(model, src, scale[src], multiple=model.config.num_attention_heads)
+
+
+def pad_residual(model: nn.Module, multiple: int) -> int:
+    """Pad the residual stream in place with channels that are exactly 0 (no writer, no reader) up to a
+    multiple of `multiple` (Llama configs require hidden_size % num_attention_heads == 0); the function is
+    unchanged (norm gains and eps rescaled as in `widen_residual`). Returns the new hidden size."""
+    check_redundant(getattr(model.config, "model_type", ""))
+    d = model.get_input_embeddings().weight.shape[1]
+    if d % multiple == 0:
+        return d
+    return rewrite_residual(model, torch.arange(d), torch.ones(d, dtype=torch.float64), multiple=multiple)
+
+
+def rewrite_residual(model: nn.Module, src: torch.Tensor, scale: torch.Tensor, *, multiple: int = 1) -> int:
+    """Replace the residual stream by channels `src` (d',) of the old one, each times `scale` (d',), and pad
+    it with zero channels to a multiple of `multiple`; every norm output stays exactly the same as long as
+    the sum of squares of the residual does. Returns the new hidden size."""
+    model_type = getattr(model.config, "model_type", "")
+    attn_readers, mlp_readers, attn_writer, mlp_writer = ROTATABLE[model_type]
+    offset = adapter_for(model_type).norm_weight_offset
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    d = embed.weight.shape[1]
     # configs require hidden_size % heads == 0: pad with channels that are exactly 0 (no writer, no reader)
-    pad = -int(src.numel()) % model.config.num_attention_heads
+    pad = -int(src.numel()) % multiple
     src = torch.cat([src, torch.zeros(pad, dtype=torch.long)])
-    scale = torch.cat([scale, torch.zeros(pad, dtype=torch.float64)])
+    scale = torch.cat([scale.double(), torch.zeros(pad, dtype=torch.float64)])
     d_new = int(src.numel())
     tied = head is not None and head.weight is embed.weight
     config = model.config
