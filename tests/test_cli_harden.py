@@ -17,7 +17,9 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def scan_dir(planted, tmp_path_factory):
-    return scanned(planted[0], tmp_path_factory.mktemp("scan"))
+    """Budget 10 = 10 x n0 (greedy's one unit) and a greedy pool of 8: harden re-attacks with these params, so
+    a defence that holds costs a search up to 10 per attack (what margin 10 needs), not 100."""
+    return scanned(planted[0], tmp_path_factory.mktemp("scan"), max_neurons=10, greedy_pool=8)
 
 
 def test_pin_mitigates_through_cli_runner(planted, scan_dir, tmp_path):

@@ -66,7 +66,9 @@ def test_exact_rule_restores_any_row_tamper_on_unseen_inputs_and_never_fires_unt
                 assert all(torch.equal(c, model(input_ids=p).logits) for c, p in zip(clean, prompts))
             assert guard.interventions == 0
     model = lm.model.float()
-    rows = [n for n in guard.exact if n not in critical][:4]  # neurons outside the critical set
+    # Linear rows outside the critical set (the exact rule covers every norm channel too)
+    rows = [n for n in guard.exact if n not in critical and n.module.endswith(("down_proj", "o_proj"))][:4]
+    assert len(rows) == 4
     with torch.no_grad():
         clean = [model(input_ids=p).logits for p in prompts]
         for i, neuron in enumerate(rows):

@@ -346,6 +346,11 @@ def test_harden_pin_on_gguf_runs_the_runtime_guard(ggufs, f32_scan, tmp_path):
     assert attempt["strategy"] == "pin" and "hardened_model" not in attempt and not (out / "model").exists()
     assert attempt["clean_cost_probe"] == 0.0 and doc["verdict"] == ("mitigated" if res.exit_code == 0 else
                                                                       "not mitigated")
+    # the GGUF fingerprint carries what the exact rule needs: the critical set and every norm are recomputed
+    from achilles_guard.fingerprint import load_fingerprint
+
+    critical = {str(n) for n in load_fingerprint(fp).critical_set}
+    assert critical and critical <= set(attempt["details"]["exact"]) and attempt["details"]["exact_norms"]
 
 
 def test_harden_weight_strategy_on_gguf_writes_a_safetensors_directory(ggufs, f32_scan, tmp_path):

@@ -125,7 +125,7 @@ class PinGuard:
             if r.neuron in specs:
                 records.setdefault(r.neuron, r)
         by_module: dict[str, list] = {}
-        for n in {*records, *specs}:
+        for n in dict.fromkeys([*records, *specs]):  # a fixed order: the fingerprint's, then the norms'
             by_module.setdefault(n.module, []).append(n)
         profiles, restorable, clamp_only, first_position, exact = {}, [], [], [], []
         for module, ns in by_module.items():
@@ -206,59 +206,91 @@ class PinGuard:
         """Every neuron whose vanished value the guard puts back (exact, always-on, first-position)."""
         return (*self.exact, *self.restorable)
 
+    @staticmethod
+    def _prepare(profile: PinProfile, output: torch.Tensor):
+        """Device copies for one output: (profile-rule tensors or None, exact rule or None, its channels, whether
+        it covers every channel of the output in order)."""
+        dev, dtype = output.device, output.dtype
+        k = profile.channels.numel()
+        exact_at = torch.zeros(k, dtype=torch.bool)
+        rule = profile.exact
+        if rule is not None:
+            exact_at[rule.positions] = True
+        # the profile rules act on the other channels; a channel with neither rule has floor 0 and no ceiling
+        keep = ~exact_at & ((profile.floor > 0) | torch.isfinite(profile.ceiling) | (profile.first_floor > 0))
+        profiled = None
+        if bool(keep.any()):
+            profiled = (
+                profile.channels[keep].to(dev),
+                profile.mean[keep].to(dev, dtype),
+                profile.floor[keep].to(dev, torch.float32),
+                profile.ceiling[keep].to(dev, torch.float32),
+                profile.first[keep].to(dev, dtype),
+                profile.first_floor[keep].to(dev, torch.float32),
+            )
+        if rule is None:
+            return profiled, None, None, False
+        channels = profile.channels[rule.positions]
+        whole = channels.numel() == output.shape[-1] and bool((channels == torch.arange(channels.numel())).all())
+        rule = replace(
+            rule,
+            positions=rule.positions.to(dev),
+            weight=None if rule.weight is None else rule.weight.to(dev),
+            bias=None if rule.bias is None else rule.bias.to(dev),
+        )
+        return profiled, rule, channels.to(dev), whole
+
+    def _profile_rules(self, output, idx, mean, floor, ceiling, first, first_floor):
+        """(fixed values, hit, vanished) of the profile-ruled channels `idx`, each (..., k)."""
+        a = output[..., idx]  # (B, T, k)
+        if self._at_start and a.dim() == 3 and a.shape[1] > 0 and bool((first_floor > 0).any()):
+            T = a.shape[1]
+            floor = floor.expand(T, -1).clone()  # (T, k): position 0 uses the first-position floor
+            floor[0] = torch.maximum(floor[0], first_floor)
+            restore = mean.expand(T, -1).clone()  # (T, k)
+            restore[0] = torch.where(first_floor > 0, first, mean)
+        else:
+            restore = mean
+        mag = a.float().abs()
+        vanished = mag < floor  # (B, T, k)
+        blown = ~(mag <= ceiling)  # also catches nan
+        hit = vanished | blown
+        # copysign: a NaN keeps its sign bit and becomes ±ceiling; untouched values keep their bits
+        fixed = torch.where(hit, torch.where(vanished, restore, torch.copysign(ceiling.to(a.dtype), a)), a)
+        return fixed, hit, vanished
+
     def _fn(self, profile: PinProfile):
         cache: dict = {}
 
         @reads_input
         def pin(output: torch.Tensor, inputs: torch.Tensor | None, module: nn.Module) -> torch.Tensor:
-            key = (output.device, output.dtype)
+            key = (output.device, output.dtype, output.shape[-1])
             if key not in cache:
-                dev = output.device
-                rule = profile.exact
-                cache[key] = (
-                    profile.channels.to(dev),
-                    profile.mean.to(dev, output.dtype),
-                    profile.floor.to(dev, torch.float32),
-                    profile.ceiling.to(dev, torch.float32),
-                    profile.first.to(dev, output.dtype),
-                    profile.first_floor.to(dev, torch.float32),
-                    None if rule is None else replace(
-                        rule,
-                        positions=rule.positions.to(dev),
-                        weight=None if rule.weight is None else rule.weight.to(dev),
-                        bias=None if rule.bias is None else rule.bias.to(dev),
-                    ),
-                )
-            idx, mean, floor, ceiling, first, first_floor, rule = cache[key]
-            a = output[..., idx]  # (B, T, k)
-            if self._at_start and a.dim() == 3 and a.shape[1] > 0 and bool((first_floor > 0).any()):
-                T = a.shape[1]
-                floor = floor.expand(T, -1).clone()  # (T, k): position 0 uses the first-position floor
-                floor[0] = torch.maximum(floor[0], first_floor)
-                restore = mean.expand(T, -1).clone()  # (T, k)
-                restore[0] = torch.where(first_floor > 0, first, mean)
-            else:
-                restore = mean
-            mag = a.float().abs()
-            vanished = mag < floor  # (B, T, k)
-            blown = ~(mag <= ceiling)  # also catches nan
-            hit = vanished | blown
-            # copysign: a NaN keeps its sign bit and becomes ±ceiling; untouched values keep their bits
-            fixed = torch.where(hit, torch.where(vanished, restore, torch.copysign(ceiling.to(a.dtype), a)), a)
-            hits = torch.stack([hit.sum(), vanished.sum()])  # (2,) on the output's device
-            recomputed = None if rule is None else _recompute(rule, idx, inputs, module, output)
-            if recomputed is not None:
-                expected, tolerance = recomputed
-                got = fixed[..., rule.positions]
-                wrong = ~((got.float() - expected).abs() <= tolerance)  # nan: wrong
-                fixed[..., rule.positions] = torch.where(wrong, expected.to(a.dtype), got)
-                n = wrong.sum()
-                hits = hits + torch.stack([n, n])
-            previous = self._counts.get(hits.device)
-            self._counts[hits.device] = hits if previous is None else previous + hits
+                cache[key] = self._prepare(profile, output)
+            profiled, rule, exact_channels, whole = cache[key]
+            counts = []
             if torch.is_grad_enabled() and output.requires_grad:
                 output = output.clone()
-            output[..., idx] = fixed
+            if profiled is not None:
+                fixed, hit, vanished = self._profile_rules(output, *profiled)
+                output[..., profiled[0]] = fixed
+                counts += [hit.sum(), vanished.sum()]
+            recomputed = None if rule is None else _recompute(rule, exact_channels, inputs, module, output)
+            if recomputed is not None:
+                expected, tolerance = recomputed
+                got = output if whole else output[..., exact_channels]
+                wrong = ~((got.float() - expected).abs() <= tolerance)  # nan: wrong
+                put = torch.where(wrong, expected.to(output.dtype), got)  # untouched values keep their bits
+                if whole:
+                    output = put
+                else:
+                    output[..., exact_channels] = put
+                n = wrong.sum()
+                counts += [n, n]
+            if counts:
+                hits = torch.stack([sum(counts[0::2]), sum(counts[1::2])])  # (2,) on the output's device
+                previous = self._counts.get(hits.device)
+                self._counts[hits.device] = hits if previous is None else previous + hits
             return output
 
         return pin
@@ -268,23 +300,23 @@ class PinGuard:
 _RTOL = {torch.float64: 1e-6, torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 
-def _recompute(rule: ExactRule, idx: torch.Tensor, inputs, module: nn.Module, output: torch.Tensor):
+def _recompute(rule: ExactRule, channels: torch.Tensor, inputs, module: nn.Module, output: torch.Tensor):
     """(expected, tolerance) of the rule's channels, float32 (..., j): the rounding bound rtol x (sum of |terms|),
     plus the output dtype's smallest normal number (x |gain| for a norm: float16 rounds a tiny normalized value
     to a subnormal before the gain); None when the input does not fit."""
     if inputs is None or not isinstance(inputs, torch.Tensor) or inputs.shape[:-1] != output.shape[:-1]:
         return None
-    channels = idx[rule.positions]
     if rule.kind == "linear":
         if inputs.shape[-1] != rule.weight.shape[1]:
             return None
         x = inputs.float()
-        expected, bound = x @ rule.weight.T, x.abs() @ rule.weight.abs().T
+        expected, bound = x @ rule.weight.T, x.abs() @ rule.weight.abs().T  # sum |x_i w_i|: the rounding scale
     elif rule.kind == "norm":
         n = _normalized(module, inputs)
         if n is None:
             return None
-        n = n[..., channels]
+        if channels.numel() != n.shape[-1]:
+            n = n[..., channels]
         expected, bound = n * rule.weight, n.abs() * rule.weight.abs()
     else:  # elementwise activation of the same channel of its input
         if inputs.shape[-1] != output.shape[-1]:
