@@ -98,57 +98,9 @@ def build_checkpoint(root: Path, layers: int, seed: int = 0) -> int:
     return total
 
 
-def write_benchmark_fingerprint(root: Path, path: Path, layers: int) -> int:
-    """64 neurons spread over the layers, their producing slices read from the checkpoint."""
-    from safetensors.torch import save
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from achilles_guard.checkpoint import Checkpoint, tensor_sha256
-    from achilles_guard.fingerprint import FORMAT, SCHEMA_VERSION
-    from achilles_guard.model import config_sha256
-    from achilles_guard.neurons import Candidate, Neuron, producing_slices
-
-    cfg = {k: v for k, v in llama_config(layers).items() if k not in ("architectures", "model_type")}
-    with torch.device("meta"):  # module tree only: which rows produce which neuron
-        model = AutoModelForCausalLM.from_config(LlamaConfig(**cfg))
-    kinds = [("mlp.down_proj", "linear", "mlp_out"), ("mlp.act_fn", "activation", "mlp_act"),
-             ("post_attention_layernorm", "norm", "norm"), ("self_attn.o_proj", "linear", "attn_out")]
-    gen = torch.Generator().manual_seed(1)
-    tensors, slices, neurons = {}, {}, []
-    with Checkpoint.open(root) as ckpt:
-        for i in range(N_NEURONS):
-            layer = i * layers // N_NEURONS
-            rel, kind, component = kinds[i % len(kinds)]
-            width = INTER if kind == "activation" else HIDDEN
-            n = Neuron(f"model.layers.{layer}.{rel}", int(torch.randint(width, (1,), generator=gen)))
-            keys = []
-            for ws in producing_slices(model, n, Candidate(n.module, layer, component, kind, width)):
-                keys.append(ws.key)
-                shape, dtype = ckpt.shape_dtype(ws.param)
-                value = ckpt.read_slice(ws.param, ws.axis, ws.index).contiguous()
-                tensors[ws.key] = value
-                slices[ws.key] = {"param": ws.param, "checkpoint_key": ws.param, "axis": ws.axis, "index": ws.index,
-                                  "null_value": ws.null_value, "shard": ckpt.shard_of(ws.param), "dtype": dtype,
-                                  "shape": list(shape), "sha256": tensor_sha256(value)}
-            neurons.append({"module": n.module, "channel": n.channel, "layer": layer, "component": component,
-                            "rank": i + 1, "importance": 1.0, "critical": i < 3, "slices": keys,
-                            "baseline": {"mean": 0.0, "std": 1.0, "max_abs": 1.0, "mean_abs": 1.0}})
-    metadata = {
-        "format": FORMAT,
-        "schema_version": str(SCHEMA_VERSION),
-        "tool_version": "benchmark",
-        "config_sha256": config_sha256(root),
-        "model_type": "llama",
-        "architecture": "LlamaForCausalLM",
-        "scan_params": "{}",
-        "critical_set": json.dumps([{"module": x["module"], "channel": x["channel"]} for x in neurons[:3]]),
-        "neurons": json.dumps(neurons),
-        "slices": json.dumps(slices, sort_keys=True),
-        "baseline": json.dumps({"loss": 1.0, "log10_ppl": 0.43, "texts": [1.0]}),
-        "probe_texts": "[]",
-    }
-    path.write_bytes(save(tensors, metadata=metadata))
-    return len(slices)
+def write_benchmark_fingerprint(root: Path, path: Path) -> int:
+    """64 neurons spread over the checkpoint's layers, their producing slices read from it."""
+    return fingerprint_same_neurons(root, root, path)
 
 
 def drop_cache(root: Path) -> None:
@@ -367,7 +319,7 @@ def main() -> None:
             total = build_checkpoint(root, layers)
             build_s = time.perf_counter() - t0
             fp_path = work / f"fp-{layers}l.safetensors"
-            n_slices = write_benchmark_fingerprint(root, fp_path, layers)
+            n_slices = write_benchmark_fingerprint(root, fp_path)
             shards = len(list(root.glob("*.safetensors")))
             cold_v, warm_v, cold_h, warm_h = [], [], [], []
             for _ in range(args.repeat):
