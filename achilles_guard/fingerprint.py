@@ -403,7 +403,9 @@ def _load_norms(tensors: dict, metadata: dict, path) -> dict:
     parts: dict[str, dict] = {}
     for param, rec in records.items():
         value = tensors.get(NORM_PREFIX + param)
-        if value is None or value.dim() != 1 or tensor_sha256(value) != rec["sha256"]:
+        if value is None:
+            raise InputError(f"fingerprint {path}: norm weight {param} is recorded but its tensor is missing; corrupt")
+        if value.dim() != 1 or tensor_sha256(value) != rec["sha256"]:
             raise InputError(f"fingerprint {path}: norm weight {param} does not match its recorded sha256; corrupt")
         parts.setdefault(rec["module"], {})[rec["role"]] = (value, float(rec["offset"]))
     out = {}

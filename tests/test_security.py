@@ -186,11 +186,26 @@ def test_zero_slice_fingerprint_refused_on_verify(layouts, tmp_path):
     model, _, fp = layouts
     with safe_open(str(fp), framework="pt") as h:
         meta = dict(h.metadata())
-    meta["slices"], meta["neurons"], meta["critical_set"] = "{}", "[]", "[]"
+    meta["slices"], meta["neurons"], meta["critical_set"], meta["norms"] = "{}", "[]", "[]", "{}"
     empty = tmp_path / "empty.safetensors"
     empty.write_bytes(save({}, metadata=meta))
     result = guard("verify-checkpoint", model, "--fingerprint", empty)
     assert result.exit_code == 2 and "0 slices" in one_line_error(result)
+
+
+def test_norm_recorded_without_its_tensor_refused(layouts, tmp_path):
+    """A fingerprint whose metadata lists a norm weight but whose file lacks the tensor is corrupt, said so."""
+    from safetensors.torch import save
+
+    model, _, fp = layouts
+    with safe_open(str(fp), framework="pt") as h:
+        meta = dict(h.metadata())
+        tensors = {k: h.get_tensor(k) for k in h.keys() if not k.startswith("norms/")}
+    assert json.loads(meta["norms"]), "the planted scan should record its norms"
+    stripped = tmp_path / "stripped.safetensors"
+    stripped.write_bytes(save(tensors, metadata=meta))
+    result = guard("verify-checkpoint", model, "--fingerprint", stripped)
+    assert result.exit_code == 2 and "tensor is missing" in one_line_error(result)
 
 
 def test_zero_slice_fingerprint_refused_on_write(planted, tmp_path):

@@ -206,7 +206,7 @@ def _writing_units(
     finally:
         handle.remove()
     chosen: set[int] = set()
-    weight = down.weight.double()  # (d, I)
+    weight = down.weight.detach().double()  # (d, I)
     for c in channels:
         for x in seen:
             contrib = x * weight[c][None, :]  # (T, I)
