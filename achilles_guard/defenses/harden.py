@@ -220,9 +220,9 @@ def harden(req: HardenRequest, *, progress=None, log=None) -> HardenOutcome:
             )
             break
     else:
-        stopped = ("nothing left to try: " if req.strategy == "auto" else "") + "; ".join(
-            f"{a.strategy}: {a.verification.reasons[0]}" for a in attempts
-        )
+        stopped = "nothing left to try: " + "; ".join(f"{a.strategy}: {a.verification.reasons[0]}" for a in attempts)
+    if req.strategy != "auto":
+        stopped = ""  # one strategy: the verdict lines above already say why; "stopped" is auto's trail
     outcome = HardenOutcome(req, tuple(attempts), stopped)
     write_json(req.out / "harden-report.json", outcome.as_dict())
     return outcome
