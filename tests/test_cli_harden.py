@@ -17,8 +17,8 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def scan_dir(planted, tmp_path_factory):
-    """Budget 10 = 10 x n0 (greedy's one unit) and a greedy pool of 8: harden re-attacks with these params, so
-    a defence that holds costs a search up to 10 per attack (what margin 10 needs), not 100."""
+    """Budget 10 = 10 x n0 (greedy's one unit) and a greedy pool of 8: harden re-attacks with these params and
+    searches to the ceiling 10 x 10 x n0 = 100 (reattack.search_ceiling), not the scan default 1000."""
     return scanned(planted[0], tmp_path_factory.mktemp("scan"), max_neurons=10, greedy_pool=8)
 
 
@@ -38,6 +38,22 @@ def test_split_on_residual_set_exits_1_in_a_subprocess(planted, scan_dir, tmp_pa
     assert proc.returncode == 1, proc.stderr
     assert "residual-stream channels" in proc.stdout and "not mitigated" in proc.stdout
     assert (tmp_path / "out" / "model" / "config.json").is_file()
+
+
+def test_a_chain_that_repeats_a_defence_keeps_every_step(planted, scan_dir, tmp_path):
+    """`rotate+rotate`: each step has its own directory (rotate/, rotate-2/), checkpoint, re-scan and details."""
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["harden", str(planted[0]), "--fingerprint", str(scan_dir / "fingerprint.safetensors"),
+                              "--strategy", "rotate+rotate", "--out", str(out), "--format", "json"])
+    assert res.exit_code in (0, 1), res.output
+    attempt = json.loads((out / "harden-report.json").read_text())["attempts"][0]
+    assert [s["defense"] for s in attempt["steps"]] == ["rotate", "rotate"]
+    assert set(attempt["details"]) == {"rotate", "rotate-2"} and attempt["hardened_model"] == "rotate-2/model"
+    for step in ("rotate", "rotate-2"):
+        assert (out / step / "model" / "config.json").is_file() and (out / step / "report.json").is_file()
+    assert (out / "rotate" / "fingerprint.safetensors").read_bytes() != (
+        out / "rotate-2" / "fingerprint.safetensors"
+    ).read_bytes()
 
 
 def test_auto_tries_the_cheapest_first_and_says_why_it_stopped(planted, scan_dir, tmp_path):

@@ -159,17 +159,20 @@ def small_fp(smol_lm, tmp_path_factory):
     )
     out = tmp_path_factory.mktemp("smol-small")
     write_json(out / "report.json", scan_report(result))
-    write_fingerprint(out / "fingerprint.safetensors", result, top=8)
+    write_fingerprint(out / "fingerprint.safetensors", result)  # --fingerprint-top 64, the default
     return out
 
 
-@pytest.mark.parametrize("strategy", ["redundancy", "pin"])  # both measured mitigated (docs/defenses.md)
-def test_harden_verdict_matches_an_independent_reattack(strategy, small_fp, smollm2, smol_lm, tmp_path):
+# what docs/defenses.md reports: pin holds; redundancy neutralises down_proj[507] but SmolLM2 has other
+# weak sets (two layer-0 attention neurons) that still collapse the widened model
+@pytest.mark.parametrize("strategy,expected", [("redundancy", "not mitigated"), ("pin", "mitigated")])
+def test_harden_verdict_matches_an_independent_reattack(strategy, expected, small_fp, smollm2, smol_lm, tmp_path):
     """harden's verdict, checked without harden's numbers: the re-scan's strongest set re-masked with plain
-    hooks, and for a mitigated verdict a fresh portfolio run (another seed) that must find no set below
-    10 x n0, and the original set, re-masked, that must no longer collapse the hardened model."""
+    hooks; the original set, re-masked, no longer collapses the hardened model; for a mitigated verdict a
+    fresh portfolio run (another seed, the same search ceiling) finds no set at all."""
     from dataclasses import replace
 
+    from achilles_guard.defenses.reattack import search_ceiling
     from achilles_guard.model import load_model
     from achilles_guard.scan import ScanParams, run_scan, tokenize_probe
 
@@ -212,19 +215,23 @@ def test_harden_verdict_matches_an_independent_reattack(strategy, small_fp, smol
     if strongest is not None:  # the re-attack's set, re-masked independently, reproduces its Δ
         got = independent_delta(lm.model, ids, _pairs(strongest["critical_set"]))
         assert got == pytest.approx(strongest["delta_log10"], abs=2e-3)
+    original = json.loads((small_fp / "report.json").read_text())["strongest"]["critical_set"]
+    assert independent_delta(lm.model, ids, _pairs(original)) < 1.0  # the original attack no longer collapses
+    assert rescan["params"]["max_neurons"] == 100  # budget 10 = 10 x n0, searched 10x further and pruned
     if verdict == "mitigated":
         n0 = attempt["n0"]
         assert attempt["margin"] is None or attempt["margin"] >= 10
-        original = json.loads((small_fp / "report.json").read_text())["strongest"]["critical_set"]
-        assert independent_delta(lm.model, ids, _pairs(original)) < 1.0  # the original attack no longer collapses
+        params = ScanParams(samples=4, seed=7, max_neurons=10 * n0, greedy_pool=2)
         again = run_scan(
             lm,
             [tokenize_probe(lm, "again", rescan["texts"][0]["text"])],
-            ScanParams(samples=4, seed=7, max_neurons=10 * n0, greedy_pool=2),
+            replace(params, max_neurons=search_ceiling(params, n0)),
             demote=demote,
         )
-        assert again.strongest is None  # no attack of the portfolio collapses it below 10 x n0
-    assert verdict == "mitigated", attempt["reasons"]  # what docs/defenses.md reports for both
+        assert again.strongest is None or again.strongest.n >= 10 * n0
+    else:
+        assert strongest is not None and len(strongest["critical_set"]) < 10 * attempt["n0"]
+    assert verdict == expected, attempt["reasons"]
 
 
 def test_scanning_the_real_gguf_finds_the_same_neuron_by_its_gguf_tensor(smollm2_gguf, tmp_path):

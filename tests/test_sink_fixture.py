@@ -201,7 +201,8 @@ def test_redundancy_protects_the_massive_channels_but_not_the_sink_heads(sink):
     v = attempt.verification
     assert attempt.details["channels"] and attempt.details["units"] == {"0": [3]}
     assert v.clean_cost < 1e-4 and v.original_attack_after is not None and v.original_attack_after < 0.01
-    assert not v.after.converged  # PCICN no longer finds a set within 10 (3 before)
+    assert v.after.max_neurons == 100  # the re-attack searches 10 x the margin it must show
+    assert v.after.n_star is None or v.after.n_star > 10  # PCICN needs more than 10 (3 before)
     assert v.verdict == "not mitigated" and v.after.strongest_n == 1
     assert attempt.hardened_model == root / "red" / "model"
 

@@ -76,6 +76,8 @@ def harden_command(
 ) -> None:
     """Harden a model against critical-neuron collapse and verify it by re-attacking with the whole portfolio.
 
+    The re-attack searches up to max(scan budget, 10 x --min-margin x n0) neurons, pruning every set.
+
     Exit 0 mitigated, 1 not mitigated, 2 bad input (nothing written), 3 runtime failure.
     """
     from achilles_guard.defenses.harden import HardenRequest, harden, parse_strategy

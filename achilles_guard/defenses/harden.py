@@ -228,6 +228,17 @@ def harden(req: HardenRequest, *, progress=None, log=None) -> HardenOutcome:
     return outcome
 
 
+def _step_labels(names: list[str]) -> list[str]:
+    """A directory / details key per step: the defence's name, `name-2`, `name-3`, ... when a chain repeats
+    it (so `redundancy+redundancy` keeps both steps' checkpoints and re-scans)."""
+    seen: dict[str, int] = {}
+    labels = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        labels.append(name if seen[name] == 1 else f"{name}-{seen[name]}")
+    return labels
+
+
 def _attempt(
     candidate: str,
     out: Path,
@@ -245,8 +256,8 @@ def _attempt(
     t0 = time.perf_counter()
     model_dir, lm, step_fp = req.model_dir, original, fp
     checkpoint, same_basis, details, steps = None, True, {}, []
-    for name in names:
-        step_out = out / name if len(names) > 1 else out
+    for name, label in zip(names, _step_labels(names)):
+        step_out = out / label if len(names) > 1 else out
         step_out.mkdir(parents=True, exist_ok=True)
         if log:
             log(f"hardening with {name}…")
@@ -291,7 +302,7 @@ def _attempt(
         else:  # a runtime guard: the weights are unchanged; the report is the re-scan under the guard
             write_json(step_out / "report.json", scan_report(replace(result, lm=replace(hardened, model=lm.model))))
             applied.details["interventions_during_verification"] = hardened.model.guard.interventions
-        details[name] = applied.details
+        details[label] = applied.details
         steps.append(
             {
                 "defense": name,

@@ -10,7 +10,11 @@ n0 = the smallest collapsing set any attack found on the original model (over ev
 A defence is `mitigated` only when all of these hold:
 (a) margin = (smallest set any re-run attack finds on the hardened model) / n0 >= `min_margin`
     (default 10), or no attack collapses it within a budget of at least min_margin x n0 neurons:
-    a defence that only beats PCICN is not mitigated;
+    a defence that only beats PCICN is not mitigated. The re-attack searches up to
+    `search_ceiling` = max(the scan's budget, SEARCH_FACTOR x min_margin x n0) neurons, not just to
+    the margin it must show: every set it finds is pruned to 1-minimality, and a collapse first reached
+    with 30 neurons can prune to 2 (measured on SmolLM2: a budget-10 re-attack called `redundancy`
+    mitigated, a ceiling of 100 found two layer-0 neurons that still collapse it);
 (b) with n0 neurons no attack reaches Δ >= ε: the top n0 of each re-run ranking, greedy's first n0
     picks, and the original critical mask where the neuron basis is unchanged;
 (c) the clean cost - Δ log10 PPL of the hardened vs the original model on the probe texts and on
@@ -21,7 +25,7 @@ A defence is `mitigated` only when all of these hold:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -40,10 +44,20 @@ __all__ = [
     "original_attack_delta",
     "losses",
     "DEFAULT_MIN_MARGIN",
+    "SEARCH_FACTOR",
+    "search_ceiling",
     "per_attack_before",
 ]
 
 DEFAULT_MIN_MARGIN = 10.0  # the hardened model must need >= 10x more neurons
+SEARCH_FACTOR = 10  # the re-attack searches 10x past the margin it must show, then prunes what it finds
+
+
+def search_ceiling(params: ScanParams, n0: int | None, min_margin: float = DEFAULT_MIN_MARGIN) -> int:
+    """How far the re-attack's searches go: never below the scan's own budget, and SEARCH_FACTOR times the
+    set size the margin needs, because a larger collapsing set is pruned to the small one inside it."""
+    need = math.ceil(min_margin * n0) if n0 else 0
+    return max(params.max_neurons, SEARCH_FACTOR * need)
 
 # Held-out paragraphs written for this project; never used as probe texts by default.
 HELD_OUT_TEXTS = (
@@ -302,6 +316,8 @@ def reattack(
     guard restores, ranked last by every attack (the strongest attacker knows what is guarded).
     """
     hardened = hardened_lm.model
+    n0 = before.best_n
+    params = replace(params, max_neurons=search_ceiling(params, n0, min_margin))
     result = run_scan(hardened_lm, probes, params, progress=progress, demote=demote)
     after = AttackSummary.of(result)
     primary_ids = probes[0].input_ids
@@ -317,7 +333,6 @@ def reattack(
     cost_probe = max(delta_log10(h, o) for h, o in zip(hard_probe, orig_probe))
     cost_held = max((delta_log10(h, o) for h, o in zip(hard_held, orig_held)), default=0.0)
 
-    n0 = before.best_n
     attacks = _per_attack(result, per_attack_before(before_doc, n0) if before_doc else {}, n0, params)
     after_n = after.best_n
     margin = (after_n / n0) if (n0 and after_n) else None
