@@ -316,15 +316,10 @@ class _Cursor:
         self.pos += n
         return raw.decode("utf-8", errors="replace")
 
-    def skip_string(self) -> None:
-        n = self.take("Q")
-        if n > self.size - self.pos:
-            raise _Truncated
-        self.pos += n
-
     def skip_strings(self, count: int) -> None:
         """Skip `count` strings (a vocabulary array): only their u64 length prefixes are read, one
-        unpack_from each over the mapped header and no Python object per string; as strict as skip_string."""
+        unpack_from each over the mapped header and no Python object per string; a length past the end
+        of the header is _Truncated."""
         buf, size, pos, length = self.buf, self.size, self.pos, _U64.unpack_from
         for _ in range(count):
             if pos + 8 > size:

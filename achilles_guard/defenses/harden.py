@@ -207,7 +207,7 @@ def harden(req: HardenRequest, *, progress=None, log=None) -> HardenOutcome:
             f"fingerprint {req.fingerprint} was made for another model (config sha256 differs from {req.model_dir})"
         )
     params = ScanParams(**fp.scan_params).validated()
-    attempts, stopped = [], ""
+    attempts = []
     for candidate in candidates:
         out = req.out / candidate if req.strategy == "auto" else req.out
         attempt = _attempt(candidate, out, req, fp, original, before, doc, params, log, progress)
@@ -215,17 +215,18 @@ def harden(req: HardenRequest, *, progress=None, log=None) -> HardenOutcome:
         if req.strategy == "auto":
             write_json(out / "harden-report.json", HardenOutcome(req, (attempt,)).as_dict())
         if attempt.verification.verdict == "mitigated":
-            stopped = (
-                f"{candidate} is mitigated (margin {attempt.verification.margin_text}): cheaper candidates came first"
-            )
             break
-    else:
-        stopped = "nothing left to try: " + "; ".join(f"{a.strategy}: {a.verification.reasons[0]}" for a in attempts)
-    if req.strategy != "auto":
-        stopped = ""  # one strategy: the verdict lines above already say why; "stopped" is auto's trail
+    stopped = _why_auto_stopped(attempts) if req.strategy == "auto" else ""  # one strategy: its verdict says why
     outcome = HardenOutcome(req, tuple(attempts), stopped)
     write_json(req.out / "harden-report.json", outcome.as_dict())
     return outcome
+
+
+def _why_auto_stopped(attempts: list) -> str:
+    last = attempts[-1]
+    if last.verification.verdict == "mitigated":
+        return f"{last.strategy} is mitigated (margin {last.verification.margin_text}): cheaper candidates came first"
+    return "nothing left to try: " + "; ".join(f"{a.strategy}: {a.verification.reasons[0]}" for a in attempts)
 
 
 def _step_labels(names: list[str]) -> list[str]:

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from achilles_guard.defenses.redundancy import REDUNDANT, pad_residual
-from achilles_guard.defenses.split import _cols, _rows
+from achilles_guard.defenses.split import _cols, _rows, require_copies
 from achilles_guard.errors import UsageError
 from achilles_guard.neurons import decoder_blocks
 
@@ -84,8 +84,7 @@ def head_counts(config) -> tuple[int, int, int]:
 
 def plan_heads(model: nn.Module, fp, *, copies: int) -> HeadPlan:
     """The KV groups holding a fingerprinted q/k/v channel (any record of `fp`), per layer."""
-    if copies < 2:
-        raise UsageError(f"--head-copies must be >= 2 (got {copies})")
+    require_copies("--head-copies", copies)
     check_duplicable(getattr(model.config, "model_type", ""))
     heads, kv, head_dim = head_counts(model.config)
     group_size = heads // kv
@@ -180,8 +179,7 @@ class HeadsDefense:
 
     def check(self, request, fp) -> None:
         check_duplicable(fp.model_type)
-        if request.head_copies < 2:
-            raise UsageError(f"--head-copies must be >= 2 (got {request.head_copies})")
+        require_copies("--head-copies", request.head_copies)
 
     def apply(self, step):
         from achilles_guard.defenses.base import Applied

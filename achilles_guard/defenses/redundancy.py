@@ -33,7 +33,7 @@ from torch import nn
 
 from achilles_guard.adapters import adapter_for
 from achilles_guard.defenses.rotate import ROTATABLE
-from achilles_guard.defenses.split import SplitPlan, _cols, _rows, split_model
+from achilles_guard.defenses.split import SplitPlan, _cols, _rows, require_copies, split_model
 from achilles_guard.errors import UsageError
 from achilles_guard.neurons import decoder_blocks
 
@@ -83,8 +83,7 @@ def plan_redundancy(
     model: nn.Module, fp, probes: list[torch.Tensor], *, copies: int, max_units: int = 16, share: float = 0.95
 ) -> RedundancyPlan:
     """Channels and units to make redundant for every attack's set in `fp` (probes: (1, T) ids)."""
-    if copies < 2:
-        raise UsageError(f"--redundancy-copies must be >= 2 (got {copies})")
+    require_copies("--redundancy-copies", copies)
     d = model.get_input_embeddings().weight.shape[1]
     records = [r for r in fp.neurons if r.critical or r.attacks]
     channels, units, skipped, writers = set(), {}, [], {}
@@ -235,8 +234,7 @@ class RedundancyDefense:
 
     def check(self, request, fp) -> None:
         check_redundant(fp.model_type)
-        if request.redundancy_copies < 2:
-            raise UsageError(f"--redundancy-copies must be >= 2 (got {request.redundancy_copies})")
+        require_copies("--redundancy-copies", request.redundancy_copies)
 
     def apply(self, step):
         from achilles_guard.defenses.base import Applied

@@ -25,6 +25,7 @@ from achilles_guard.neurons import Neuron, decoder_blocks
 
 __all__ = ["SplitPlan", "plan_split", "split_model", "SPLITTABLE"]
 
+_SPLIT_WHY = "a unit needs at least two copies to be split"
 SPLITTABLE = ("llama", "mistral", "qwen2", "qwen3", "gemma")  # separate gate_proj / up_proj / down_proj
 _UNIT_COMPONENTS = {"mlp_act", "mlp_gate", "mlp_up"}
 _RESIDUAL_COMPONENTS = {"mlp_out", "attn_out", "norm"}
@@ -57,10 +58,15 @@ class SplitPlan:
         return out
 
 
+def require_copies(flag: str, copies: int, why: str = "") -> None:
+    """The one check behind --copies, --redundancy-copies and --head-copies: a copy count is at least 2."""
+    if copies < 2:
+        raise UsageError(f"{flag} must be >= 2 (got {copies})" + (f": {why}" if why else ""))
+
+
 def plan_split(model: nn.Module, critical: tuple[Neuron, ...], by_name: dict, *, copies: int) -> SplitPlan:
     """Which units to split for `critical` (Candidates looked up in `by_name`)."""
-    if copies < 2:
-        raise UsageError(f"--copies must be >= 2 (got {copies}): a unit needs at least two copies to be split")
+    require_copies("--copies", copies, _SPLIT_WHY)
     model_type = getattr(model.config, "model_type", "")
     if model_type not in SPLITTABLE:
         raise UsageError(
@@ -149,10 +155,7 @@ class SplitDefense:
     kind = "weights"
 
     def check(self, request, fp) -> None:
-        if request.copies < 2:
-            raise UsageError(
-                f"--copies must be >= 2 (got {request.copies}): a unit needs at least two copies to be split"
-            )
+        require_copies("--copies", request.copies, _SPLIT_WHY)
 
     def apply(self, step):
         from achilles_guard.defenses.base import Applied
