@@ -157,8 +157,9 @@ def random_gpt2(tmp_path_factory):
     return path, scanned(path, root / "scan", max_neurons=5)
 
 
-def test_heads_with_one_copy_exits_2_before_writing(planted, scan_dir, tmp_path):
+@pytest.mark.parametrize("flag", ["--head-copies", "--redundancy-wide"])
+def test_one_copy_exits_2_before_writing(flag, planted, scan_dir, tmp_path):
     res = runner.invoke(app, ["harden", str(planted[0]), "--fingerprint", str(scan_dir / "fingerprint.safetensors"),
-                              "--strategy", "redundancy+heads", "--head-copies", "1", "--out", str(tmp_path / "out")])
+                              "--strategy", "redundancy+heads", flag, "1", "--out", str(tmp_path / "out")])
     assert res.exit_code == 2 and not (tmp_path / "out").exists(), res.output
-    assert "--head-copies must be >= 2" in res.output
+    assert f"{flag} must be >= 2" in res.output

@@ -50,3 +50,36 @@ def test_function_preserving_and_loads_with_plain_from_pretrained(tied, tmp_path
 def test_other_families_are_refused():
     with pytest.raises(UsageError, match="redundancy"):
         check_redundant("gpt2")
+
+
+def test_wide_carries_every_other_fingerprinted_residual_channel():
+    model = tiny_model("llama").double()
+    ids = torch.randint(0, model.config.vocab_size, (1, 12))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    o_row = model.model.layers[0].self_attn.o_proj.weight[2].clone()
+    fp = _fp(("model.layers.1.mlp.down_proj", 5, "mlp_out", 1))
+    top = [  # the top of the rankings: not in any attack's set
+        ("model.layers.0.self_attn.o_proj", 2, "attn_out", 0),
+        ("model.layers.1.post_attention_layernorm", 7, "norm", 1),
+        ("model.layers.1.mlp.down_proj", 5, "mlp_out", 1),  # already an attack channel: keeps `copies`
+        ("model.layers.0.self_attn.q_proj", 3, "attn_in", 0),  # not residual: heads' business
+    ]
+    fp.neurons += tuple(
+        SimpleNamespace(neuron=Neuron(m, c), component=comp, layer=layer, critical=False, attacks=())
+        for m, c, comp, layer in top
+    )
+    plan = plan_redundancy(model, fp, [ids], copies=5, wide_copies=3)
+    assert plan.channels == (5,) and plan.wide == (2, 7) and plan.wide_copies == 3
+    assert plan.copies_of() == {2: 3, 7: 3, 5: 5}
+    d = model.config.hidden_size
+    d_new = widen_residual(model, plan)
+    assert d_new >= d + 4 + 2 * 2 and d_new % model.config.num_attention_heads == 0
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+    assert (after - before).abs().max() < 1e-6
+    rows = model.model.layers[0].self_attn.o_proj.weight  # (d', d): channel 2 is now on 3 rows of o_row / sqrt(3)
+    carriers = [j for j in range(d_new) if torch.allclose(rows[j], o_row / 3**0.5, atol=1e-12)]
+    assert len(carriers) == 3 and carriers[0] == 2
+    with pytest.raises(UsageError, match="--redundancy-wide must be >= 2"):
+        plan_redundancy(model, fp, [ids], copies=5, wide_copies=1)

@@ -49,6 +49,12 @@ def harden_command(
         "--redundancy-copies",
         help="redundancy: channels carrying each critical residual channel (and copies of its writing units).",
     ),
+    redundancy_wide: int = typer.Option(
+        0,
+        "--redundancy-wide",
+        help="redundancy: also carry every other residual channel the fingerprint stores on this many "
+        "channels (0: only the attack sets' channels).",
+    ),
     head_copies: int = typer.Option(
         32,
         "--head-copies",
@@ -132,6 +138,7 @@ def harden_command(
         finetune=finetune,
         min_margin=min_margin,
         redundancy_copies=redundancy_copies,
+        redundancy_wide=redundancy_wide,
         head_copies=head_copies,
     )
     _precheck(request)

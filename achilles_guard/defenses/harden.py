@@ -72,6 +72,7 @@ class HardenRequest:
     allow_short: bool = True
     min_margin: float = DEFAULT_MIN_MARGIN
     redundancy_copies: int = 32
+    redundancy_wide: int = 0
     head_copies: int = 32
 
 

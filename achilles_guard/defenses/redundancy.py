@@ -14,12 +14,15 @@ When d' is not a multiple of the head count (configs require it), channels that 
 A tied LM head stays tied (embedding and head columns get the same factor). `head_dim` is written into
 the config explicitly (it no longer equals hidden_size / heads).
 
-Zeroing one copy now removes 1/k of the value in that channel. The units that create the value
-become the next weakest link, so the MLP units of the writing layer that produce most of it
-(measured on the fingerprint's probe texts at the position where the channel peaks) are split into
-k Net2WiderNet copies too (split.split_model), with the critical MLP units of every attack's set.
+Zeroing one copy now removes 1/k of the value in that channel. With `wide_copies` = k' > 0, every
+other residual channel the fingerprint stores (the top of every ranking, not only the attack sets) is
+carried on k' channels too: on a real model the next weak links after the massive channel are other
+outlier channels of the same short list (SmolLM2: layer 0's o_proj[199] with a norm channel 322).
+The units that create the value become the next weakest link, so the MLP units of the writing layer
+that produce most of it (measured on the fingerprint's probe texts at the position where the channel
+peaks) are split into k Net2WiderNet copies too (split.split_model), with the critical MLP units of every attack's set.
 
-    plan = plan_redundancy(model, fp, probes, copies=32)
+    plan = plan_redundancy(model, fp, probes, copies=32, wide_copies=8)
     widen_residual(model, plan)       # in place; config.hidden_size, head_dim, rms_norm_eps updated
 """
 
@@ -61,11 +64,19 @@ class RedundancyPlan:
     channels: tuple[int, ...]  # residual channels carried by `copies` channels each
     units: dict[int, tuple[int, ...]] = field(default_factory=dict)  # layer -> MLP units split into `copies`
     skipped: tuple[str, ...] = ()  # critical neurons this defence does not address, and why
+    wide: tuple[int, ...] = ()  # other fingerprinted residual channels, carried by `wide_copies` channels each
+    wide_copies: int = 0
+
+    def copies_of(self) -> dict[int, int]:
+        """Residual channel -> how many channels carry it (only the ones made redundant)."""
+        return {**{c: self.wide_copies for c in self.wide}, **{c: self.copies for c in self.channels}}
 
     def details(self) -> dict:
         return {
             "copies": self.copies,
             "channels": list(self.channels),
+            "wide_copies": self.wide_copies,
+            "wide": list(self.wide),
             "units": {str(k): list(v) for k, v in self.units.items()},
             "skipped": list(self.skipped),
         }
@@ -80,10 +91,20 @@ def check_redundant(model_type: str) -> None:
 
 
 def plan_redundancy(
-    model: nn.Module, fp, probes: list[torch.Tensor], *, copies: int, max_units: int = 16, share: float = 0.95
+    model: nn.Module,
+    fp,
+    probes: list[torch.Tensor],
+    *,
+    copies: int,
+    wide_copies: int = 0,
+    max_units: int = 16,
+    share: float = 0.95,
 ) -> RedundancyPlan:
-    """Channels and units to make redundant for every attack's set in `fp` (probes: (1, T) ids)."""
+    """Channels and units to make redundant for every attack's set in `fp` (probes: (1, T) ids), and with
+    `wide_copies` > 0 every other residual channel `fp` stores."""
     require_copies("--redundancy-copies", copies)
+    if wide_copies:
+        require_copies("--redundancy-wide", wide_copies, "or 0 to carry only the attack sets' channels")
     d = model.get_input_embeddings().weight.shape[1]
     records = [r for r in fp.neurons if r.critical or r.attacks]
     channels, units, skipped, writers = set(), {}, [], {}
@@ -98,8 +119,20 @@ def plan_redundancy(
             skipped.append(f"{r.neuron} ({r.component}): not a residual channel or an MLP unit")
     for layer, chans in writers.items():  # the units that create each written value
         units.setdefault(layer, set()).update(_writing_units(model, layer, sorted(chans), probes, max_units, share))
+    wide = set()
+    if wide_copies:
+        wide = {
+            r.neuron.channel
+            for r in fp.neurons
+            if r.component in _RESIDUAL and r.neuron.channel < d and _is_residual(model, r.neuron.module, d)
+        } - channels
     return RedundancyPlan(
-        copies, tuple(sorted(channels)), {k: tuple(sorted(v)) for k, v in sorted(units.items())}, tuple(skipped)
+        copies,
+        tuple(sorted(channels)),
+        {k: tuple(sorted(v)) for k, v in sorted(units.items())},
+        tuple(skipped),
+        tuple(sorted(wide)),
+        wide_copies if wide else 0,
     )
 
 
@@ -109,14 +142,15 @@ def widen_residual(model: nn.Module, plan: RedundancyPlan) -> int:
     check_redundant(model_type)
     if plan.units:
         split_model(model, SplitPlan(plan.copies, plan.units, (), (), {}))
-    if not plan.channels:
+    counts = plan.copies_of()
+    if not counts:
         return model.config.hidden_size
     d = model.get_input_embeddings().weight.shape[1]
-    k = plan.copies
-    chosen = torch.tensor(plan.channels, dtype=torch.long)
+    chosen = torch.tensor(sorted(counts), dtype=torch.long)
+    k = torch.tensor([counts[c] for c in sorted(counts)], dtype=torch.long)
     src = torch.cat([torch.arange(d), chosen.repeat_interleave(k - 1)])  # (d',) source channel of each new channel
     scale = torch.ones(d, dtype=torch.float64)
-    scale[chosen] = 1.0 / math.sqrt(k)
+    scale[chosen] = 1.0 / k.double().sqrt()
     return rewrite_residual(model, src, scale[src], multiple=model.config.num_attention_heads)
 
 
@@ -235,13 +269,21 @@ class RedundancyDefense:
     def check(self, request, fp) -> None:
         check_redundant(fp.model_type)
         require_copies("--redundancy-copies", request.redundancy_copies)
+        if request.redundancy_wide:
+            require_copies("--redundancy-wide", request.redundancy_wide, "or 0 to carry only the attack sets' channels")
 
     def apply(self, step):
         from achilles_guard.defenses.base import Applied
 
         work = step.load()
         probes = [work.tokenizer(t, return_tensors="pt")["input_ids"] for t in step.fp.probe_texts]
-        plan = plan_redundancy(work.model, step.fp, probes, copies=step.request.redundancy_copies)
+        plan = plan_redundancy(
+            work.model,
+            step.fp,
+            probes,
+            copies=step.request.redundancy_copies,
+            wide_copies=step.request.redundancy_wide,
+        )
         d_before = work.model.config.hidden_size
         d_after = widen_residual(work.model, plan)
         details = {
