@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from achilles_guard.defenses.redundancy import check_redundant, plan_redundancy, widen_residual
+from achilles_guard.defenses.redundancy import carried_channels, check_redundant, plan_redundancy, widen_residual
 from achilles_guard.errors import UsageError
 from achilles_guard.neurons import Neuron
 from tests.builders import tiny_model
@@ -83,3 +83,19 @@ def test_wide_carries_every_other_fingerprinted_residual_channel():
     assert len(carriers) == 3 and carriers[0] == 2
     with pytest.raises(UsageError, match="--redundancy-wide must be >= 2"):
         plan_redundancy(model, fp, [ids], copies=5, wide_copies=1)
+
+
+def test_a_second_step_does_not_copy_copies_again():
+    model = tiny_model("llama").double()
+    ids = torch.randint(0, model.config.vocab_size, (1, 12))
+    first = _fp(("model.layers.1.mlp.down_proj", 5, "mlp_out", 1))
+    d_first = widen_residual(model, plan_redundancy(model, first, [ids], copies=4))
+    carried = carried_channels(model)
+    assert carried == {c: 4 for c in carried} and len(carried) == 4 and 5 in carried  # 5 and its 3 copies
+    copy = max(carried)
+    second = _fp(
+        ("model.layers.1.mlp.down_proj", copy, "mlp_out", 1), ("model.layers.0.self_attn.o_proj", 2, "attn_out", 0)
+    )
+    plan = plan_redundancy(model, second, [ids], copies=3)
+    assert plan.channels == (2,) and any(f"[{copy}]" in s and "already carried on 4" in s for s in plan.skipped)
+    assert widen_residual(model, plan) - d_first <= 2 + model.config.num_attention_heads

@@ -48,6 +48,7 @@ __all__ = [
     "pad_residual",
     "rewrite_residual",
     "check_redundant",
+    "carried_channels",
     "DEFENSE",
 ]
 
@@ -107,9 +108,12 @@ def plan_redundancy(
         require_copies("--redundancy-wide", wide_copies, "or 0 to carry only the attack sets' channels")
     d = model.get_input_embeddings().weight.shape[1]
     records = [r for r in fp.neurons if r.critical or r.attacks]
+    carried = carried_channels(model)
     channels, units, skipped, writers = set(), {}, [], {}
     for r in records:
-        if r.component in _RESIDUAL and r.neuron.channel < d and _is_residual(model, r.neuron.module, d):
+        if r.component in _RESIDUAL and r.neuron.channel in carried:
+            skipped.append(f"{r.neuron} ({r.component}): already carried on {carried[r.neuron.channel]} channels")
+        elif r.component in _RESIDUAL and r.neuron.channel < d and _is_residual(model, r.neuron.module, d):
             channels.add(r.neuron.channel)
             if r.component == "mlp_out" and r.layer >= 0:
                 writers.setdefault(r.layer, set()).add(r.neuron.channel)
@@ -125,7 +129,7 @@ def plan_redundancy(
             r.neuron.channel
             for r in fp.neurons
             if r.component in _RESIDUAL and r.neuron.channel < d and _is_residual(model, r.neuron.module, d)
-        } - channels
+        } - channels - set(carried)
     return RedundancyPlan(
         copies,
         tuple(sorted(channels)),
@@ -134,6 +138,16 @@ def plan_redundancy(
         tuple(sorted(wide)),
         wide_copies if wide else 0,
     )
+
+
+def carried_channels(model: nn.Module) -> dict[int, int]:
+    """Residual channels an earlier redundancy step already carries: channel -> how many channels hold
+    the same value (identical, non-zero embedding columns; a chain step does not copy copies again)."""
+    emb = model.get_input_embeddings().weight.detach()  # (V, d)
+    _, inverse, counts = torch.unique(emb.T, dim=0, return_inverse=True, return_counts=True)
+    nonzero = emb.abs().amax(0) > 0  # the zero padding channels are identical too, and carry nothing
+    many = (counts[inverse] > 1) & nonzero.to(counts.device)
+    return {int(c): int(counts[inverse[c]]) for c in many.nonzero().flatten().tolist()}
 
 
 def widen_residual(model: nn.Module, plan: RedundancyPlan) -> int:
