@@ -94,6 +94,21 @@ class Ranking:
         return Ranking(self.method, self.candidates, self.order[keep], self.importance[keep],
                        self.module_index[keep], self.channels[keep])
 
+    def grouped(self, groups: torch.Tensor) -> "Ranking":
+        """Copies ranked as one (copies.copy_groups: (N,) group of each global index): every member gets its
+        group's summed importance, groups are ordered by it (ties: the group whose best member ranks first)
+        and their members stay together in their own order. Self when no neuron has a copy."""
+        g = groups[self.order]  # (N,) group of each ranked neuron
+        if bool((g == self.order).all()):
+            return self
+        total = torch.zeros(groups.numel(), dtype=torch.float64).index_add_(0, g, self.importance.double())
+        first = torch.full((groups.numel(),), len(self), dtype=torch.long)
+        first.scatter_reduce_(0, g, torch.arange(len(self)), reduce="amin")  # best rank of each group
+        keep = torch.sort(first[g], stable=True).indices  # groups together, in order of their best member
+        keep = keep[torch.sort(total[g[keep]], descending=True, stable=True).indices]
+        return Ranking(self.method, self.candidates, self.order[keep], total[g[keep]].float(),
+                       self.module_index[keep], self.channels[keep])
+
     @staticmethod
     def from_scores(method: str, candidates: CandidateSet, scores: torch.Tensor) -> "Ranking":
         """Sort (N,) scores laid out in forward order; a stable sort keeps that order among ties."""

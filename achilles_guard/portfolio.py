@@ -5,7 +5,16 @@ Attacks (`--attacks`, default `all`):
   search, unchanged; it stays the report's `critical_set` / `n_star`.
 - `greedy`: the union of the top-M neurons of the three rankings is the pool; each step adds the
   pool neuron that raises Δ the most, every remaining candidate evaluated in one batched forward
-  (per-sample masks, chunked by `pcicn.search_batch_size`), until Δ >= ε or the budget ends.
+  (per-sample masks, chunked by `pcicn.search_batch_size`), until Δ >= ε or the budget ends. On a
+  model with known copies (copies.py: a hardened checkpoint) the pool is the top-M *groups* of each
+  ranking and a step adds a whole group, the neuron the copies stand for; pruning then keeps as many
+  copies as the collapse needs: the attacker knows what is redundant.
+
+- `known` (only when sets are given: `guard harden` passes the original scan's sets, the sets earlier
+  chain steps found and `--known-sets` reports): each set known to collapse the original model, every
+  neuron widened to all its copies here (copies.py), measured in one batch; the collapsing ones pruned.
+  Greedy and the rankings may never come back to a weak set a defence diluted; the attacker who read
+  the last scan report does.
 
 Every collapsing set is pruned: while some neuron can be dropped with Δ still >= ε, drop the one
 whose removal leaves Δ highest (all leave-one-out masks in one batch). The reported set is
@@ -33,6 +42,7 @@ from achilles_guard.perplexity import row_losses
 
 __all__ = [
     "ATTACKS",
+    "KNOWN",
     "RANKED_ATTACKS",
     "DEFAULT_GREEDY_POOL",
     "AttackResult",
@@ -42,11 +52,13 @@ __all__ = [
     "set_losses",
     "prune",
     "greedy",
+    "known_sets",
     "run_portfolio",
     "strongest_of",
 ]
 
 ATTACKS = ("pcicn", "activation", "gradient", "greedy")
+KNOWN = "known"  # not chosen with --attacks: it runs whenever known sets are given
 RANKED_ATTACKS = ("pcicn", "activation", "gradient")
 DEFAULT_GREEDY_POOL = 64
 LN10 = math.log(10.0)
@@ -153,28 +165,90 @@ def prune(model, input_ids: torch.Tensor, candidates: CandidateSet, members: Seq
 
 
 def greedy(model, input_ids: torch.Tensor, candidates: CandidateSet, pool: torch.Tensor, *, baseline: float,
-           epsilon: float, budget: int, scale: float = 0.0, batch_size: int | None = None
-           ) -> tuple[list[int], tuple[tuple[int, float], ...], bool]:
-    """Forward selection over `pool` (P,) global indices: -> (chosen, curve, reached ε)."""
+           epsilon: float, budget: int, scale: float = 0.0, batch_size: int | None = None,
+           groups: torch.Tensor | None = None) -> tuple[list[int], tuple[tuple[int, float], ...], bool]:
+    """Forward selection over `pool` (P,) global indices: -> (chosen, curve, reached ε).
+
+    `groups` (P,): copies (copies.copy_groups) share a label, and a step adds a whole group, the neuron the
+    copies stand for: the step that reaches ε with the fewest neurons if one does, else the one that raises Δ
+    the most per neuron; groups larger than what is left of the budget are not tried. Pruning then keeps
+    only as many copies as the collapse needs. Without copies every group is one neuron and this is plain
+    forward selection (the largest Δ)."""
     P = int(pool.numel())
+    labels = torch.arange(P) if groups is None else _in_pool_order(groups)  # (P,)
+    members = torch.nn.functional.one_hot(labels).T.bool()  # (G, P): the pool neurons of each group
+    sizes = members.sum(1)  # (G,)
     chosen = torch.zeros(P, dtype=torch.bool)
     picked: list[int] = []
     curve: list[tuple[int, float]] = []
-    for _ in range(min(budget, P)):
-        remaining = (~chosen).nonzero().flatten()  # (r,)
-        hit = chosen.expand(len(remaining), P).clone()
-        hit[torch.arange(len(remaining)), remaining] = True
+    current = 0.0
+    while len(picked) < budget:
+        open_ = ~(members & chosen).any(1) & (sizes <= budget - len(picked))
+        remaining = open_.nonzero().flatten()  # (r,) groups not chosen yet that fit the budget
+        if remaining.numel() == 0:
+            break
+        hit = chosen | members[remaining]  # (r, P)
         deltas = (
             set_losses(model, input_ids, candidates, pool, hit, scale=scale, batch_size=batch_size) - baseline
         ) / LN10
         deltas = torch.nan_to_num(deltas, nan=math.inf)  # a NaN loss is a collapse
-        best = int(torch.argmax(deltas))  # ties: the first (pool order)
-        chosen[remaining[best]] = True
-        picked.append(int(pool[remaining[best]]))
+        size = sizes[remaining].double()
+        done = deltas >= epsilon
+        if bool(done.any()):  # the fewest neurons that collapse it, then the largest Δ; ties: pool order
+            key = torch.where(done, -size * 1e6 + deltas.double().clamp(max=1e5), torch.tensor(-math.inf))
+        else:
+            key = (deltas.double() - current) / size
+        best = int(torch.argmax(key))  # ties: the first (pool order)
+        current = float(deltas[best])
+        added = members[remaining[best]] & ~chosen
+        chosen |= added
+        picked.extend(pool[added].tolist())
         curve.append((len(picked), float(deltas[best])))
         if float(deltas[best]) >= epsilon:
             return picked, tuple(curve), True
     return picked, tuple(curve), False
+
+
+def _in_pool_order(groups: torch.Tensor) -> torch.Tensor:
+    """(P,) labels 0..G-1 numbered by each group's first appearance in the pool (ties go to pool order)."""
+    inverse = torch.unique(groups, return_inverse=True)[1]
+    first = torch.full((int(inverse.max()) + 1,), groups.numel(), dtype=torch.long)
+    first.scatter_reduce_(0, inverse, torch.arange(groups.numel()), reduce="amin")
+    return torch.argsort(torch.argsort(first))[inverse]
+
+
+def known_sets(model, input_ids: torch.Tensor, candidates: CandidateSet, sets: Sequence[Sequence[Neuron]], *,
+               groups: torch.Tensor | None, baseline: float, epsilon: float, scale: float = 0.0,
+               batch_size: int | None = None) -> tuple[list[int], float, int] | None:
+    """The smallest pruned set among `sets`, each widened to every copy of its neurons (groups: (N,) from
+    copies.copy_groups, or None): -> (members, Δ, size before pruning), or None when none collapses."""
+    offsets = candidates.offsets
+    index = {c.name: i for i, c in enumerate(candidates.candidates)}
+    widened: list[torch.Tensor] = []
+    for s in sets:
+        ids = [int(offsets[index[n.module]]) + n.channel for n in s
+               if n.module in index and 0 <= n.channel < candidates.candidates[index[n.module]].width]
+        if not ids:
+            continue
+        ids_t = torch.tensor(sorted(set(ids)), dtype=torch.long)
+        if groups is not None:
+            ids_t = torch.isin(groups, groups[ids_t]).nonzero().flatten()
+        widened.append(ids_t)
+    if not widened:
+        return None
+    pool = torch.unique(torch.cat(widened))
+    hit = torch.stack([torch.isin(pool, w) for w in widened])  # (S, P)
+    deltas = (set_losses(model, input_ids, candidates, pool, hit, scale=scale, batch_size=batch_size) - baseline) / LN10
+    deltas = torch.nan_to_num(deltas, nan=math.inf)
+    best: tuple[list[int], float, int] | None = None
+    for i in sorted(range(len(widened)), key=lambda i: int(widened[i].numel())):  # smallest first
+        if not float(deltas[i]) >= epsilon or (best is not None and len(best[0]) <= 1):
+            continue
+        kept, delta = prune(model, input_ids, candidates, widened[i].tolist(), baseline=baseline, epsilon=epsilon,
+                            scale=scale, batch_size=batch_size)
+        if delta >= epsilon and (best is None or len(kept) < len(best[0])):
+            best = (kept, delta, int(widened[i].numel()))
+    return best
 
 
 # --- the portfolio -----------------------------------------------------------------------------
@@ -188,11 +262,24 @@ def _global(ranking: Ranking, n: int) -> list[int]:
     return ranking.order[:n].tolist()
 
 
+def _top_groups(ranking: Ranking, groups: torch.Tensor | None, m: int) -> list[int]:
+    """Every member of the top-m groups of a grouped ranking (the top m neurons when there are no copies)."""
+    if groups is None:
+        return _global(ranking, m)
+    g = groups[ranking.order]
+    starts = torch.cat([torch.ones(1, dtype=torch.bool), g[1:] != g[:-1]]).cumsum(0)  # 1-based group rank
+    return ranking.order[starts <= m].tolist()
+
+
 def run_portfolio(model, input_ids: torch.Tensor, candidates: CandidateSet, rankings: dict, *, attacks: Sequence[str],
                   primary: tuple[str, SearchResult] | None, epsilon: float, step: int, max_neurons: int,
-                  scale: float = 0.0, greedy_pool: int = DEFAULT_GREEDY_POOL, times: dict | None = None) -> Portfolio:
+                  scale: float = 0.0, greedy_pool: int = DEFAULT_GREEDY_POOL, times: dict | None = None,
+                  groups: torch.Tensor | None = None, pool_rankings: dict | None = None,
+                  known: Sequence[Sequence[Neuron]] = ()) -> Portfolio:
     """Run `attacks` (ranked ones use `rankings[name]`); `primary` = (ranking name, its full search)
-    is reused for that attack. `times[name]` adds ranking seconds to an attack's entry."""
+    is reused for that attack. `times[name]` adds ranking seconds to an attack's entry. `groups` (N,): known
+    copies (copies.copy_groups); greedy's pool is then the top groups of `pool_rankings` (the rankings grouped).
+    `known`: sets known to collapse the original model, re-tried here with every copy (the `known` attack)."""
     times = times or {}
     baseline = clean_loss(model, input_ids)
     results: list[AttackResult] = []
@@ -236,13 +323,12 @@ def run_portfolio(model, input_ids: torch.Tensor, candidates: CandidateSet, rank
                 results.append(AttackResult(name, False, None, res.delta_log10 if res.curve else None, (), res.curve,
                                             time.perf_counter() - t0 + times.get(name, 0.0), None, note))
         elif name == "greedy":
+            ranked = pool_rankings if groups is not None and pool_rankings is not None else rankings
+            told = groups if ranked is not rankings else None
             pool = torch.tensor(
                 list(
                     dict.fromkeys(
-                        i
-                        for r in RANKED_ATTACKS
-                        if r in rankings
-                        for i in _global(rankings[r], min(greedy_pool, len(rankings[r])))
+                        i for r in RANKED_ATTACKS if r in ranked for i in _top_groups(ranked[r], told, greedy_pool)
                     )
                 ),
                 dtype=torch.long,
@@ -254,7 +340,7 @@ def run_portfolio(model, input_ids: torch.Tensor, candidates: CandidateSet, rank
                 )
                 continue
             picked, curve, ok = greedy(model, input_ids, candidates, pool, baseline=baseline, epsilon=epsilon,
-                                       budget=limit, scale=scale)
+                                       budget=limit, scale=scale, groups=None if told is None else told[pool])
             if ok:
                 results.append(finish(name, t0, picked, curve))
             else:
@@ -267,8 +353,19 @@ def run_portfolio(model, input_ids: torch.Tensor, candidates: CandidateSet, rank
                                             time.perf_counter() - t0 + times.get(name, 0.0), None, note))
         else:  # pragma: no cover - parse_attacks validates names
             raise UsageError(f"unknown attack {name!r}")
+    if known:
+        t0 = time.perf_counter()
+        found = known_sets(model, input_ids, candidates, known, groups=groups, baseline=baseline, epsilon=epsilon,
+                           scale=scale)
+        if found is None:
+            results.append(AttackResult(KNOWN, False, None, None, (), (), time.perf_counter() - t0, None,
+                                        f"none of {len(known)} known set(s) collapses it"))
+        else:
+            kept, delta, size = found
+            results.append(AttackResult(KNOWN, True, len(kept), delta, _neurons(candidates, kept), ((size, delta),),
+                                        time.perf_counter() - t0, size))
     by_name = {r.attack: r for r in results}
-    ordered = tuple(by_name[a] for a in ATTACKS if a in by_name)
+    ordered = tuple(by_name[a] for a in (*ATTACKS, KNOWN) if a in by_name)
     return Portfolio(ordered, strongest_of(ordered), dict(rankings))
 
 

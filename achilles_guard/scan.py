@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from achilles_guard.copies import copy_groups, has_copies
 from achilles_guard.errors import InputError, TextError, UsageError
 from achilles_guard.model import LoadedModel
 from achilles_guard.neurons import CandidateSet, Neuron, discover, parse_components
@@ -217,11 +218,13 @@ def run_scan(
     progress: Callable[[str, str, int, int], None] | None = None,
     candidates: CandidateSet | None = None,
     demote: tuple[Neuron, ...] = (),
+    known_sets: tuple[tuple[Neuron, ...], ...] = (),
 ) -> ScanResult:
     """Rank and search on every probe text. `progress(text_name, stage, done, total)`.
 
     `demote`: neurons every ranking moves to its end (a runtime guard restores them; an attacker who knows
-    the guard spends no budget on them)."""
+    the guard spends no budget on them). `known_sets`: sets known to collapse the original model, re-tried with
+    every copy of their neurons (portfolio.known_sets; guard harden passes them)."""
     params = params.validated()
     candidates = candidates or discover(lm.model, params.components)
     attacks = params.attack_list
@@ -230,6 +233,8 @@ def run_scan(
         raise UsageError(f"--greedy-pool {pool} is larger than the model's {candidates.total} candidate neurons")
     pool = min(DEFAULT_GREEDY_POOL, candidates.total) if pool is None else pool
     needed = set(RANKED_ATTACKS) if "greedy" in attacks else {a for a in attacks if a in RANKED_ATTACKS}
+    groups = copy_groups(lm.model, candidates) if "greedy" in attacks or known_sets else None  # known copies
+    groups = groups if groups is not None and has_copies(groups) else None
     scans = []
     for probe in probes:
         report: Progress | None = (
@@ -237,11 +242,13 @@ def run_scan(
         )
         t0 = time.perf_counter()
         also: dict = {}
-        ranking = rank(
+        raw = rank(
             lm.model, probe.input_ids, candidates,
             method=params.ranking, alpha=params.alpha, samples=params.samples, seed=params.seed, progress=report,
             also=also if "activation" in needed else None,
-        ).demoted(demote)
+        )
+        raws = {params.ranking: raw, **also}
+        ranking = raw.demoted(demote)
         also = {m: r.demoted(demote) for m, r in also.items()}
         t1 = time.perf_counter()
         result = search(
@@ -253,13 +260,16 @@ def run_scan(
         rankings, times = {params.ranking: ranking, **also}, {params.ranking: t1 - t0}
         for method in sorted(needed - set(rankings)):
             t3 = time.perf_counter()
-            rankings[method] = rank(lm.model, probe.input_ids, candidates, method=method, alpha=params.alpha,
-                                    samples=params.samples, seed=params.seed, progress=report).demoted(demote)
+            raws[method] = rank(lm.model, probe.input_ids, candidates, method=method, alpha=params.alpha,
+                                samples=params.samples, seed=params.seed, progress=report)
+            rankings[method] = raws[method].demoted(demote)
             times[method] = time.perf_counter() - t3
+        pools = None if groups is None else {m: r.grouped(groups).demoted(demote) for m, r in raws.items()}
         portfolio = run_portfolio(
             lm.model, probe.input_ids, candidates, rankings, attacks=attacks, primary=(params.ranking, result),
             epsilon=params.epsilon, step=params.step, max_neurons=params.max_neurons, scale=params.mask_scale,
-            greedy_pool=pool, times={**times, params.ranking: t2 - t0},
+            greedy_pool=pool, times={**times, params.ranking: t2 - t0}, groups=groups, pool_rankings=pools,
+            known=known_sets,
         )
         t3 = time.perf_counter()
         scans.append(TextScan(probe, ranking, result, t1 - t0, t2 - t1, portfolio, t3 - t2))

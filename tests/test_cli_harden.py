@@ -66,7 +66,9 @@ def test_auto_tries_the_cheapest_first_and_says_why_it_stopped(planted, scan_dir
     attempt = doc["attempts"][0]
     assert "hardened_model" not in attempt  # a runtime guard writes no checkpoint
     assert attempt["margin"] is None and attempt["margin_text"].startswith("none within budget")
-    assert {a["attack"] for a in attempt["attacks"]} == {"pcicn", "activation", "gradient", "greedy"}
+    assert {a["attack"] for a in attempt["attacks"]} == {"pcicn", "activation", "gradient", "greedy", "known"}
+    known = next(a for a in attempt["attacks"] if a["attack"] == "known")  # the scan's own sets, re-tried
+    assert known["n_after"] is None and known["note_after"].startswith("none of ")
     assert all(a["delta_at_n0_after"] is None or a["delta_at_n0_after"] < 1 for a in attempt["attacks"])
     assert attempt["table"][0]["metric"].startswith("margin")  # the margin comes first
 
@@ -155,6 +157,21 @@ def random_gpt2(tmp_path_factory):
     root = tmp_path_factory.mktemp("gpt2")
     path = save_model(tiny_model("gpt2"), root / "m")
     return path, scanned(path, root / "scan", max_neurons=5)
+
+
+MALFORMED = '{"schema": "achilles-guard/scan/v1", "texts": [{"converged": true, "critical_set": [{"module": 3}]}]}'
+
+
+@pytest.mark.parametrize("content", [None, "{not json", MALFORMED])
+def test_a_bad_known_sets_report_exits_2_before_writing(content, planted, scan_dir, tmp_path):
+    bad = tmp_path / "known.json"
+    if content is not None:
+        bad.write_text(content)
+    res = runner.invoke(app, ["harden", str(planted[0]), "--fingerprint", str(scan_dir / "fingerprint.safetensors"),
+                              "--strategy", "pin", "--known-sets", str(bad), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 2 and not (tmp_path / "out").exists(), res.output
+    assert len([line for line in res.output.strip().splitlines() if line.strip()]) == 1, res.output
+    assert str(bad) in res.output
 
 
 @pytest.mark.parametrize("flag", ["--head-copies", "--redundancy-wide"])

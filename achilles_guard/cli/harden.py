@@ -55,6 +55,12 @@ def harden_command(
         help="redundancy: also carry every other residual channel the fingerprint stores on this many "
         "channels (0: only the attack sets' channels).",
     ),
+    known_sets: List[Path] = typer.Option(
+        [],
+        "--known-sets",
+        help="A scan report (report.json, repeatable) whose collapsing sets every re-attack re-tries with every "
+        "copy of their neurons, next to the original scan's sets (the 'known' attack).",
+    ),
     head_copies: int = typer.Option(
         32,
         "--head-copies",
@@ -139,6 +145,7 @@ def harden_command(
         min_margin=min_margin,
         redundancy_copies=redundancy_copies,
         redundancy_wide=redundancy_wide,
+        known_sets=tuple(known_sets),
         head_copies=head_copies,
     )
     _precheck(request)

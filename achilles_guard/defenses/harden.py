@@ -31,6 +31,7 @@ from achilles_guard.defenses.reattack import DEFAULT_MIN_MARGIN, HELD_OUT_TEXTS,
 from achilles_guard.errors import InputError, UsageError
 from achilles_guard.fingerprint import load_fingerprint, write_fingerprint
 from achilles_guard.model import load_model
+from achilles_guard.neurons import Neuron
 from achilles_guard.report import SCAN_SCHEMA, read_document, scan_report, write_json
 from achilles_guard.scan import ScanParams, tokenize_probe
 
@@ -73,6 +74,7 @@ class HardenRequest:
     min_margin: float = DEFAULT_MIN_MARGIN
     redundancy_copies: int = 32
     redundancy_wide: int = 0
+    known_sets: tuple[Path, ...] = ()  # scan reports whose collapsing sets every re-attack re-tries
     head_copies: int = 32
 
 
@@ -198,6 +200,10 @@ def harden(req: HardenRequest, *, progress=None, log=None) -> HardenOutcome:
         before = AttackSummary.of_report(doc)
     except (ValueError, KeyError, TypeError) as err:
         raise InputError(f"scan report {report_path}: incomplete ({type(err).__name__}: {err})") from None
+    known = collapsing_sets(doc, str(report_path))
+    for path in req.known_sets:
+        known += collapsing_sets(read_document(path, schema=SCAN_SCHEMA, option="--known-sets"), str(path))
+    known = tuple(dict.fromkeys(known))
     candidates = auto_order(fp, req) if req.strategy == "auto" else [req.strategy]
     for candidate in candidates:
         for name in parse_strategy(candidate):
@@ -211,7 +217,7 @@ def harden(req: HardenRequest, *, progress=None, log=None) -> HardenOutcome:
     attempts = []
     for candidate in candidates:
         out = req.out / candidate if req.strategy == "auto" else req.out
-        attempt = _attempt(candidate, out, req, fp, original, before, doc, params, log, progress)
+        attempt = _attempt(candidate, out, req, fp, original, before, doc, params, log, progress, known)
         attempts.append(attempt)
         if req.strategy == "auto":
             write_json(out / "harden-report.json", HardenOutcome(req, (attempt,)).as_dict())
@@ -223,11 +229,34 @@ def harden(req: HardenRequest, *, progress=None, log=None) -> HardenOutcome:
     return outcome
 
 
+def collapsing_sets(doc: dict, where: str) -> tuple[tuple[Neuron, ...], ...]:
+    """Every set a scan report says collapses its model (each text's converged attacks, PCICN included)."""
+    try:
+        found = []
+        for text in doc.get("texts", []):
+            for a in [{"converged": text.get("converged"), "critical_set": text.get("critical_set")},
+                      *text.get("attacks", [])]:
+                if a.get("converged") and a.get("critical_set"):
+                    found.append(tuple(Neuron(str(x["module"]), int(x["channel"])) for x in a["critical_set"]))
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise InputError(f"scan report {where}: a critical set is malformed ({type(err).__name__}: {err})") from None
+    return tuple(dict.fromkeys(found))
+
+
 def _why_auto_stopped(attempts: list) -> str:
     last = attempts[-1]
     if last.verification.verdict == "mitigated":
         return f"{last.strategy} is mitigated (margin {last.verification.margin_text}): cheaper candidates came first"
     return "nothing left to try: " + "; ".join(f"{a.strategy}: {a.verification.reasons[0]}" for a in attempts)
+
+
+def _found(result) -> tuple[tuple[Neuron, ...], ...]:
+    return tuple(
+        tuple(a.critical_set)
+        for t in result.texts
+        for a in (t.portfolio.attacks if t.portfolio else ())
+        if a.converged and a.critical_set
+    )
 
 
 def _step_labels(names: list[str]) -> list[str]:
@@ -252,8 +281,10 @@ def _attempt(
     params: ScanParams,
     log,
     progress,
+    known: tuple[tuple[Neuron, ...], ...] = (),
 ) -> Attempt:
-    """Apply each step of `candidate`, re-attacking after each; the last step's verification decides."""
+    """Apply each step of `candidate`, re-attacking after each; the last step's verification decides. Every
+    re-attack re-tries `known` and the sets the earlier steps' re-attacks found (the `known` attack)."""
     names = parse_strategy(candidate)
     t0 = time.perf_counter()
     model_dir, lm, step_fp = req.model_dir, original, fp
@@ -295,7 +326,9 @@ def _attempt(
             min_margin=req.min_margin,
             progress=progress,
             demote=applied.guarded,
+            known_sets=known,
         )
+        known = tuple(dict.fromkeys(known + _found(result)))
         if applied.guarded:
             applied.details["ranked_last_by_the_reattack"] = len(applied.guarded)
         if isinstance(hardened.model, torch.nn.Module):

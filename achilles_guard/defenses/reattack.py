@@ -308,17 +308,19 @@ def reattack(
     min_margin: float = DEFAULT_MIN_MARGIN,
     progress=None,
     demote: tuple[Neuron, ...] = (),
+    known_sets: tuple[tuple[Neuron, ...], ...] = (),
 ) -> tuple[Verification, ScanResult]:
     """Re-run the scan (PCICN and the portfolio) on `hardened_lm` and decide (see module docstring).
 
     `held_out` pairs the same text tokenized for the original and the hardened model (1, T) each;
     `before_doc` is the original scan's report (per-attack numbers before); `demote`: the neurons a runtime
-    guard restores, ranked last by every attack (the strongest attacker knows what is guarded).
+    guard restores, ranked last by every attack (the strongest attacker knows what is guarded); `known_sets`:
+    sets that collapse the original (or an earlier step), re-tried with every copy of their neurons.
     """
     hardened = hardened_lm.model
     n0 = before.best_n
     params = replace(params, max_neurons=search_ceiling(params, n0, min_margin))
-    result = run_scan(hardened_lm, probes, params, progress=progress, demote=demote)
+    result = run_scan(hardened_lm, probes, params, progress=progress, demote=demote, known_sets=known_sets)
     after = AttackSummary.of(result)
     primary_ids = probes[0].input_ids
     existing = _existing(hardened, original_set)
