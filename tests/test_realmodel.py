@@ -14,6 +14,7 @@ import shutil
 import pytest
 import torch
 
+from achilles_guard.neurons import Neuron
 from tests.builders import independent_delta, run_guard
 
 pytestmark = pytest.mark.realmodel
@@ -163,13 +164,33 @@ def small_fp(smol_lm, tmp_path_factory):
     return out
 
 
+# SmolLM2's weak sets besides down_proj[507], measured on the original (docs/defenses.md): each pair collapses it
+L0 = "model.layers.0."
+WEAK_PAIRS = (
+    (Neuron(L0 + "self_attn.o_proj", 199), Neuron(L0 + "post_attention_layernorm", 322)),  # Δ 1.05
+    (Neuron(L0 + "self_attn.v_proj", 179), Neuron(L0 + "self_attn.o_proj", 247)),  # Δ 1.58
+)
+
+
 # what docs/defenses.md reports: pin holds; redundancy neutralises down_proj[507] but SmolLM2 has other
-# weak sets (two layer-0 attention neurons) that still collapse the widened model
-@pytest.mark.parametrize("strategy,expected", [("redundancy", "not mitigated"), ("pin", "mitigated")])
-def test_harden_verdict_matches_an_independent_reattack(strategy, expected, small_fp, smollm2, smol_lm, tmp_path):
+# weak sets (two layer-0 attention neurons) that still collapse the widened model; carrying every fingerprinted
+# residual channel on 16 channels (--redundancy-wide 16) makes them cost at least 10 neurons too
+@pytest.mark.parametrize(
+    "strategy,extra,expected",
+    [
+        ("redundancy", [], "not mitigated"),
+        ("pin", [], "mitigated"),
+        ("redundancy", ["--redundancy-wide", "16"], "mitigated"),
+    ],
+    ids=["redundancy", "pin", "redundancy-wide"],
+)
+def test_harden_verdict_matches_an_independent_reattack(
+    strategy, extra, expected, small_fp, smollm2, smol_lm, tmp_path
+):
     """harden's verdict, checked without harden's numbers: the re-scan's strongest set re-masked with plain
     hooks; the original set, re-masked, no longer collapses the hardened model; for a mitigated verdict a
-    fresh portfolio run (another seed, the same search ceiling) finds no set at all."""
+    fresh portfolio run (another seed, the same search ceiling, the known weak pairs re-tried with every copy)
+    finds no set below 10 x n0."""
     from dataclasses import replace
 
     from achilles_guard.defenses.reattack import search_ceiling
@@ -185,6 +206,7 @@ def test_harden_verdict_matches_an_independent_reattack(strategy, expected, smal
             str(small_fp / "fingerprint.safetensors"),
             "--strategy",
             strategy,
+            *extra,
             "--out",
             str(target),
             "--format",
@@ -227,6 +249,7 @@ def test_harden_verdict_matches_an_independent_reattack(strategy, expected, smal
             [tokenize_probe(lm, "again", rescan["texts"][0]["text"])],
             replace(params, max_neurons=search_ceiling(params, n0)),
             demote=demote,
+            known_sets=(*WEAK_PAIRS, tuple(Neuron(m, c) for m, c in _pairs(original))),
         )
         assert again.strongest is None or again.strongest.n >= 10 * n0
     else:

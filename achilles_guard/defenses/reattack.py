@@ -32,6 +32,7 @@ import torch
 from achilles_guard.masking import MaskPlan, masked
 from achilles_guard.neurons import Neuron
 from achilles_guard.perplexity import delta_log10, row_losses
+from achilles_guard.portfolio import KNOWN
 from achilles_guard.report import json_number
 from achilles_guard.scan import ProbeText, ScanParams, ScanResult, run_scan
 
@@ -268,6 +269,11 @@ def per_attack_before(doc: dict, n0: int | None) -> dict[str, tuple[int | None, 
             )
             best = d if best is None else (best if d is None else max(best, d))
             out[a["attack"]] = [n, best, note or a.get("note", "")]
+    found = [v for v in out.values() if v[0] is not None]
+    if found and KNOWN not in out:  # the known attack re-tries the scan's own sets: on the original, its best
+        n = min(v[0] for v in found)
+        best = max((v[1] for v in found if v[1] is not None), default=None)
+        out[KNOWN] = [n, best, "the scan's own sets"]
     return {k: tuple(v) for k, v in out.items()}
 
 
