@@ -29,7 +29,7 @@ from torch import nn
 from achilles_guard.adapters import adapter_for
 from achilles_guard.neurons import CandidateSet, _split_block_name, output_width
 
-__all__ = ["copy_groups", "has_copies"]
+__all__ = ["copy_groups", "first_positions", "has_copies", "residual_copies"]
 
 
 def copy_groups(model: nn.Module, candidates: CandidateSet) -> torch.Tensor:
@@ -37,9 +37,8 @@ def copy_groups(model: nn.Module, candidates: CandidateSet) -> torch.Tensor:
     (its own index when it has no copy)."""
     offsets = candidates.offsets
     groups = torch.arange(candidates.total, dtype=torch.long)
-    emb = model.get_input_embeddings().weight.detach()  # (V, d)
-    d = emb.shape[1]
-    residual_ids = _row_ids(emb.T.float())  # (d,) copy id of each residual channel
+    residual_ids = residual_copies(model)  # (d,) copy id of each residual channel
+    d = residual_ids.numel()
     for i, cand in enumerate(candidates.candidates):
         sig = _signature(model, cand, d, residual_ids)
         if sig is None or sig.shape[0] != cand.width:
@@ -47,6 +46,12 @@ def copy_groups(model: nn.Module, candidates: CandidateSet) -> torch.Tensor:
         ids = _row_ids(sig)  # (width,) the first row index of each row's copy class
         groups[int(offsets[i]) : int(offsets[i + 1])] = int(offsets[i]) + ids
     return groups
+
+
+def residual_copies(model: nn.Module) -> torch.Tensor:
+    """(d,) long: for each residual channel, the first channel whose embedding column is identical
+    (a redundancy step's carriers share it)."""
+    return _row_ids(model.get_input_embeddings().weight.detach().T.float())
 
 
 def has_copies(groups: torch.Tensor) -> bool:
@@ -91,9 +96,14 @@ def _rows(module: nn.Module) -> torch.Tensor | None:
     return torch.cat(parts, 1)
 
 
+def first_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(R,) long: for each position of `labels` (R,) long, the first position holding the same label."""
+    labels = labels.cpu()
+    first = torch.full((int(labels.max()) + 1,), labels.numel(), dtype=torch.long)
+    first.scatter_reduce_(0, labels, torch.arange(labels.numel()), reduce="amin")
+    return first[labels]
+
+
 def _row_ids(rows: torch.Tensor) -> torch.Tensor:
     """(R,) long: the first index of the row equal to each row."""
-    _, inverse = torch.unique(rows.cpu(), dim=0, return_inverse=True)
-    first = torch.full((int(inverse.max()) + 1,), rows.shape[0], dtype=torch.long)
-    first.scatter_reduce_(0, inverse, torch.arange(rows.shape[0]), reduce="amin")
-    return first[inverse]
+    return first_positions(torch.unique(rows.cpu(), dim=0, return_inverse=True)[1])

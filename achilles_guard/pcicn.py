@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from achilles_guard.copies import first_positions
 from achilles_guard.errors import RuntimeFailure, UsageError
 from achilles_guard.masking import MaskPlan, hooks, masked
 from achilles_guard.neurons import CandidateSet, Neuron
@@ -102,9 +103,8 @@ class Ranking:
         if bool((g == self.order).all()):
             return self
         total = torch.zeros(groups.numel(), dtype=torch.float64).index_add_(0, g, self.importance.double())
-        first = torch.full((groups.numel(),), len(self), dtype=torch.long)
-        first.scatter_reduce_(0, g, torch.arange(len(self)), reduce="amin")  # best rank of each group
-        keep = torch.sort(first[g], stable=True).indices  # groups together, in order of their best member
+        best = first_positions(g)  # (N,) the rank of each neuron's group's best member
+        keep = torch.sort(best, stable=True).indices  # groups together, in order of their best member
         keep = keep[torch.sort(total[g[keep]], descending=True, stable=True).indices]
         return Ranking(self.method, self.candidates, self.order[keep], total[g[keep]].float(),
                        self.module_index[keep], self.channels[keep])

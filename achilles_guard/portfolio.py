@@ -34,6 +34,7 @@ from typing import Sequence
 
 import torch
 
+from achilles_guard.copies import first_positions
 from achilles_guard.errors import UsageError
 from achilles_guard.masking import MaskPlan, masked
 from achilles_guard.neurons import CandidateSet, Neuron
@@ -211,10 +212,7 @@ def greedy(model, input_ids: torch.Tensor, candidates: CandidateSet, pool: torch
 
 def _in_pool_order(groups: torch.Tensor) -> torch.Tensor:
     """(P,) labels 0..G-1 numbered by each group's first appearance in the pool (ties go to pool order)."""
-    inverse = torch.unique(groups, return_inverse=True)[1]
-    first = torch.full((int(inverse.max()) + 1,), groups.numel(), dtype=torch.long)
-    first.scatter_reduce_(0, inverse, torch.arange(groups.numel()), reduce="amin")
-    return torch.argsort(torch.argsort(first))[inverse]
+    return torch.unique(first_positions(groups), return_inverse=True)[1]
 
 
 def known_sets(model, input_ids: torch.Tensor, candidates: CandidateSet, sets: Sequence[Sequence[Neuron]], *,

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from achilles_guard.adapters import adapter_for
+from achilles_guard.copies import residual_copies
 from achilles_guard.defenses.rotate import ROTATABLE
 from achilles_guard.defenses.split import SplitPlan, _cols, _rows, require_copies, split_model
 from achilles_guard.errors import UsageError
@@ -143,11 +144,10 @@ def plan_redundancy(
 def carried_channels(model: nn.Module) -> dict[int, int]:
     """Residual channels an earlier redundancy step already carries: channel -> how many channels hold
     the same value (identical, non-zero embedding columns; a chain step does not copy copies again)."""
-    emb = model.get_input_embeddings().weight.detach()  # (V, d)
-    _, inverse, counts = torch.unique(emb.T, dim=0, return_inverse=True, return_counts=True)
-    nonzero = emb.abs().amax(0) > 0  # the zero padding channels are identical too, and carry nothing
-    many = (counts[inverse] > 1) & nonzero.to(counts.device)
-    return {int(c): int(counts[inverse[c]]) for c in many.nonzero().flatten().tolist()}
+    ids = residual_copies(model)  # (d,)
+    counts = torch.bincount(ids, minlength=ids.numel())[ids]  # (d,) channels holding each channel's value
+    nonzero = model.get_input_embeddings().weight.detach().abs().amax(0).cpu() > 0  # zero padding carries nothing
+    return {int(c): int(counts[c]) for c in ((counts > 1) & nonzero).nonzero().flatten().tolist()}
 
 
 def widen_residual(model: nn.Module, plan: RedundancyPlan) -> int:
