@@ -219,12 +219,15 @@ def run_scan(
     candidates: CandidateSet | None = None,
     demote: tuple[Neuron, ...] = (),
     known_sets: tuple[tuple[Neuron, ...], ...] = (),
+    copy_aware: bool = False,
 ) -> ScanResult:
     """Rank and search on every probe text. `progress(text_name, stage, done, total)`.
 
     `demote`: neurons every ranking moves to its end (a runtime guard restores them; an attacker who knows
     the guard spends no budget on them). `known_sets`: sets known to collapse the original model, re-tried with
-    every copy of their neurons (portfolio.known_sets; guard harden passes them)."""
+    every copy of their neurons (portfolio.known_sets; guard harden passes them). `copy_aware`: greedy works on
+    the model's copy groups (copies.py; guard harden's re-attack sets it: a hardened checkpoint carries copies,
+    an untouched model has none, and finding them costs a pass over every weight)."""
     params = params.validated()
     candidates = candidates or discover(lm.model, params.components)
     attacks = params.attack_list
@@ -233,7 +236,7 @@ def run_scan(
         raise UsageError(f"--greedy-pool {pool} is larger than the model's {candidates.total} candidate neurons")
     pool = min(DEFAULT_GREEDY_POOL, candidates.total) if pool is None else pool
     needed = set(RANKED_ATTACKS) if "greedy" in attacks else {a for a in attacks if a in RANKED_ATTACKS}
-    groups = copy_groups(lm.model, candidates) if "greedy" in attacks or known_sets else None  # known copies
+    groups = copy_groups(lm.model, candidates) if copy_aware and ("greedy" in attacks or known_sets) else None
     groups = groups if groups is not None and has_copies(groups) else None
     scans = []
     for probe in probes:

@@ -95,7 +95,10 @@ def test_the_copy_aware_greedy_takes_a_split_unit_as_one_neuron(planted):
     width = lm.model.config.intermediate_size
     copies = {unit, *range(width - 3, width)}
     assert independent_delta(lm.model, probe.input_ids, [Neuron("model.layers.0.mlp.gate_proj", unit)]) < 1
-    result = run_scan(lm, [probe], ScanParams(samples=3, attacks="greedy", greedy_pool=4, max_neurons=10))
+    params = ScanParams(samples=3, attacks="greedy", greedy_pool=4, max_neurons=10)
+    plain = run_scan(lm, [probe], params).primary.portfolio.attacks[0]
+    assert plain.curve[0][0] == 1  # a plain scan does not look for copies: one neuron per step
+    result = run_scan(lm, [probe], params, copy_aware=True)
     (greedy,) = result.primary.portfolio.attacks
     assert greedy.converged and greedy.curve[0][0] == 4  # the first step masked the 4 copies together
     modules = {n.module for n in greedy.critical_set}
@@ -126,11 +129,11 @@ def test_the_known_attack_retries_a_set_with_every_copy(planted):
     assert before.attack == "known" and before.n == 1
     split_model(lm.model, SplitPlan(4, {0: (unit,)}, (), (), {}))
     width = lm.model.config.intermediate_size
-    (_, after) = run_scan(lm, [probe], params, known_sets=known).primary.portfolio.attacks
+    (_, after) = run_scan(lm, [probe], params, known_sets=known, copy_aware=True).primary.portfolio.attacks
     assert after.attack == "known" and after.converged and after.n_found == 4 and 2 <= after.n <= 4
     assert {n.channel for n in after.critical_set} <= {unit, *range(width - 3, width)}
     measured = independent_delta(lm.model, probe.input_ids, after.critical_set)
     assert measured == pytest.approx(after.delta_log10, abs=1e-3)
     none = ((Neuron("model.layers.1.mlp.gate_proj", 0),),)
-    (_, nothing) = run_scan(lm, [probe], params, known_sets=none).primary.portfolio.attacks
+    (_, nothing) = run_scan(lm, [probe], params, known_sets=none, copy_aware=True).primary.portfolio.attacks
     assert not nothing.converged and nothing.note == "none of 1 known set(s) collapses it"

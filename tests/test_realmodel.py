@@ -250,6 +250,7 @@ def test_harden_verdict_matches_an_independent_reattack(
             replace(params, max_neurons=search_ceiling(params, n0)),
             demote=demote,
             known_sets=(*WEAK_PAIRS, tuple(Neuron(m, c) for m, c in _pairs(original))),
+            copy_aware=True,
         )
         assert again.strongest is None or again.strongest.n >= 10 * n0
     else:

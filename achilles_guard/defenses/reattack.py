@@ -326,7 +326,9 @@ def reattack(
     hardened = hardened_lm.model
     n0 = before.best_n
     params = replace(params, max_neurons=search_ceiling(params, n0, min_margin))
-    result = run_scan(hardened_lm, probes, params, progress=progress, demote=demote, known_sets=known_sets)
+    result = run_scan(
+        hardened_lm, probes, params, progress=progress, demote=demote, known_sets=known_sets, copy_aware=True
+    )
     after = AttackSummary.of(result)
     primary_ids = probes[0].input_ids
     existing = _existing(hardened, original_set)
