@@ -143,13 +143,22 @@ def set_losses(model, input_ids: torch.Tensor, candidates: CandidateSet, pool: t
 
 
 def prune(model, input_ids: torch.Tensor, candidates: CandidateSet, members: Sequence[int], *, baseline: float,
-          epsilon: float, scale: float = 0.0, batch_size: int | None = None) -> tuple[list[int], float]:
-    """Drop neurons while Δ stays >= ε (best leave-one-out first): a 1-minimal subset and its Δ."""
+          epsilon: float, scale: float = 0.0, batch_size: int | None = None,
+          groups: torch.Tensor | None = None) -> tuple[list[int], float]:
+    """Drop neurons while Δ stays >= ε (best leave-one-out first): a 1-minimal subset and its Δ.
+
+    `groups` (N,): copies (copies.copy_groups). Each copy group in the set is first cut to the fewest of its
+    copies that still reach ε with the rest of the set (_thin: every count in one batched pass), so a set of
+    384 copies costs one pass, not 384 leave-one-out rounds; leave-one-out then makes the result 1-minimal.
+    Without copies (or with groups=None) this is plain leave-one-out."""
     current = list(members)
     pool = torch.tensor(current, dtype=torch.long)
     full = set_losses(model, input_ids, candidates, pool, torch.ones(1, len(current), dtype=torch.bool),
                       scale=scale, batch_size=batch_size)
     delta = (float(full[0]) - baseline) / LN10
+    if groups is not None and delta >= epsilon:
+        current, delta = _thin(model, input_ids, candidates, current, groups, delta=delta, baseline=baseline,
+                               epsilon=epsilon, scale=scale, batch_size=batch_size)
     while len(current) > 1:
         pool = torch.tensor(current, dtype=torch.long)
         hit = ~torch.eye(len(current), dtype=torch.bool)  # row i leaves neuron i out
@@ -162,6 +171,32 @@ def prune(model, input_ids: torch.Tensor, candidates: CandidateSet, members: Seq
             break
         delta = float(deltas[best])
         current.pop(best)
+    return current, delta
+
+
+def _thin(model, input_ids: torch.Tensor, candidates: CandidateSet, current: list[int], groups: torch.Tensor, *,
+          delta: float, baseline: float, epsilon: float, scale: float,
+          batch_size: int | None) -> tuple[list[int], float]:
+    """Largest copy group first: keep the first k of its copies (set order), k the smallest count with which the
+    set still reaches ε; row k of one batched pass keeps k copies and every other member."""
+    labels = groups[torch.tensor(current, dtype=torch.long)]
+    uniq, counts = torch.unique(labels, return_counts=True)
+    order = torch.argsort(counts, descending=True, stable=True)
+    for label in uniq[order][counts[order] > 1].tolist():
+        labels = groups[torch.tensor(current, dtype=torch.long)]
+        mine = labels == label  # (S,) the group's copies in the set
+        m = int(mine.sum())
+        rank = torch.cumsum(mine.long(), 0) - 1  # each copy's position within the group
+        keep = torch.arange(m)[:, None]  # row k keeps k copies (k < m: the full set is known to reach ε)
+        hit = ~mine[None, :] | (rank[None, :] < keep)  # (m, S)
+        deltas = (set_losses(model, input_ids, candidates, torch.tensor(current, dtype=torch.long), hit,
+                             scale=scale, batch_size=batch_size) - baseline) / LN10
+        deltas = torch.nan_to_num(deltas, nan=math.inf)
+        enough = (deltas >= epsilon).nonzero().flatten()
+        if enough.numel():
+            k = int(enough[0])
+            delta = float(deltas[k])
+            current = [n for n, row in zip(current, hit[k].tolist(), strict=True) if row]
     return current, delta
 
 
@@ -243,7 +278,7 @@ def known_sets(model, input_ids: torch.Tensor, candidates: CandidateSet, sets: S
         if not float(deltas[i]) >= epsilon or (best is not None and len(best[0]) <= 1):
             continue
         kept, delta = prune(model, input_ids, candidates, widened[i].tolist(), baseline=baseline, epsilon=epsilon,
-                            scale=scale, batch_size=batch_size)
+                            scale=scale, batch_size=batch_size, groups=groups)
         if delta >= epsilon and (best is None or len(kept) < len(best[0])):
             best = (kept, delta, int(widened[i].numel()))
     return best
@@ -288,7 +323,8 @@ def run_portfolio(model, input_ids: torch.Tensor, candidates: CandidateSet, rank
 
     def finish(name, t0, found: list[int], curve, note="") -> AttackResult:
         nonlocal bound
-        kept, delta = prune(model, input_ids, candidates, found, baseline=baseline, epsilon=epsilon, scale=scale)
+        kept, delta = prune(model, input_ids, candidates, found, baseline=baseline, epsilon=epsilon, scale=scale,
+                            groups=groups)
         if not delta >= epsilon:  # the set no longer reaches ε when re-measured alone (float noise at the edge)
             return AttackResult(name, False, None, delta, (), curve, time.perf_counter() - t0 + times.get(name, 0.0),
                                 len(found), f"set of {len(found)} did not reproduce Δ >= ε")

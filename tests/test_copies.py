@@ -137,3 +137,47 @@ def test_the_known_attack_retries_a_set_with_every_copy(planted):
     none = ((Neuron("model.layers.1.mlp.gate_proj", 0),),)
     (_, nothing) = run_scan(lm, [probe], params, known_sets=none, copy_aware=True).primary.portfolio.attacks
     assert not nothing.converged and nothing.note == "none of 1 known set(s) collapses it"
+
+
+def test_pruning_cuts_copy_groups_in_one_batched_pass_and_stays_1_minimal(planted, monkeypatch):
+    """The plant's unit and an ordinary unit, each split into 32 copies: pruning the 64 copies with the copy
+    groups drops the ordinary unit's copies in one pass and keeps as many of the plant's as plain leave-one-out
+    does; the result is 1-minimal (re-measured with plain hooks) at a fraction of the masked forwards (rows)."""
+    from achilles_guard import portfolio
+    from achilles_guard.defenses.split import SplitPlan, split_model
+    from achilles_guard.demo import Plant
+    from achilles_guard.model import load_model
+    from achilles_guard.scan import tokenize_probe
+    from tests.builders import PROBE
+    from tests.test_portfolio import independent_delta
+
+    lm = load_model(planted[0])
+    ids = tokenize_probe(lm, "probe", PROBE).input_ids
+    unit, other = Plant().unit, Plant().unit + 6
+    width = lm.model.config.intermediate_size
+    split_model(lm.model, SplitPlan(32, {0: (unit, other)}, (), (), {}))
+    cands = discover(lm.model, "all")
+    groups = copy_groups(lm.model, cands)
+    gate = next(i for i, c in enumerate(cands.candidates) if c.name == "model.layers.0.mlp.gate_proj")
+    start = int(cands.offsets[gate])
+    members = sorted(start + c for c in (unit, other, *range(width, width + 62)))
+    plant = set(groups[start + unit].eq(groups).nonzero().flatten().tolist())
+    assert len(plant) == 32 and len(set(groups[members].tolist())) == 2
+    baseline = portfolio.clean_loss(lm.model, ids)
+    rows = []
+    real = portfolio.set_losses
+
+    def counting(*args, **kw):
+        rows.append(int(args[4].shape[0]))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(portfolio, "set_losses", counting)
+    plain, plain_delta = portfolio.prune(lm.model, ids, cands, members, baseline=baseline, epsilon=1.0)
+    plain_rows, rows[:] = sum(rows), []
+    kept, delta = portfolio.prune(lm.model, ids, cands, members, baseline=baseline, epsilon=1.0, groups=groups)
+    assert set(kept) <= plant and set(plain) <= plant and len(kept) == len(plain) and min(delta, plain_delta) >= 1
+    assert sum(rows) * 5 < plain_rows, (sum(rows), plain_rows)
+    neurons = cands.neurons(kept)
+    assert independent_delta(lm.model, ids, neurons) == pytest.approx(delta, abs=1e-3)
+    for drop in range(len(neurons)):
+        assert independent_delta(lm.model, ids, neurons[:drop] + neurons[drop + 1:]) < 1.0

@@ -238,13 +238,15 @@ def test_redundancy_plus_head_duplication_mitigates_and_an_independent_reattack_
     plain = AutoModelForCausalLM.from_pretrained(hardened_dir, dtype=torch.float32).eval()
     assert plain.config.num_attention_heads > 384  # the checkpoint really holds the copies
     hardened = replace(load_model(hardened_dir), model=plain)
-    again = run_scan(hardened, [tokenize_probe(hardened, "again", PROBE)],
-                     ScanParams(samples=10, seed=7, max_neurons=10 * n0, greedy_pool=16))
-    assert again.strongest is None  # no attack of the portfolio collapses it below 10 x n0
     before = json.loads((scan_dir / "report.json").read_text())
     sets = [before["strongest"]["critical_set"], before["critical_set"]]
     slow = 16 // 2 - 1  # the sink heads' query row (head 0 of layer 3): what collapsed the redundancy model alone
     sets.append([{"module": "model.layers.3.self_attn.q_proj", "channel": slow}])
+    known = tuple(tuple(Neuron(c["module"], c["channel"]) for c in found) for found in sets)
+    again = run_scan(hardened, [tokenize_probe(hardened, "again", PROBE)],  # copy-aware, the known sets re-tried
+                     ScanParams(samples=10, seed=7, max_neurons=10 * n0, greedy_pool=16), known_sets=known,
+                     copy_aware=True)
+    assert again.strongest is None  # no attack of the portfolio collapses it below 10 x n0
     for found in sets:
         neurons = [(c["module"], c["channel"]) for c in found]
         assert independent_delta(lm.model, ids, neurons) > 5  # collapses the original
