@@ -213,8 +213,8 @@ class Checkpoint:
             return sl[:, index]
         raise ValueError(f"axis {axis} not supported")
 
-    def read(self, name: str) -> torch.Tensor:
-        return self._handle(name).get_tensor(name)
+    def read(self, name: str, shard: str | None = None) -> torch.Tensor:
+        return self._handle(name, shard).get_tensor(name)
 
     def _handle(self, name: str, shard: str | None = None):
         from safetensors import safe_open

@@ -178,3 +178,28 @@ def test_functional_shows_collapse_of_zeroed_checkpoint(planted_scan, fp, tmp_pa
     fc = report.functional
     assert fc.delta_log10 >= 1.0 and not fc.loss_ok and not report.ok
     assert fc.still_critical is False  # masking the already-zeroed set changes nothing any more
+
+
+@pytest.mark.parametrize("value, status", [(0.0, SliceStatus.zeroed), (7.5, SliceStatus.scaled)])
+def test_a_norm_channel_outside_the_fingerprinted_neurons_is_caught(planted_scan, fp, tmp_path, value, status):
+    """The fingerprint stores every scanned norm's whole gain: zeroing (or scaling) a norm channel that is no
+    fingerprinted neuron is a tampered slice `PARAM@0:C`, the verdict is tampered, and the rest stays quiet."""
+    norm = "model.layers.1.post_attention_layernorm.weight"
+    held = {k for k in fp.slices if k.startswith(norm + "@")}
+    channel = next(c for c in range(64) if f"{norm}@0:{c}" not in held)
+    with safe_open(str(planted_scan[0] / "model.safetensors"), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    gain = tensors[norm].clone()
+    gain[channel] = value * gain[channel]
+    tensors[norm] = gain
+    target = tmp_path / "m"
+    target.mkdir()
+    for name in ("config.json",):
+        (target / name).write_bytes((planted_scan[0] / name).read_bytes())
+    save_file(tensors, str(target / "model.safetensors"), metadata={"format": "pt"})
+    report = verify_checkpoint(target, fp)
+    assert not report.ok and report.verdict == "tampered"
+    (bad,) = report.tampered_slices
+    assert bad.key == f"{norm}@0:{channel}" and bad.status is status and bad.shard == "model.safetensors"
+    assert verify_document(report)["counts"][status.value] == 1
+    assert verify_checkpoint(planted_scan[0], fp).verdict == "intact"  # the original: nothing reported

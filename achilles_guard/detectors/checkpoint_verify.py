@@ -30,9 +30,9 @@ from pathlib import Path
 
 import torch
 
-from achilles_guard.checkpoint import Checkpoint, find_slice, tensor_sha256
+from achilles_guard.checkpoint import Checkpoint, find_slice, resolve_key, tensor_sha256
 from achilles_guard.errors import InputError, UsageError
-from achilles_guard.fingerprint import Fingerprint, NeuronRecord, SliceRecord
+from achilles_guard.fingerprint import NORM_PREFIX, Fingerprint, NeuronRecord, SliceRecord
 
 __all__ = [
     "SliceStatus",
@@ -232,6 +232,7 @@ def verify_checkpoint(
         for key in sorted(fingerprint.slices):
             record = fingerprint.slices[key]
             verdicts.append(_verify_slice(ckpt, record, fingerprint.tensors[key], tuple(by_key.get(key, ()))))
+        verdicts.extend(_verify_norms(ckpt, fingerprint))
         shards = ckpt.opened_shards
         ambiguities, loaded = tuple(ckpt.ambiguities), tuple(ckpt.files)
     verify_s = time.perf_counter() - t0
@@ -249,6 +250,56 @@ def verify_checkpoint(
         slices=tuple(verdicts), neurons=fingerprint.neurons, functional=check, verify_s=verify_s, shards_read=shards,
         functional_skipped=skipped, ambiguities=ambiguities, loaded_files=loaded,
     )
+
+
+def _verify_norms(ckpt: Checkpoint, fingerprint: Fingerprint) -> list[SliceVerdict]:
+    """Every scanned norm's whole gain (and bias), which the fingerprint stores for the runtime guard: one norm
+    channel can collapse a model alone, fingerprinted neuron or not. An unchanged tensor (same bytes, or a
+    re-save's rounding) adds nothing; otherwise each changed channel the fingerprint does not already hold as
+    a slice is judged like one (`PARAM@0:C`), and a missing or reshaped tensor is one verdict."""
+    records = json.loads(fingerprint.metadata.get("norms", "{}"))
+    dtype_names = {v: k for k, v in _ST_DTYPES.items()}
+    out: list[SliceVerdict] = []
+    for param, rec in sorted(records.items()):
+        if str(rec.get("shard", "")).endswith(".gguf"):
+            continue  # values transformers loaded from a GGUF file, not a safetensors tensor's bytes
+        reference = fingerprint.tensors[NORM_PREFIX + param]  # (d,), checked against its sha256 at load
+        null = -float(rec["offset"]) if rec["role"] == "weight" else 0.0  # the gain's zero: -1 for `1 + w` norms
+        whole = SliceRecord(key=f"{NORM_PREFIX}{param}", param=param, checkpoint_key=rec["checkpoint_key"], axis=0,
+                            index=0, null_value=null, shard=rec["shard"],
+                            dtype=dtype_names.get(reference.dtype, str(reference.dtype)),
+                            shape=tuple(reference.shape), sha256=rec["sha256"])
+        base = dict(param=param, neurons=(), expected_dtype=whole.dtype, expected_shape=whole.shape)
+        name = rec["checkpoint_key"]
+        name = name if name in ckpt.weight_map else resolve_key(ckpt.weight_map, param)
+        if name is None:
+            out.append(SliceVerdict(key=whole.key, checkpoint_key=None, shard=whole.shard, status=SliceStatus.missing,
+                                    actual_dtype=None, actual_shape=None, **base))
+            continue
+        for shard in ckpt.copies.get(name, [ckpt.shard_of(name)]):
+            shape, dtype = ckpt.shape_dtype(name, shard)
+            common = dict(base, checkpoint_key=name, shard=shard, actual_dtype=dtype, actual_shape=shape)
+            if shape != whole.shape:
+                out.append(SliceVerdict(key=whole.key, status=SliceStatus.shape_mismatch, **common))
+                continue
+            current = ckpt.read(name, shard)
+            if dtype == whole.dtype and tensor_sha256(current.contiguous()) == whole.sha256:
+                continue
+            if dtype not in _ST_DTYPES or not current.is_floating_point():
+                out.append(SliceVerdict(key=whole.key, status=SliceStatus.perturbed, **common))
+                continue
+            if classify(reference, current, null)[0] in OK_STATUSES:
+                continue  # a re-save's rounding of the whole tensor
+            changed = torch.ne(current.double(), reference.double()).nonzero().flatten().tolist()
+            for c in changed:  # only the changed channels: at most the norm's width
+                key = f"{param}@0:{c}"
+                if key in fingerprint.slices:
+                    continue  # a fingerprinted neuron: its own slice verdict already judged it
+                status, factor, rel_l2, max_abs = classify(reference[c], current[c], null)
+                if status not in OK_STATUSES:
+                    out.append(SliceVerdict(key=key, status=status, factor=factor, rel_l2=rel_l2, max_abs_diff=max_abs,
+                                            **common))
+    return out
 
 
 def check_config(root: Path, fingerprint: Fingerprint) -> ConfigCheck:
