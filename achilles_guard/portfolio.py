@@ -179,18 +179,17 @@ def _thin(model, input_ids: torch.Tensor, candidates: CandidateSet, current: lis
           batch_size: int | None) -> tuple[list[int], float]:
     """Largest copy group first: keep the first k of its copies (set order), k the smallest count with which the
     set still reaches ε; row k of one batched pass keeps k copies and every other member."""
-    labels = groups[torch.tensor(current, dtype=torch.long)]
-    uniq, counts = torch.unique(labels, return_counts=True)
+    uniq, counts = torch.unique(groups[torch.tensor(current, dtype=torch.long)], return_counts=True)
     order = torch.argsort(counts, descending=True, stable=True)
     for label in uniq[order][counts[order] > 1].tolist():
-        labels = groups[torch.tensor(current, dtype=torch.long)]
-        mine = labels == label  # (S,) the group's copies in the set
+        index = torch.tensor(current, dtype=torch.long)  # (S,) the set as it stands
+        mine = groups[index] == label  # (S,) the group's copies in the set
         m = int(mine.sum())
         rank = torch.cumsum(mine.long(), 0) - 1  # each copy's position within the group
         keep = torch.arange(m)[:, None]  # row k keeps k copies (k < m: the full set is known to reach ε)
         hit = ~mine[None, :] | (rank[None, :] < keep)  # (m, S)
-        deltas = (set_losses(model, input_ids, candidates, torch.tensor(current, dtype=torch.long), hit,
-                             scale=scale, batch_size=batch_size) - baseline) / LN10
+        deltas = (set_losses(model, input_ids, candidates, index, hit, scale=scale, batch_size=batch_size)
+                  - baseline) / LN10
         deltas = torch.nan_to_num(deltas, nan=math.inf)
         enough = (deltas >= epsilon).nonzero().flatten()
         if enough.numel():

@@ -265,40 +265,38 @@ def _verify_norms(ckpt: Checkpoint, fingerprint: Fingerprint) -> list[SliceVerdi
             continue  # values transformers loaded from a GGUF file, not a safetensors tensor's bytes
         reference = fingerprint.tensors[NORM_PREFIX + param]  # (d,), checked against its sha256 at load
         null = -float(rec["offset"]) if rec["role"] == "weight" else 0.0  # the gain's zero: -1 for `1 + w` norms
-        whole = SliceRecord(key=f"{NORM_PREFIX}{param}", param=param, checkpoint_key=rec["checkpoint_key"], axis=0,
-                            index=0, null_value=null, shard=rec["shard"],
-                            dtype=dtype_names.get(reference.dtype, str(reference.dtype)),
-                            shape=tuple(reference.shape), sha256=rec["sha256"])
-        base = dict(param=param, neurons=(), expected_dtype=whole.dtype, expected_shape=whole.shape)
+        key = NORM_PREFIX + param  # the whole tensor's verdicts (missing, reshaped, not a float) carry this name
+        expected_dtype = dtype_names.get(reference.dtype, str(reference.dtype))
+        base = dict(param=param, neurons=(), expected_dtype=expected_dtype, expected_shape=tuple(reference.shape))
         name = rec["checkpoint_key"]
         name = name if name in ckpt.weight_map else resolve_key(ckpt.weight_map, param)
         if name is None:
-            out.append(SliceVerdict(key=whole.key, checkpoint_key=None, shard=whole.shard, status=SliceStatus.missing,
+            out.append(SliceVerdict(key=key, checkpoint_key=None, shard=rec["shard"], status=SliceStatus.missing,
                                     actual_dtype=None, actual_shape=None, **base))
             continue
         for shard in ckpt.copies.get(name, [ckpt.shard_of(name)]):
             shape, dtype = ckpt.shape_dtype(name, shard)
             common = dict(base, checkpoint_key=name, shard=shard, actual_dtype=dtype, actual_shape=shape)
-            if shape != whole.shape:
-                out.append(SliceVerdict(key=whole.key, status=SliceStatus.shape_mismatch, **common))
+            if shape != base["expected_shape"]:
+                out.append(SliceVerdict(key=key, status=SliceStatus.shape_mismatch, **common))
                 continue
             current = ckpt.read(name, shard)
-            if dtype == whole.dtype and tensor_sha256(current.contiguous()) == whole.sha256:
+            if dtype == expected_dtype and tensor_sha256(current.contiguous()) == rec["sha256"]:
                 continue
             if dtype not in _ST_DTYPES or not current.is_floating_point():
-                out.append(SliceVerdict(key=whole.key, status=SliceStatus.perturbed, **common))
+                out.append(SliceVerdict(key=key, status=SliceStatus.perturbed, **common))
                 continue
             if classify(reference, current, null)[0] in OK_STATUSES:
                 continue  # a re-save's rounding of the whole tensor
             changed = torch.ne(current.double(), reference.double()).nonzero().flatten().tolist()
             for c in changed:  # only the changed channels: at most the norm's width
-                key = f"{param}@0:{c}"
-                if key in fingerprint.slices:
+                channel = f"{param}@0:{c}"
+                if channel in fingerprint.slices:
                     continue  # a fingerprinted neuron: its own slice verdict already judged it
                 status, factor, rel_l2, max_abs = classify(reference[c], current[c], null)
                 if status not in OK_STATUSES:
-                    out.append(SliceVerdict(key=key, status=status, factor=factor, rel_l2=rel_l2, max_abs_diff=max_abs,
-                                            **common))
+                    out.append(SliceVerdict(key=channel, status=status, factor=factor, rel_l2=rel_l2,
+                                            max_abs_diff=max_abs, **common))
     return out
 
 
