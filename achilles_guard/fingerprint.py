@@ -33,6 +33,7 @@ import torch
 from achilles_guard import __version__
 from achilles_guard.checkpoint import Checkpoint, resolve_key, tensor_sha256
 from achilles_guard.errors import EXIT_FINDING, GuardError, InputError, UsageError, first_line
+from achilles_guard.integrity.records import SKETCH_TENSOR, TensorRecords
 from achilles_guard.masking import hooks
 from achilles_guard.neurons import Neuron, producing_slices
 from achilles_guard.perplexity import log10_ppl
@@ -135,6 +136,8 @@ class Fingerprint:
     metadata: dict[str, str]
     # every scanned norm module's whole gain (and bias), for the runtime guard's exact rule: {module: NormWeights}
     norms: dict = field(default_factory=dict)
+    # every loaded tensor's name, dtype, shape, sha256 and row sketch (None: written before tensor records)
+    records: TensorRecords | None = None
 
     @property
     def critical_records(self) -> tuple[NeuronRecord, ...]:
@@ -329,6 +332,8 @@ def fingerprint_bytes(result, *, top: int = 64, sign_key: bytes | None = None) -
                 }
             )
     norms = _norm_weights(lm, result.candidates, tensors, gguf=gguf_source is not None)
+    records = _tensor_records(lm, result, sign_key)
+    tensors[SKETCH_TENSOR] = torch.from_numpy(records.sketch)
     primary = result.primary.result
     metadata = {
         "format": FORMAT,
@@ -354,12 +359,39 @@ def fingerprint_bytes(result, *, top: int = 64, sign_key: bytes | None = None) -
         metadata["norms"] = json.dumps(norms, sort_keys=True)
     if gguf_source is not None:
         metadata["gguf"] = gguf_source.metadata_json()
+    metadata["tensors"] = records.metadata_json()
     if sign_key is not None:
         metadata["hmac_sha256"] = _mac(sign_key, tensors, metadata)
     return save(tensors, metadata=metadata)
 
 
 NORM_PREFIX = "norms/"  # tensor names of the whole norm weights: norms/<parameter>
+
+
+def _tensor_records(lm, result, sign_key: bytes | None):
+    """Every loaded tensor's record (integrity.records), with the rows the rankings' top neurons are produced by."""
+    from achilles_guard.integrity.formats import open_source
+    from achilles_guard.integrity.records import RANKED_TOP, build_records
+
+    by_name = result.candidates.by_name()
+    rankings = {id(result.primary.ranking): result.primary.ranking}
+    for t in result.texts:
+        rankings.setdefault(id(t.ranking), t.ranking)
+        for r in t.portfolio.rankings.values() if t.portfolio else ():
+            rankings.setdefault(id(r), r)
+    with open_source(lm.directory) as src:
+        names = {e.name for e in src.entries}
+        gguf = src.kind == "gguf"
+        ranked: dict[str, dict[int, int]] = {}
+        for ranking in rankings.values():
+            for rank, neuron in enumerate(ranking.top(min(RANKED_TOP, len(ranking))), 1):
+                for ws in producing_slices(lm.model, neuron, by_name.get(neuron.module)):
+                    name = src.layout.gguf_name(ws.param) if gguf else resolve_key(src.weight_map, ws.param)
+                    if ws.axis != 0 or name not in names:
+                        continue  # a column (GPT-2 Conv1D) is no row of the row view
+                    rows = ranked.setdefault(name, {})
+                    rows[ws.index] = min(rows.get(ws.index, rank), rank)
+        return build_records(src, sign_key=sign_key, ranked=ranked)
 
 
 def _norm_weights(lm, candidates, tensors: dict, *, gguf: bool = False) -> dict:
@@ -418,6 +450,18 @@ def _load_norms(tensors: dict, metadata: dict, path) -> dict:
             raise InputError(f"fingerprint {path}: norm {module}: weight and bias shapes differ; corrupt")
         out[module] = NormWeights(module, weight, bias, offset)
     return out
+
+
+def _load_records(tensors: dict, metadata: dict, path) -> TensorRecords | None:
+    text = metadata.get("tensors")
+    if text is None:
+        return None
+    sketch = tensors.get(SKETCH_TENSOR)
+    if sketch is None:
+        raise InputError(f"fingerprint {path}: tensor records without their sketch tensor; corrupt")
+    if sketch.dtype != torch.float32:
+        raise InputError(f"fingerprint {path}: the sketch tensor is {sketch.dtype}, not float32; corrupt")
+    return TensorRecords.from_metadata(text, sketch.numpy(), str(path))
 
 
 def load_fingerprint(path: str | Path, *, verify_key: bytes | None = None) -> Fingerprint:
@@ -487,6 +531,7 @@ def load_fingerprint(path: str | Path, *, verify_key: bytes | None = None) -> Fi
             signed="hmac_sha256" in metadata,
             metadata=metadata,
             norms=_load_norms(tensors, metadata, path),
+            records=_load_records(tensors, metadata, path),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise InputError(f"fingerprint {path}: malformed metadata ({type(err).__name__}: {err})") from None

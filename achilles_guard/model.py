@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from achilles_guard.errors import InputError, ModelLoadError, UnsafeModelError, UsageError, first_line
+from achilles_guard.integrity.formats import PICKLE_SUFFIXES
 
 __all__ = [
     "LoadedModel",
@@ -44,7 +45,6 @@ DTYPES = {
     "float64": torch.float64,
     "fp64": torch.float64,
 }
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # Keys of config.json that change when a checkpoint is merely re-saved (dtype, tool version).
 _VOLATILE_CONFIG_KEYS = {"torch_dtype", "dtype", "transformers_version", "_name_or_path", "_commit_hash"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

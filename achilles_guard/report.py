@@ -283,6 +283,15 @@ VERIFY_RULES: dict[str, tuple[str, str, str]] = {
     "shape-mismatch": ("AG106", "CriticalSliceShapeMismatch", "8.0"),
     "ambiguous": ("AG107", "AmbiguousCheckpointLayout", "8.0"),
     "config": ("AG110", "ConfigChanged", "6.5"),
+    "tensor:bytes": ("AG120", "TensorBytesDiffer", "8.0"),
+    "tensor:beyond-rounding": ("AG121", "TensorChangedBeyondRounding", "8.0"),
+    "tensor:missing": ("AG122", "TensorMissing", "8.0"),
+    "tensor:extra": ("AG123", "TensorExtra", "7.0"),
+    "tensor:reshaped": ("AG124", "TensorReshaped", "8.0"),
+    "tensor:dtype": ("AG125", "TensorDtypeChanged", "7.0"),
+    "tensor:requantized": ("AG126", "TensorRequantized", "7.0"),
+    "tensor:format": ("AG127", "CheckpointFormatDiffers", "7.0"),
+    "incomplete": ("AG128", "VerificationIncomplete", "7.0"),
     "functional": ("AG111", "FunctionalRegression", "9.0"),
 }
 
@@ -330,6 +339,53 @@ def verify_document(report) -> dict:
         },
         "functional_skipped": report.functional_skipped,
         "timings": {"verify_s": round(report.verify_s, 6)},
+        "mode": report.mode,
+        "not_checked": report.not_checked,
+        "tensors": tensor_check_doc(report.tensor_check),
+    }
+
+
+def tensor_check_doc(check) -> dict | None:
+    """The whole-model part of a verification (`records.TensorCheck`), None when it did not run."""
+    if check is None:
+        return None
+    counts: dict[str, int] = {}
+    severities = {"critical": 0, "ranked": 0, "other": 0}
+    for f in check.findings:
+        counts[f.kind] = counts.get(f.kind, 0) + 1
+        severities[f.severity] += 1
+    return {
+        "present": check.tensors,
+        "recorded": check.recorded,
+        "identical": check.identical,
+        "equivalent": check.equivalent,
+        "findings_count": len(check.findings),
+        "kinds": counts,
+        "severities": severities,
+        "bytes_hashed": check.bytes_hashed,
+        "bytes_total": check.bytes_total,
+        "sketched": check.sketched,
+        "projections_checked": not check.keyless,
+        "seconds": round(check.seconds, 6),
+        "findings": [
+            {
+                "tensor": f.tensor,
+                "file": f.file,
+                "kind": f.kind,
+                "severity": f.severity,
+                "detail": f.detail,
+                "rows": list(f.rows),
+                "rows_changed": f.rows_changed,
+                "rows_total": f.rows_total,
+                "ranked_rows": [{"row": row, "rank": rank} for row, rank in f.ranked_hits[:32]],
+                "critical_rows": list(f.critical_hits[:32]),
+                "expected_dtype": f.expected_dtype,
+                "actual_dtype": f.actual_dtype,
+                "expected_shape": None if f.expected_shape is None else list(f.expected_shape),
+                "actual_shape": None if f.actual_shape is None else list(f.actual_shape),
+            }
+            for f in check.findings
+        ],
     }
 
 
@@ -381,6 +437,23 @@ def verify_sarif(doc: dict) -> dict:
                 "locations": [_location(root, "config.json")],
             }
         )
+    for f in (doc.get("tensors") or {}).get("findings", []):
+        rows = "" if f["rows_changed"] is None else f" ({f['rows_changed']:,} of {f['rows_total']:,} rows)"
+        results.append(
+            {
+                "ruleId": VERIFY_RULES["tensor:" + f["kind"]][0],
+                "level": "error",  # every finding fails the gate; `severity` ranks them
+                "message": {"text": f"{f['tensor']} in {f['file']}: {f['detail']}{rows}; severity {f['severity']}"},
+                "locations": [_location(root, f["file"].split(",")[0])],
+                "properties": {k: f[k] for k in ("tensor", "kind", "severity", "rows", "rows_changed", "file")},
+            }
+        )
+    if doc.get("verdict") == "incomplete":
+        results.append({
+            "ruleId": VERIFY_RULES["incomplete"][0], "level": "error",
+            "message": {"text": doc.get("not_checked") or "verification incomplete"},
+            "locations": [_location(root, ".")],
+        })
     fc = doc["functional"]
     if fc is not None and not fc["ok"]:
         results.append(
@@ -407,6 +480,15 @@ _VERIFY_RULE_TEXT = {
     "ambiguous": "The checkpoint's files are ambiguous: a tensor in two files, a stray safetensors file, or an index "
                  "that disagrees with the files",
     "config": "config.json differs from the one that was fingerprinted",
+    "tensor:bytes": "A loaded tensor's bytes differ from the fingerprinted ones (same dtype)",
+    "tensor:beyond-rounding": "A re-cast tensor's values changed beyond the rounding of its new dtype",
+    "tensor:missing": "A fingerprinted tensor is missing from the loaded files",
+    "tensor:extra": "The loader loads a tensor the fingerprint does not record",
+    "tensor:reshaped": "A loaded tensor's shape differs from the fingerprinted one",
+    "tensor:dtype": "A tensor's dtype changed in a way guard cannot judge (not a float re-cast)",
+    "tensor:requantized": "A GGUF tensor was re-quantized: a different model",
+    "tensor:format": "The checkpoint is in another format than the fingerprinted one: its tensors cannot be compared",
+    "incomplete": "The fingerprint has no tensor records: only the critical slices were verified",
     "functional": "The probe loss rose past the tolerance, or the critical set is no longer critical",
 }
 

@@ -13,6 +13,7 @@ from achilles_guard.checkpoint import Checkpoint, tensor_sha256
 from achilles_guard.cli import app
 from achilles_guard.errors import InputError
 from achilles_guard.fingerprint import FORMAT, NORM_PREFIX, SignatureError, load_fingerprint, read_key
+from achilles_guard.integrity.records import SKETCH_TENSOR
 from tests.builders import run_guard
 
 
@@ -32,7 +33,10 @@ def test_round_trip_exact_bytes_and_metadata(planted_scan):
     with safe_open(str(out / "fingerprint.safetensors"), framework="pt") as handle:
         meta = handle.metadata()
         norms = {NORM_PREFIX + p for p in json.loads(meta["norms"])}
-        assert meta["format"] == FORMAT and set(handle.keys()) == set(fp.slices) | norms
+        assert meta["format"] == FORMAT and set(handle.keys()) == set(fp.slices) | norms | {SKETCH_TENSOR}
+        # every tensor the loader loads is recorded, its sketch rows inside the sketch tensor
+        assert {r.name for r in fp.records.records} == set(Checkpoint.open(path).weight_map)
+        assert handle.get_tensor(SKETCH_TENSOR).shape[0] == sum(r.rows for r in fp.records.records)
     assert json.loads(meta["critical_set"])
     # every scanned norm's whole weight, bytes as in the checkpoint (the runtime guard's exact rule reads them)
     with Checkpoint.open(path) as ckpt:
@@ -79,7 +83,7 @@ def test_flipped_byte_fails_closed(planted_scan, tmp_path):
     bad.write_bytes(bytes(raw))
     with pytest.raises(SignatureError):
         load_fingerprint(bad, verify_key=b"0123456789abcdef-test-signing-key")
-    with pytest.raises(InputError, match="sha256"):  # even without a key, the per-slice hash catches it
+    with pytest.raises(InputError, match="sha256"):  # even without a key, the per-slice / sketch hash catches it
         load_fingerprint(bad)
 
 

@@ -36,17 +36,24 @@ def verify_command(
     verify_key: Optional[str] = typer.Option(None, help="Require a valid HMAC signature: a key file path or env:VAR."),
     dtype: str = typer.Option("auto", help="--functional: dtype to load the model in."),
     device: str = typer.Option("auto", help="--functional: auto, cpu, cuda or cuda:N."),
+    quick: bool = typer.Option(
+        False, "--quick", help="Only the fingerprinted slices and norm gains (milliseconds); the rest is not checked."
+    ),
     format: Format = typer.Option(Format.table, "--format", help="What stdout carries: table, json or sarif."),
 ) -> None:
-    """Check that the weight slices producing the fingerprinted neurons are unchanged.
+    """Check that every tensor the loader loads is the fingerprinted one (about one read of the weights).
 
-    Reads only those slices (milliseconds, whatever the checkpoint size); loads the model only with
-    --functional. Exit 0 every slice intact or equivalent (and config, functional check ok),
-    1 tampered (or a bad/missing signature with --verify-key), 2 bad input, 3 runtime failure.
+    Same dtype: byte-identical; another float dtype: the same values up to the new dtype's rounding;
+    each finding names the tensor, the rows and a severity (critical, ranked, other). --quick reads
+    only the critical slices (milliseconds) and says what it skipped; --functional also loads the model.
+    Exit 0 intact (every tensor, slice and the config; functional check ok), 1 tampered, ambiguous,
+    incomplete (a fingerprint without tensor records, in full mode) or a bad/missing signature with
+    --verify-key, 2 bad input, 3 runtime failure.
     """
-    from achilles_guard.detectors.checkpoint_verify import FunctionalParams, verify_checkpoint
+    from achilles_guard.detectors.checkpoint_verify import FunctionalParams
     from achilles_guard.errors import UsageError
     from achilles_guard.fingerprint import load_fingerprint, read_key
+    from achilles_guard.integrity.verify import verify_model
     from achilles_guard.report import dumps, verify_document, verify_sarif
 
     max_delta_log10 = deprecated_alias(max_delta_log10, tolerance, old="--tolerance", new="--max-delta-log10")
@@ -64,14 +71,7 @@ def verify_command(
     else:
         signature = "unsigned"
     params = FunctionalParams(max_delta_log10=max_delta_log10, dtype=dtype, device=device) if functional else None
-    from achilles_guard.gguf_file import is_gguf
-
-    if is_gguf(checkpoint_dir):  # reads the header and the fingerprinted blocks only (gguf_integrity.py)
-        from achilles_guard.gguf_integrity import verify_gguf
-
-        report = verify_gguf(checkpoint_dir, fp, functional=params, signature=signature)
-    else:
-        report = verify_checkpoint(checkpoint_dir, fp, functional=params, signature=signature)
+    report = verify_model(checkpoint_dir, fp, quick=quick, functional=params, signature=signature, sign_key=key)
     doc = verify_document(report)
     if hasattr(report, "bytes_read"):  # GGUF: what the check cost (additive fields)
         doc["checkpoint"].update(
@@ -130,8 +130,39 @@ def render_verification(doc: dict) -> Group:
         parts.append(Text(f"functional: {doc['functional_skipped']}", style="yellow"))
     for line in doc.get("layout", {}).get("ambiguities", []):
         parts.append(Text(f"ambiguous layout: {line}", style="bold red"))
-    if doc["verdict"] == "intact":
-        parts.append(Text("verdict: INTACT (every critical weight slice matches the fingerprint)", style="bold green"))
+    tc = doc.get("tensors")
+    if tc is not None:
+        parts.append(Text(
+            f"tensors: {tc['present']} loaded, {tc['recorded']} recorded: {tc['identical']} byte-identical, "
+            f"{tc['equivalent']} re-cast within rounding, {tc['findings_count']} finding(s) "
+            f"({tc['bytes_hashed']:,} bytes hashed in {tc['seconds']:.2f} s)"
+            + ("" if tc["projections_checked"] else "; signed fingerprint without --verify-key: row sketches "
+               "compared on absolute sum and norm only"), style="dim" if not tc["findings_count"] else "",
+        ))
+        if tc["findings"]:
+            table = Table(title="Changed tensors", title_justify="left")
+            for col in ("severity", "tensor", "file", "kind", "rows", "what"):
+                table.add_column(col)
+            for f in tc["findings"][:50]:
+                rows = "?" if f["rows_changed"] is None else (
+                    f"{f['rows_changed']:,}/{f['rows_total']:,}: " + ", ".join(map(str, f["rows"][:6]))
+                    + (" …" if f["rows_changed"] > 6 else ""))
+                table.add_row(Text(f["severity"], style="bold red" if f["severity"] == "critical" else "red"),
+                              f["tensor"], f["file"], f["kind"], rows, f["detail"])
+            parts.append(table)
+            if len(tc["findings"]) > 50:
+                parts.append(Text(f"… and {len(tc['findings']) - 50} more (all of them in --format json)"))
+    if doc.get("not_checked"):
+        parts.append(Text(f"not checked: {doc['not_checked']}", style="yellow"))
+    if doc["verdict"] == "intact" and tc is not None:
+        parts.append(Text(f"verdict: INTACT (every one of the {tc['present']} loaded tensors and every critical "
+                          "weight slice matches the fingerprint)", style="bold green"))
+    elif doc["verdict"] == "intact":
+        parts.append(Text("verdict: INTACT (quick: the critical weight slices match; the rest of the model was not "
+                          "checked)", style="bold green"))
+    elif doc["verdict"] == "incomplete":
+        parts.append(Text("verdict: INCOMPLETE (the critical slices match, but the fingerprint records no tensors: "
+                          "the rest of the model was not checked)", style="bold red"))
     elif doc["verdict"] == "ambiguous":
         n = len(doc["layout"]["ambiguities"])
         parts.append(Text(
@@ -141,8 +172,11 @@ def render_verification(doc: dict) -> Group:
     else:
         tampered = doc["tampered_neurons"]
         crit = sum(n["critical"] for n in tampered)
+        sev = (tc or {}).get("severities")
+        extra = (f"; {tc['findings_count']} tensor finding(s): {sev['critical']} critical, {sev['ranked']} ranked, "
+                 f"{sev['other']} other" if tc and tc["findings_count"] else "")
         parts.append(Text(
-            f"verdict: TAMPERED ({len(tampered)} fingerprinted neuron(s) changed, {crit} of them critical)",
+            f"verdict: TAMPERED ({len(tampered)} fingerprinted neuron(s) changed, {crit} of them critical{extra})",
             style="bold red",
         ))
     return Group(*parts)

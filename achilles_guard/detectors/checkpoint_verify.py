@@ -176,6 +176,18 @@ class VerifyResult:
     functional_skipped: str | None = None  # why --functional did not run, when it did not
     ambiguities: tuple[str, ...] = field(default=())  # layout ambiguities (Checkpoint.ambiguities): a finding
     loaded_files: tuple[str, ...] = field(default=())  # the files the transformers loader reads
+    mode: str = "quick"  # "full": every loaded tensor against the fingerprint's tensor records; "quick": slices only
+    tensor_check: "object | None" = None  # integrity.records.TensorCheck (full mode, records present)
+    not_checked: str | None = None  # what the verdict does not cover, in words (quick mode, or no tensor records)
+
+    @property
+    def tensor_findings(self) -> tuple:
+        return () if self.tensor_check is None else self.tensor_check.findings
+
+    @property
+    def incomplete(self) -> bool:
+        """Full mode asked for, but the fingerprint has no tensor records: the rest of the model went unchecked."""
+        return self.mode == "full" and self.tensor_check is None
 
     @property
     def tampered_slices(self) -> tuple[SliceVerdict, ...]:
@@ -196,16 +208,18 @@ class VerifyResult:
 
     @property
     def ok(self) -> bool:
-        functional_ok = self.functional is None or self.functional.ok
-        return not self.tampered_slices and self.config.matches and functional_ok and not self.ambiguities
+        return self.verdict == "intact"
 
     @property
     def verdict(self) -> str:
-        """intact, tampered (a slice, the config or the behaviour changed), or ambiguous (layout only)."""
+        """tampered (a slice, a tensor, the config or the behaviour changed), ambiguous (layout only),
+        incomplete (no tensor records to check the rest of the model against), or intact."""
         functional_ok = self.functional is None or self.functional.ok
-        if self.tampered_slices or not self.config.matches or not functional_ok:
+        if self.tampered_slices or self.tensor_findings or not self.config.matches or not functional_ok:
             return "tampered"
-        return "ambiguous" if self.ambiguities else "intact"
+        if self.ambiguities:
+            return "ambiguous"
+        return "incomplete" if self.incomplete else "intact"
 
 
 def verify_checkpoint(

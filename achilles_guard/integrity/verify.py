@@ -1,0 +1,106 @@
+"""`guard verify-checkpoint`, whole: the fingerprinted slices, then every loaded tensor, one verdict.
+
+    report = verify_model("path/to/model", fp)               # full (default): every tensor the loader loads
+    report = verify_model("model.gguf", fp, quick=True)       # the critical slices and norm gains only
+    report.verdict, report.tensor_findings[0].severity         # "tampered", "critical"
+
+Full mode runs the slice check (`checkpoint_verify.verify_checkpoint` or `gguf_integrity.verify_gguf`,
+which classify a change: zeroed, scaled...) and the tensor check (`records.check_tensors`, which
+finds it anywhere), and ranks each tensor finding:
+
+- `critical`: it touches a fingerprinted neuron's slice (a changed slice verdict in that tensor, or
+  a changed row that is a slice) or a scanned norm;
+- `ranked`: a changed row produces one of the top `RANKED_TOP` neurons of a stored ranking (or
+  the change could not be localized in a tensor holding such rows);
+- `other`: anywhere else.
+
+A fingerprint without tensor records (written before them) gives verdict `incomplete` (exit 1)
+in full mode: its slices are verified, the rest of the model is not, and the verdict says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from achilles_guard.integrity.formats import open_source
+from achilles_guard.integrity.records import TensorCheck, TensorFinding, check_tensors
+
+__all__ = ["verify_model", "rank_findings", "quick_coverage"]
+
+
+def verify_model(path: str | Path, fp, *, quick: bool = False, functional=None, signature: str = "not checked",
+                 sign_key: bytes | None = None):
+    """A VerifyResult for `path` against fingerprint `fp`; InputError (exit 2) for unusable input."""
+    from achilles_guard.gguf_file import is_gguf
+
+    if is_gguf(path):
+        from achilles_guard.gguf_integrity import verify_gguf
+
+        report = verify_gguf(path, fp, functional=functional, signature=signature)
+    else:
+        from achilles_guard.detectors.checkpoint_verify import verify_checkpoint
+
+        report = verify_checkpoint(path, fp, functional=functional, signature=signature)
+    with open_source(path) as src:
+        if quick:
+            return dataclasses.replace(report, mode="quick", not_checked=quick_coverage(src, fp))
+        if fp.records is None:
+            return dataclasses.replace(
+                report, mode="full",
+                not_checked=(f"the fingerprint (written by guard {fp.tool_version}) has no tensor records: only its "
+                             f"{len(fp.slices)} slices and {len(_norm_records(fp))} norm tensors were checked, the "
+                             f"other tensors of the {len(src.entries)} loaded were not; re-scan the trusted model to "
+                             "record them, or pass --quick to accept a slice-only check"),
+            )
+        check = check_tensors(src, fp.records, sign_key=sign_key, critical_rows=_slice_rows(fp))
+    return dataclasses.replace(report, mode="full", tensor_check=rank_findings(check, report, fp))
+
+
+def _norm_records(fp) -> dict:
+    return json.loads(fp.metadata.get("norms", "{}"))
+
+
+def _slice_rows(fp) -> dict[str, set[int]]:
+    """tensor name -> rows of the row view that are fingerprinted slices (axis 0)."""
+    out: dict[str, set[int]] = {}
+    for r in fp.slices.values():
+        if r.axis == 0:
+            out.setdefault(r.checkpoint_key, set()).add(r.index)
+    return out
+
+
+def rank_findings(check: TensorCheck, report, fp) -> TensorCheck:
+    """Each finding's severity: critical, ranked or other (module docstring)."""
+    changed_slices = {v.checkpoint_key for v in report.slices if not v.ok and v.checkpoint_key}
+    slice_tensors = {r.checkpoint_key for r in fp.slices.values()}
+    norms = {rec.get("checkpoint_key") for rec in _norm_records(fp).values()}
+    ranked = fp.records.ranked
+
+    def severity(f: TensorFinding) -> str:
+        if f.kind == "format":
+            return "critical"  # nothing of the fingerprinted model could be vouched for
+        whole = f.kind in ("missing", "reshaped", "dtype", "requantized") or f.rows_changed is None
+        if f.tensor in changed_slices or f.tensor in norms or f.critical_hits or (whole and f.tensor in slice_tensors):
+            return "critical"
+        if f.ranked_hits or (whole and ranked.get(f.tensor)):
+            return "ranked"
+        return "other"
+
+    findings = tuple(dataclasses.replace(f, severity=severity(f)) for f in check.findings)
+    order = {"critical": 0, "ranked": 1, "other": 2}
+    return dataclasses.replace(check, findings=tuple(sorted(findings, key=lambda f: order[f.severity])))
+
+
+def quick_coverage(src, fp) -> str:
+    """What a quick check leaves out, in words: the tensors and bytes holding no fingerprinted slice or norm."""
+    covered = {r.checkpoint_key for r in fp.slices.values()} | {
+        rec.get("checkpoint_key") for rec in _norm_records(fp).values()
+    }
+    rest = [e for e in src.entries if e.name not in covered]
+    total = sum(e.nbytes for e in src.entries)
+    return (f"quick: only {len(fp.slices)} fingerprinted slices and {len(_norm_records(fp))} norm tensors were "
+            f"compared; {len(rest)} of the {len(src.entries)} loaded tensors hold none of them and were not read "
+            f"({sum(e.nbytes for e in rest):,} of {total:,} bytes), and the other rows of the rest were not read "
+            "either; run without --quick to check every tensor")
