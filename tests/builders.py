@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from prometheus_client.parser import text_string_to_metric_families
+from safetensors.torch import load_file, save_file
 
 from achilles_guard.demo import DEMO_PLANT, Plant, build_tokenizer, plant_massive
 from achilles_guard.texts import default_texts
@@ -133,11 +135,7 @@ def scanned(model_dir: Path, out: Path, *, text: str = PROBE, **params) -> Path:
 def reshard(src: Path, dst: Path, *, shards: int = 3, dtype: torch.dtype | None = None) -> Path:
     """Re-save a checkpoint as `shards` safetensors files + model.safetensors.index.json (optionally
     casting floating tensors to `dtype`), copying config and tokenizer files. Returns dst."""
-    import json
-    import shutil
-
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
     src, dst = Path(src), Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
@@ -168,6 +166,45 @@ def reshard(src: Path, dst: Path, *, shards: int = 3, dtype: torch.dtype | None 
         config.pop("torch_dtype", None)
         (dst / "config.json").write_text(json.dumps(config, indent=2))
     return dst
+
+
+# --- single-file checkpoint edits (what a write-access attacker does) ---
+
+
+def edited(src: Path, dst: Path, edit, dtype: torch.dtype | None = None) -> Path:
+    """A copy of the single-file checkpoint `src` with `edit(tensors)` applied (and optionally re-cast)."""
+    shutil.copytree(src, dst)
+    tensors = {k: v.clone() for k, v in load_file(str(src / "model.safetensors")).items()}
+    edit(tensors)
+    if dtype is not None:
+        tensors = {k: v.to(dtype) for k, v in tensors.items()}
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def swap_rows(name: str, i: int, j: int):
+    def edit(t):
+        t[name][[i, j]] = t[name][[j, i]]
+    return edit
+
+
+def negate(name: str):
+    def edit(t):
+        t[name].neg_()
+    return edit
+
+
+def scale_element(name: str, row: int, col: int, factor: float):
+    def edit(t):
+        t[name][row, col] *= factor
+    return edit
+
+
+def halve_column(name: str, col: int):
+    def edit(t):
+        t[name][:, col] *= 0.5
+    return edit
+
 
 
 def planted_fingerprint(model_dir: Path, out: Path, *, samples: int = 10, top: int = 16) -> Path:

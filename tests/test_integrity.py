@@ -17,11 +17,10 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.numpy import save_file as save_numpy
-from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from achilles_guard.cli import app
-from tests.builders import reshard, run_guard, tiny_gguf
+from tests.builders import edited, halve_column, negate, reshard, run_guard, scale_element, swap_rows, tiny_gguf
 
 runner = CliRunner()
 
@@ -31,41 +30,6 @@ def verify_json(model: Path, fp: Path, *extra: str) -> tuple[int, dict]:
                                  *extra])
     assert result.exit_code in (0, 1), result.output
     return result.exit_code, json.loads(result.stdout)
-
-
-def edited(src: Path, dst: Path, edit, dtype: torch.dtype | None = None) -> Path:
-    """A copy of the single-file checkpoint `src` with `edit(tensors)` applied (and optionally re-cast)."""
-    shutil.copytree(src, dst)
-    tensors = {k: v.clone() for k, v in load_file(str(src / "model.safetensors")).items()}
-    edit(tensors)
-    if dtype is not None:
-        tensors = {k: v.to(dtype) for k, v in tensors.items()}
-    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    return dst
-
-
-def swap_rows(name: str, i: int, j: int):
-    def edit(t):
-        t[name][[i, j]] = t[name][[j, i]]
-    return edit
-
-
-def negate(name: str):
-    def edit(t):
-        t[name].neg_()
-    return edit
-
-
-def scale_element(name: str, row: int, col: int, factor: float):
-    def edit(t):
-        t[name][row, col] *= factor
-    return edit
-
-
-def halve_column(name: str, col: int):
-    def edit(t):
-        t[name][:, col] *= 0.5
-    return edit
 
 
 EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"

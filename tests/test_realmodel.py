@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from achilles_guard.neurons import Neuron
-from tests.builders import independent_delta, run_guard
+from tests.builders import edited, independent_delta, run_guard, scale_element, swap_rows
 
 pytestmark = pytest.mark.realmodel
 
@@ -116,6 +116,36 @@ def test_verify_checkpoint_catches_a_tampered_critical_row(smol_scan, smollm2, t
     assert caught.returncode == 1, caught.stderr
     assert SINK[0] in caught.stdout
     shutil.rmtree(tampered, ignore_errors=True)
+
+
+def test_whole_model_verify_on_the_real_checkpoint(smol_scan, smollm2, tmp_path):
+    """Every one of SmolLM2's 272 tensors is recorded; a bf16 re-save verifies clean; one sign bit in the
+    sink's row and two exchanged embedding rows are each caught, localized and ranked."""
+    _, _, out = smol_scan
+    fp = out / "fingerprint.safetensors"
+
+    def verify(model):
+        proc = run_guard(["verify-checkpoint", str(model), "--fingerprint", str(fp), "--format", "json"], timeout=180)
+        assert proc.returncode in (0, 1), proc.stderr
+        return proc.returncode, json.loads(proc.stdout)
+
+    code, doc = verify(smollm2)
+    assert code == 0 and doc["mode"] == "full" and doc["tensors"]["identical"] == doc["tensors"]["recorded"] == 272
+    recast = edited(smollm2, tmp_path / "bf16", lambda t: None, dtype=torch.bfloat16)
+    code, doc = verify(recast)
+    assert code == 0 and doc["tensors"]["equivalent"] == 272, doc["tensors"]
+    shutil.rmtree(recast)
+    flipped = edited(smollm2, tmp_path / "flip", scale_element(f"{SINK[0]}.weight", SINK[1], 3, -1.0))
+    code, doc = verify(flipped)
+    assert code == 1
+    assert [(f["tensor"], f["kind"], f["rows"], f["severity"]) for f in doc["tensors"]["findings"]] == [
+        (f"{SINK[0]}.weight", "bytes", [SINK[1]], "critical")]
+    shutil.rmtree(flipped)
+    swapped = edited(smollm2, tmp_path / "swap", swap_rows("model.embed_tokens.weight", 100, 200))
+    code, doc = verify(swapped)
+    assert code == 1
+    assert [(f["tensor"], f["rows"]) for f in doc["tensors"]["findings"]] == [("model.embed_tokens.weight", [100, 200])]
+    shutil.rmtree(swapped)
 
 
 def test_monitor_sees_the_sink_disrupted(smol_scan, smol_lm):
