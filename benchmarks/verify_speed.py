@@ -4,8 +4,10 @@ Builds synthetic sharded checkpoints with the tensor names and shapes of a 2B-cl
 (hidden 2048, intermediate 8192, 16 heads / 8 KV heads, vocab 32000, bfloat16; 126 MB per layer):
 6 layers (~1 GB) and 32 layers (~4.3 GB, 2.0 B parameters), random weights, 1 GB shards + index.
 Fingerprints 64 neurons spread over every layer (down_proj rows, SwiGLU units = gate + up rows,
-norm channels), then times, with the page cache dropped (cold) and warm:
-  - verification (load_fingerprint + verify_checkpoint: what the CLI does),
+norm channels) plus the tensor records of every loaded tensor (sha256 + row sketch), then times,
+with the page cache dropped (cold) and warm:
+  - `--quick` verification (load_fingerprint + verify_model(quick=True): the slices and norm gains),
+  - full verification (load_fingerprint + verify_model: every loaded tensor, the CLI's default),
   - sha256 of every shard with hashlib (the usual "hash the release" gate).
 Everything is written under a temporary directory (default /tmp) and deleted at the end.
 
@@ -100,7 +102,7 @@ def build_checkpoint(root: Path, layers: int, seed: int = 0) -> int:
 
 def write_benchmark_fingerprint(root: Path, path: Path) -> int:
     """64 neurons spread over the checkpoint's layers, their producing slices read from it."""
-    return fingerprint_same_neurons(root, root, path)
+    return fingerprint_same_neurons(root, root, path, records=True)
 
 
 def drop_cache(root: Path) -> None:
@@ -115,14 +117,15 @@ def drop_cache(root: Path) -> None:
             os.close(fd)
 
 
-def time_verify(root: Path, fp_path: Path) -> tuple[float, str]:
-    from achilles_guard.detectors.checkpoint_verify import verify_checkpoint
+def time_verify(root: Path, fp_path: Path, quick: bool) -> tuple[float, str]:
     from achilles_guard.fingerprint import load_fingerprint
+    from achilles_guard.integrity.verify import verify_model
 
     t0 = time.perf_counter()
-    report = verify_checkpoint(root, load_fingerprint(fp_path))
+    report = verify_model(root, load_fingerprint(fp_path), quick=quick)
     elapsed = time.perf_counter() - t0
     assert report.ok, "a synthetic untouched checkpoint must verify intact"
+    assert quick or report.tensor_check.identical == report.tensor_check.tensors, report.tensor_check
     return elapsed, report.verdict
 
 
@@ -136,10 +139,12 @@ def time_hash(root: Path) -> float:
     return time.perf_counter() - t0
 
 
-def fingerprint_same_neurons(model_source: Path, hf_dir: Path, path: Path, n_neurons: int = N_NEURONS) -> int:
+def fingerprint_same_neurons(model_source: Path, hf_dir: Path, path: Path, n_neurons: int = N_NEURONS,
+                             records: bool = False) -> int:
     """Fingerprint `n_neurons` neurons spread over the layers (down_proj rows, SwiGLU units, norm channels,
     o_proj rows) of `model_source`: a .gguf file (slices = its raw blocks, as `guard scan` records them) or a
-    safetensors directory. `hf_dir` gives the module tree (config.json). Returns the number of slices."""
+    safetensors directory. `hf_dir` gives the module tree (config.json). `records`: also every tensor's record
+    (integrity.records.build_records, as `guard scan` writes them). Returns the number of slices."""
     from safetensors.torch import save
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -196,6 +201,14 @@ def fingerprint_same_neurons(model_source: Path, hf_dir: Path, path: Path, n_neu
         }
         if gguf:
             metadata["gguf"] = source.metadata_json()
+    if records:
+        from achilles_guard.integrity.formats import open_source
+        from achilles_guard.integrity.records import SKETCH_TENSOR, build_records
+
+        with open_source(model_source) as src:
+            rec = build_records(src)
+        tensors[SKETCH_TENSOR] = torch.from_numpy(rec.sketch)
+        metadata["tensors"] = rec.metadata_json()
     path.write_bytes(save(tensors, metadata=metadata))
     return len(slices)
 
@@ -308,6 +321,7 @@ def main() -> None:
         return gguf_main(args)
     args.repeat = args.repeat or 3
     import achilles_guard.detectors.checkpoint_verify  # imports are not part of the timing
+    import achilles_guard.integrity.verify
     import achilles_guard.model  # noqa: F401
 
     work = Path(tempfile.mkdtemp(prefix="guard-verify-bench-", dir=args.tmp))
@@ -321,35 +335,37 @@ def main() -> None:
             fp_path = work / f"fp-{layers}l.safetensors"
             n_slices = write_benchmark_fingerprint(root, fp_path)
             shards = len(list(root.glob("*.safetensors")))
-            cold_v, warm_v, cold_h, warm_h = [], [], [], []
+            t = {k: [] for k in ("quick_cold", "quick_warm", "full_cold", "full_warm", "hash_cold", "hash_warm")}
             for _ in range(args.repeat):
+                for mode, quick in (("quick", True), ("full", False)):
+                    drop_cache(root)
+                    t[f"{mode}_cold"].append(time_verify(root, fp_path, quick)[0])
+                    t[f"{mode}_warm"].append(time_verify(root, fp_path, quick)[0])
                 drop_cache(root)
-                cold_v.append(time_verify(root, fp_path)[0])
-                warm_v.append(time_verify(root, fp_path)[0])
-                drop_cache(root)
-                cold_h.append(time_hash(root))
-                warm_h.append(time_hash(root))
+                t["hash_cold"].append(time_hash(root))
+                t["hash_warm"].append(time_hash(root))
             row = dict(layers=layers, gb=total / 1e9, shards=shards, slices=n_slices, build_s=build_s,
-                       verify_cold=min(cold_v), verify_warm=min(warm_v), hash_cold=min(cold_h), hash_warm=min(warm_h))
+                       fp_bytes=fp_path.stat().st_size, **{k: min(v) for k, v in t.items()})
             rows.append(row)
             print(f"built {layers} layers: {row['gb']:.2f} GB in {shards} shards ({build_s:.0f} s); "
-                  f"fingerprint of {N_NEURONS} neurons = {n_slices} slices", flush=True)
+                  f"fingerprint of {N_NEURONS} neurons = {n_slices} slices + every tensor's record "
+                  f"({row['fp_bytes'] / 1e6:.1f} MB)", flush=True)
             shutil.rmtree(root)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print()
-    print(
-        f"{'checkpoint':>12} {'shards':>6} {'verify cold':>12} {'verify warm':>12} {'sha256 cold':>12} "
-        f"{'sha256 warm':>12} {'ratio cold':>10} {'ratio warm':>10}"
-    )
+    print(f"{'checkpoint':>12} {'shards':>6} | {'quick cold':>10} {'quick warm':>10} | {'full cold':>9} "
+          f"{'full warm':>9} | {'sha256 cold':>11} {'sha256 warm':>11} | {'full/sha256 cold':>16} {'warm':>6} | "
+          f"{'sha256/quick warm':>17}")
     for r in rows:
-        print(
-            f"{r['gb']:>10.2f}GB {r['shards']:>6} {r['verify_cold'] * 1e3:>10.1f}ms {r['verify_warm'] * 1e3:>10.1f}ms "
-            f"{r['hash_cold']:>11.2f}s {r['hash_warm']:>11.2f}s {r['hash_cold'] / r['verify_cold']:>9.0f}x "
-            f"{r['hash_warm'] / r['verify_warm']:>9.0f}x"
-        )
-    print(f"(best of {args.repeat}; verify = load_fingerprint + verify_checkpoint of {N_NEURONS} neurons; "
-          "cold = page cache dropped with posix_fadvise first)")
+        print(f"{r['gb']:>10.2f}GB {r['shards']:>6} | {r['quick_cold'] * 1e3:>8.1f}ms "
+              f"{r['quick_warm'] * 1e3:>8.1f}ms | "
+              f"{r['full_cold']:>8.2f}s {r['full_warm']:>8.2f}s | {r['hash_cold']:>10.2f}s {r['hash_warm']:>10.2f}s | "
+              f"{r['full_cold'] / r['hash_cold']:>15.2f}x {r['full_warm'] / r['hash_warm']:>5.2f}x | "
+              f"{r['hash_warm'] / r['quick_warm']:>16.0f}x")
+    print(f"(best of {args.repeat}; verify = load_fingerprint + verify_model, quick: {N_NEURONS} neurons' slices, "
+          "full: every tensor; sha256 = hashlib over every shard, one thread; cold = page cache dropped with "
+          "posix_fadvise first)")
 
 
 if __name__ == "__main__":

@@ -71,12 +71,29 @@ def test_the_slice_check_alone_misses_them_and_quick_says_so(planted_scan, tmp_p
     model = edited(path, tmp_path / "m", edit)
     code, doc = verify_json(model, out / "fingerprint.safetensors", "--quick")
     assert code == 0 and doc["verdict"] == "intact" and doc["mode"] == "quick" and doc["tensors"] is None
-    assert "not checked" in doc["not_checked"] or "not" in doc["not_checked"]
+    # the quick check states exactly how many of the loaded tensors (and bytes) it skipped
+    from achilles_guard.fingerprint import load_fingerprint
+    from achilles_guard.integrity.formats import open_source
+
+    fp = load_fingerprint(out / "fingerprint.safetensors")
+    covered = {r.checkpoint_key for r in fp.slices.values()} | {
+        rec["checkpoint_key"] for rec in json.loads(fp.metadata["norms"]).values()}
+    with open_source(model) as src:
+        rest = [e for e in src.entries if e.name not in covered]
+        assert 0 < len(rest) < len(src.entries)
+        expected = (f"{len(rest)} of the {len(src.entries)} loaded tensors hold none of them and were not read "
+                    f"({sum(e.nbytes for e in rest):,} of {sum(e.nbytes for e in src.entries):,} bytes)")
+    assert expected in doc["not_checked"], doc["not_checked"]
     table = runner.invoke(app, ["verify-checkpoint", str(model), "--fingerprint", str(out / "fingerprint.safetensors"),
                                 "--quick"])
-    assert table.exit_code == 0 and "INTACT" in table.stdout and "not checked" in table.stdout
-    # the quick check states how many of the loaded tensors it skipped
-    assert "tensors" in doc["not_checked"]
+    words = " ".join(table.stdout.split())  # the table wraps at the terminal's width
+    assert table.exit_code == 0 and "not checked: quick: " in words and expected in words, words
+    assert "verdict: INTACT (quick: the critical weight slices match; the rest of the model was not checked)" in words
+    # the full check (default) finds the swap; no fingerprinted neuron changed, and the verdict says only what did
+    table = runner.invoke(app, ["verify-checkpoint", str(model), "--fingerprint", str(out / "fingerprint.safetensors")])
+    words = " ".join(table.stdout.split())
+    assert table.exit_code == 1
+    assert "verdict: TAMPERED (1 tensor finding(s): 0 critical, 0 ranked, 1 other)" in words, words
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

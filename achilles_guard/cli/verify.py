@@ -173,10 +173,11 @@ def render_verification(doc: dict) -> Group:
         tampered = doc["tampered_neurons"]
         crit = sum(n["critical"] for n in tampered)
         sev = (tc or {}).get("severities")
-        extra = (f"; {tc['findings_count']} tensor finding(s): {sev['critical']} critical, {sev['ranked']} ranked, "
-                 f"{sev['other']} other" if tc and tc["findings_count"] else "")
-        parts.append(Text(
-            f"verdict: TAMPERED ({len(tampered)} fingerprinted neuron(s) changed, {crit} of them critical{extra})",
-            style="bold red",
-        ))
+        what = []
+        if tampered or not (tc and tc["findings_count"]):
+            what.append(f"{len(tampered)} fingerprinted neuron(s) changed, {crit} of them critical")
+        if tc and tc["findings_count"]:
+            what.append(f"{tc['findings_count']} tensor finding(s): {sev['critical']} critical, "
+                        f"{sev['ranked']} ranked, {sev['other']} other")
+        parts.append(Text(f"verdict: TAMPERED ({'; '.join(what)})", style="bold red"))
     return Group(*parts)

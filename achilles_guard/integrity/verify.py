@@ -45,7 +45,7 @@ def verify_model(path: str | Path, fp, *, quick: bool = False, functional=None, 
         report = verify_checkpoint(path, fp, functional=functional, signature=signature)
     with open_source(path) as src:
         if quick:
-            return dataclasses.replace(report, mode="quick", not_checked=quick_coverage(src, fp))
+            return dataclasses.replace(report, mode="quick", not_checked=quick_coverage(src, fp, report))
         if fp.records is None:
             return dataclasses.replace(
                 report, mode="full",
@@ -93,14 +93,15 @@ def rank_findings(check: TensorCheck, report, fp) -> TensorCheck:
     return dataclasses.replace(check, findings=tuple(sorted(findings, key=lambda f: order[f.severity])))
 
 
-def quick_coverage(src, fp) -> str:
-    """What a quick check leaves out, in words: the tensors and bytes holding no fingerprinted slice or norm."""
-    covered = {r.checkpoint_key for r in fp.slices.values()} | {
-        rec.get("checkpoint_key") for rec in _norm_records(fp).values()
-    }
+def quick_coverage(src, fp, report) -> str:
+    """What a quick check leaves out, in words: the tensors and bytes holding no compared slice or norm."""
+    norms = [] if src.kind == "gguf" else [rec.get("checkpoint_key") for rec in _norm_records(fp).values()]
+    covered = {v.checkpoint_key for v in report.slices if v.checkpoint_key} | set(norms)
     rest = [e for e in src.entries if e.name not in covered]
     total = sum(e.nbytes for e in src.entries)
-    return (f"quick: only {len(fp.slices)} fingerprinted slices and {len(_norm_records(fp))} norm tensors were "
-            f"compared; {len(rest)} of the {len(src.entries)} loaded tensors hold none of them and were not read "
+    gains = (f"{len(norms)} norm tensors" if norms or src.kind != "gguf"
+             else "no norm gains (a GGUF slice check compares none)")
+    return (f"quick: only {len(report.slices)} fingerprinted slices and {gains} were compared; {len(rest)} of the "
+            f"{len(src.entries)} loaded tensors hold none of them and were not read "
             f"({sum(e.nbytes for e in rest):,} of {total:,} bytes), and the other rows of the rest were not read "
             "either; run without --quick to check every tensor")
