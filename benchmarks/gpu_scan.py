@@ -29,9 +29,9 @@ from contextlib import contextmanager
 
 import torch
 
-from achilles_guard import pcicn
-from achilles_guard.neurons import discover
-from achilles_guard.perplexity import row_losses
+from achilles_guard.engine import pcicn
+from achilles_guard.engine.neurons import discover
+from achilles_guard.engine.perplexity import row_losses
 
 SHAPES = {
     # name: (hidden, intermediate, layers, heads, kv_heads, vocab, tied)
@@ -65,8 +65,8 @@ def random_llama(shape: str, device: str, dtype: torch.dtype):
 
 
 def smollm2(directory: str, device: str, dtype: torch.dtype):
-    from achilles_guard.model import load_model
-    from achilles_guard.texts import default_texts
+    from achilles_guard.engine.texts import default_texts
+    from achilles_guard.formats.load import load_model
 
     lm = load_model(directory, dtype={torch.float16: "float16", torch.float32: "float32",
                                       torch.bfloat16: "bfloat16"}[dtype], device=device)

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from achilles_guard.defenses.pin import PinGuard, PinnedModel
 from achilles_guard.defenses.rotate import rotate_model
-from achilles_guard.fingerprint import load_fingerprint
+from achilles_guard.integrity.fingerprint import load_fingerprint
 from tests.builders import PROBE, planted_model, scanned, tiny_model
 
 
@@ -53,7 +53,7 @@ def main() -> None:
             "(includes load and fingerprint)"
         )
 
-        from achilles_guard.model import load_model
+        from achilles_guard.formats.load import load_model
 
         lm = load_model(path)
         fp = load_fingerprint(scan_dir / "fingerprint.safetensors")

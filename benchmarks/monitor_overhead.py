@@ -22,8 +22,8 @@ from prometheus_client import CollectorRegistry
 def build(tmp: Path, seed: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from achilles_guard.demo import plant_massive
-    from achilles_guard.model import quiet_transformers
+    from achilles_guard.engine.demo import plant_massive
+    from achilles_guard.formats.load import quiet_transformers
     from tests.builders import tokenizer
 
     quiet_transformers()
@@ -47,10 +47,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    from achilles_guard.fingerprint import load_fingerprint, write_fingerprint
-    from achilles_guard.model import load_model
+    from achilles_guard.engine.scan import ScanParams, run_scan, tokenize_probe
+    from achilles_guard.formats.load import load_model
+    from achilles_guard.integrity.fingerprint import load_fingerprint, write_fingerprint
     from achilles_guard.monitor import ActivationMonitor
-    from achilles_guard.scan import ScanParams, run_scan, tokenize_probe
     from tests.builders import PROBE
 
     with tempfile.TemporaryDirectory() as tmp:

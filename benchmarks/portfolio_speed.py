@@ -29,10 +29,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from achilles_guard.model import load_model
-    from achilles_guard.report import scan_report
-    from achilles_guard.scan import ScanParams, run_scan, tokenize_probe
-    from achilles_guard.texts import default_texts
+    from achilles_guard.engine.scan import ScanParams, run_scan, tokenize_probe
+    from achilles_guard.engine.texts import default_texts
+    from achilles_guard.formats.load import load_model
+    from achilles_guard.report.documents import scan_report
 
     path = args.model
     if path is None:

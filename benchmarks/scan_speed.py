@@ -6,6 +6,13 @@ without any hook, the forwards the scan needs: K + 1 forwards of the base model 
 inputs) and one full forward per candidate n tried in stage 2 (plus the clean loss).
 
     PYTHONPATH=. python benchmarks/scan_speed.py [--samples 100] [--device cpu|cuda] [--dtype float32|float16]
+    PYTHONPATH=. python benchmarks/scan_speed.py --short [--repeats 5]
+
+`--short`: the fixed cost per forward. A tiny planted Llama (hidden 96, 3 layers, FFN 256, vocab 512)
+and a 16-token probe, where a bare forward takes about a millisecond on a CPU: stage 1 and stage 2
+against the same forwards run bare, both one at a time and batched as the scan batches them (the
+compute floor), best of `--repeats`, then a cProfile of one scan: where the time that is not a
+module's forward goes.
 
 Prints times, the ratio scan / bare, and peak memory of stage 1 (CUDA: max allocated; CPU: the peak
 of torch's CPU allocator as seen by the profiler) next to what K copies of the activations would take.
@@ -18,9 +25,9 @@ import time
 
 import torch
 
-from achilles_guard import pcicn
-from achilles_guard.demo import Plant, build_tokenizer, plant_massive
-from achilles_guard.neurons import discover
+from achilles_guard.engine import pcicn
+from achilles_guard.engine.demo import Plant, build_tokenizer, plant_massive
+from achilles_guard.engine.neurons import discover
 
 TEXT = (
     "The lighthouse keeper wrote in his log every evening: the wind, the height of the swell, the ships "
@@ -69,13 +76,94 @@ def bare(model, ids, samples, n_tried, device):
     return t1 - t0, time.perf_counter() - t1
 
 
+def short_case(repeats: int, samples: int) -> None:
+    """Scan / bare on a forward of about a millisecond (see the module docstring)."""
+    import cProfile
+    import io
+    import pstats
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = build_tokenizer()
+    config = LlamaConfig(vocab_size=512, hidden_size=96, intermediate_size=256, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+                         tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    critical = plant_massive(model, Plant(layer=0, channels=(11, 29, 47), massive=1000.0))
+    ids = tok(TEXT, return_tensors="pt")["input_ids"][:, :16]
+    cands = discover(model, "all")
+    T = ids.shape[1]
+    b1 = pcicn._rank_batch(model, T, cands.total)
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)  # warm-up
+    embeds = model.get_input_embeddings()(ids)
+
+    def bare_batched(k_rows: int, chunks: list[int]):
+        generator = torch.Generator().manual_seed(0)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            done = 0
+            while done < k_rows:
+                b = min(b1, k_rows - done)
+                noise = torch.randn(b, T, embeds.shape[-1], generator=generator)
+                model.base_model(inputs_embeds=embeds + 5.0 * noise, use_cache=False)
+                done += b
+        t1 = time.perf_counter()
+        with torch.no_grad():
+            for b in [1, *chunks]:  # the clean loss, then each chunk of candidate n
+                logits = model(input_ids=ids.expand(b, -1), use_cache=False).logits
+                torch.log_softmax(logits.float(), -1)
+        return t1 - t0, time.perf_counter() - t1
+
+    rows = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        ranking = pcicn.rank(model, ids, cands, samples=samples, seed=42)
+        t1 = time.perf_counter()
+        result = pcicn.search(model, ids, ranking, epsilon=1.0, max_neurons=1000)
+        t2 = time.perf_counter()
+        n_tried = len(result.curve)
+        chunks, left, chunk = [], n_tried, 8
+        while left > 0:
+            chunks.append(min(chunk, left))
+            left -= chunks[-1]
+            chunk *= 2
+        seq1, seq2 = bare(model, ids, samples, n_tried, "cpu")
+        bat1, bat2 = bare_batched(samples + 1, chunks)
+        rows.append((t1 - t0, t2 - t1, seq1, seq2, bat1, bat2))
+    s1, s2, q1, q2, f1, f2 = (min(r[i] for r in rows) for i in range(6))
+    print(f"short case: Llama {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, {cands.total} "
+          f"candidate neurons in {len(cands.candidates)} modules, {T} tokens, K={samples}, stage-1 batch {b1}; "
+          f"threads {torch.get_num_threads()}; best of {repeats}")
+    print(f"planted set found: {set(result.critical_set) == critical} (n*={result.n_star}, {n_tried} n tried)")
+    print(f"stage 1 (rank)  : scan {s1 * 1e3:8.1f} ms | bare one at a time {q1 * 1e3:8.1f} ms ({s1 / q1:5.2f}x) | "
+          f"bare batched {f1 * 1e3:8.1f} ms ({s1 / f1:5.2f}x)")
+    print(f"stage 2 (search): scan {s2 * 1e3:8.1f} ms | bare one at a time {q2 * 1e3:8.1f} ms ({s2 / q2:5.2f}x) | "
+          f"bare batched {f2 * 1e3:8.1f} ms ({s2 / f2:5.2f}x)")
+    print(f"total           : scan {(s1 + s2) * 1e3:8.1f} ms | bare batched {(f1 + f2) * 1e3:8.1f} ms "
+          f"({(s1 + s2) / (f1 + f2):5.2f}x; goal <= 1.2x)")
+    profile = cProfile.Profile()
+    profile.enable()
+    ranking = pcicn.rank(model, ids, cands, samples=samples, seed=42)
+    pcicn.search(model, ids, ranking, epsilon=1.0, max_neurons=1000)
+    profile.disable()
+    out = io.StringIO()
+    pstats.Stats(profile, stream=out).sort_stats("tottime").print_stats(15)
+    print("cProfile of one scan (rank + search), top 15 by own time:")
+    print("\n".join(line for line in out.getvalue().splitlines() if line.strip())[:6000])
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--samples", type=int, default=100)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--short", action="store_true", help="the short-forward case (module docstring)")
     args = parser.parse_args()
+    if args.short:
+        return short_case(max(args.repeats, 3), args.samples)
     device, dtype = args.device, getattr(torch, args.dtype)
     model, ids, critical = build(device, dtype)
     cands = discover(model, "all")

@@ -118,7 +118,7 @@ def drop_cache(root: Path) -> None:
 
 
 def time_verify(root: Path, fp_path: Path, quick: bool) -> tuple[float, str]:
-    from achilles_guard.fingerprint import load_fingerprint
+    from achilles_guard.integrity.fingerprint import load_fingerprint
     from achilles_guard.integrity.verify import verify_model
 
     t0 = time.perf_counter()
@@ -148,12 +148,11 @@ def fingerprint_same_neurons(model_source: Path, hf_dir: Path, path: Path, n_neu
     from safetensors.torch import save
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from achilles_guard.checkpoint import Checkpoint, tensor_sha256
-    from achilles_guard.fingerprint import FORMAT, SCHEMA_VERSION
-    from achilles_guard.gguf_file import is_gguf
-    from achilles_guard.gguf_integrity import GGUFSliceSource
-    from achilles_guard.model import config_sha256
-    from achilles_guard.neurons import Candidate, Neuron, producing_slices
+    from achilles_guard.engine.neurons import Candidate, Neuron, producing_slices
+    from achilles_guard.formats.checkpoint import Checkpoint, tensor_sha256
+    from achilles_guard.formats.gguf import GGUFSliceSource, is_gguf
+    from achilles_guard.formats.load import config_sha256
+    from achilles_guard.integrity.fingerprint import FORMAT, SCHEMA_VERSION
 
     config = AutoConfig.from_pretrained(str(hf_dir))
     with torch.device("meta"):
@@ -202,7 +201,7 @@ def fingerprint_same_neurons(model_source: Path, hf_dir: Path, path: Path, n_neu
         if gguf:
             metadata["gguf"] = source.metadata_json()
     if records:
-        from achilles_guard.integrity.formats import open_source
+        from achilles_guard.formats.source import open_source
         from achilles_guard.integrity.records import SKETCH_TENSOR, build_records
 
         with open_source(model_source) as src:
@@ -224,10 +223,10 @@ def safetensors_bytes_read(root: Path, fp, shards: tuple[str, ...]) -> int:
 
 def time_gguf_pair(label: str, gguf_path: Path, hf_dir: Path, work: Path, repeat: int) -> dict:
     """Warm and cold verify of the GGUF and of the safetensors directory, same 64 neurons; header parse alone."""
-    from achilles_guard.detectors.checkpoint_verify import verify_checkpoint
-    from achilles_guard.fingerprint import load_fingerprint
-    from achilles_guard.gguf_file import read_layout
-    from achilles_guard.gguf_integrity import verify_gguf
+    from achilles_guard.formats.gguf import read_layout
+    from achilles_guard.integrity.fingerprint import load_fingerprint
+    from achilles_guard.integrity.gguf_slices import verify_gguf
+    from achilles_guard.integrity.slices import verify_checkpoint
 
     fp_g, fp_s = work / f"{label}-gguf.fp.safetensors", work / f"{label}-st.fp.safetensors"
     n_slices = fingerprint_same_neurons(gguf_path, hf_dir, fp_g)
@@ -271,9 +270,7 @@ def time_gguf_pair(label: str, gguf_path: Path, hf_dir: Path, work: Path, repeat
 def gguf_main(args) -> None:
     import gguf  # noqa: F401  (imports are not part of the timing)
 
-    import achilles_guard.detectors.checkpoint_verify
-    import achilles_guard.gguf_integrity  # noqa: F401
-    from achilles_guard.model import load_model
+    from achilles_guard.formats.load import load_model
     from tests.builders import tiny_gguf
 
     work = Path(tempfile.mkdtemp(prefix="guard-verify-gguf-", dir=args.tmp))
@@ -320,9 +317,6 @@ def main() -> None:
         args.repeat = args.repeat or 20
         return gguf_main(args)
     args.repeat = args.repeat or 3
-    import achilles_guard.detectors.checkpoint_verify  # imports are not part of the timing
-    import achilles_guard.integrity.verify
-    import achilles_guard.model  # noqa: F401
 
     work = Path(tempfile.mkdtemp(prefix="guard-verify-bench-", dir=args.tmp))
     rows = []

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load_file, save_file
 
-from achilles_guard.demo import DEMO_PLANT, Plant, build_tokenizer, plant_massive
-from achilles_guard.texts import default_texts
+from achilles_guard.engine.demo import DEMO_PLANT, Plant, build_tokenizer, plant_massive
+from achilles_guard.engine.texts import default_texts
 
 REPO = Path(__file__).resolve().parent.parent
 FAMILIES = ("llama", "mistral", "qwen2", "gemma", "phi3", "gpt2", "gpt_neox", "opt")
@@ -100,7 +100,7 @@ def save_model(model, path: Path) -> Path:
 
 def planted_model(path: Path, plant: Plant = DEMO_PLANT, *, family: str = "llama", hidden: int = 64,
                   layers: int = 4, intermediate: int = 128, seed: int = 0):
-    """A Llama-family model with a planted critical set (see achilles_guard.demo); returns (dir, set)."""
+    """A Llama-family model with a planted critical set (see achilles_guard.engine.demo); returns (dir, set)."""
     model = tiny_model(family, hidden=hidden, layers=layers, intermediate=intermediate, seed=seed)
     critical = plant_massive(model, plant)
     return save_model(model, path), critical
@@ -116,10 +116,10 @@ def run_guard(args: list[str], *, timeout: float = 300, env: dict | None = None,
 
 def scanned(model_dir: Path, out: Path, *, text: str = PROBE, **params) -> Path:
     """Scan `model_dir` through the library (report.json + fingerprint.safetensors in `out`); returns out."""
-    from achilles_guard.fingerprint import write_fingerprint
-    from achilles_guard.model import load_model
-    from achilles_guard.report import scan_report, write_json
-    from achilles_guard.scan import ScanParams, run_scan, tokenize_probe
+    from achilles_guard.engine.scan import ScanParams, run_scan, tokenize_probe
+    from achilles_guard.formats.load import load_model
+    from achilles_guard.integrity.fingerprint import write_fingerprint
+    from achilles_guard.report.documents import scan_report, write_json
 
     lm = load_model(model_dir)
     result = run_scan(
@@ -209,9 +209,9 @@ def halve_column(name: str, col: int):
 
 def planted_fingerprint(model_dir: Path, out: Path, *, samples: int = 10, top: int = 16) -> Path:
     """Scan a planted model on PROBE (in-process, few samples) and write its fingerprint to `out`."""
-    from achilles_guard.fingerprint import write_fingerprint
-    from achilles_guard.model import load_model
-    from achilles_guard.scan import ScanParams, run_scan, tokenize_probe
+    from achilles_guard.engine.scan import ScanParams, run_scan, tokenize_probe
+    from achilles_guard.formats.load import load_model
+    from achilles_guard.integrity.fingerprint import write_fingerprint
 
     lm = load_model(model_dir)
     result = run_scan(lm, [tokenize_probe(lm, "probe", PROBE)], ScanParams(samples=samples))

@@ -21,7 +21,7 @@ def _cpu_unless_asked():
     """The suite measures the same numbers on a GPU machine as on CI's CPU: `--device auto` means the CPU
     here, in process and in `guard` subprocesses (builders.run_guard hides the GPUs). tests/test_cuda.py
     asks for CUDA by name and un-hides the GPUs for its own subprocesses."""
-    import achilles_guard.model as model_module
+    import achilles_guard.formats.load as model_module
 
     original = model_module.resolve_device
     with pytest.MonkeyPatch.context() as patch:
@@ -54,10 +54,10 @@ def random_llama_dir(tmp_path_factory):
 def planted_scan(planted, tmp_path_factory):
     """(model_dir, critical_set, out_dir) with out_dir/{report.json, fingerprint.safetensors, signed.safetensors,
     key}: a quick scan (5 samples) of `planted`, fingerprinting the set + top 8; signed copy with `key`."""
-    from achilles_guard.fingerprint import write_fingerprint
-    from achilles_guard.model import load_model
-    from achilles_guard.report import scan_report, write_json
-    from achilles_guard.scan import ScanParams, run_scan, tokenize_probe
+    from achilles_guard.engine.scan import ScanParams, run_scan, tokenize_probe
+    from achilles_guard.formats.load import load_model
+    from achilles_guard.integrity.fingerprint import write_fingerprint
+    from achilles_guard.report.documents import scan_report, write_json
 
     path, critical = planted
     out = tmp_path_factory.mktemp("planted-scan")

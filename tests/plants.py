@@ -1,4 +1,4 @@
-"""Planted critical sets beyond the Llama demo construction (achilles_guard.demo.plant_massive).
+"""Planted critical sets beyond the Llama demo construction (achilles_guard.engine.demo.plant_massive).
 
 `plant_gpt2` mirrors the demo's always-on massive activation in GPT-2 (Conv1D, LayerNorm):
 
@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from achilles_guard.demo import Plant
-from achilles_guard.neurons import Neuron
+from achilles_guard.engine.demo import Plant
+from achilles_guard.engine.neurons import Neuron
 
 __all__ = ["plant_gpt2"]
 

@@ -2,7 +2,7 @@
 
 `tests/test_sink_fixture.py` checks the construction and what each defence does on it
 (docs/fixtures.md, "attention sink"). The demo model that `guard scan --demo` uses is
-`achilles_guard.demo`; this one only serves the tests, so it lives here.
+`achilles_guard.engine.demo`; this one only serves the tests, so it lives here.
 
     model_dir = build_sink_model(tmp / "model")
     SINK_PLANT.critical_set()          # the planted down_proj channels
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from achilles_guard.demo import build_tokenizer
-from achilles_guard.neurons import Neuron
+from achilles_guard.engine.demo import build_tokenizer
+from achilles_guard.engine.neurons import Neuron
 
 __all__ = [
     "SinkPlant",
@@ -90,7 +90,7 @@ def build_sink_tokenizer(texts: list[str] | None = None):
 
 def unigram_logits(tokenizer, vocab_size: int, texts: list[str] | None = None) -> torch.Tensor:
     """Centered log unigram frequencies (add-one smoothed) of `texts` (default: the probe texts); (V,)."""
-    from achilles_guard.texts import default_texts
+    from achilles_guard.engine.texts import default_texts
 
     corpus = texts if texts is not None else [t for _, t in default_texts()]
     counts = torch.ones(vocab_size, dtype=torch.float64)
@@ -170,7 +170,7 @@ def build_sink_model(out_dir: str | Path, *, seed: int = 0, plant: SinkPlant = S
     """Write the attention-sink model (config, safetensors, BOS-prepending tokenizer) to `out_dir`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from achilles_guard.model import quiet_transformers
+    from achilles_guard.formats.load import quiet_transformers
 
     quiet_transformers()
     tokenizer = build_sink_tokenizer()

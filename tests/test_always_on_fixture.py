@@ -19,10 +19,10 @@ import torch
 
 from achilles_guard.defenses.harden import HardenRequest, harden
 from achilles_guard.defenses.reattack import search_ceiling
-from achilles_guard.demo import DEMO_PLANT
-from achilles_guard.model import load_model
-from achilles_guard.neurons import Neuron
-from achilles_guard.scan import ScanParams, run_scan, tokenize_probe
+from achilles_guard.engine.demo import DEMO_PLANT
+from achilles_guard.engine.neurons import Neuron
+from achilles_guard.engine.scan import ScanParams, run_scan, tokenize_probe
+from achilles_guard.formats.load import load_model
 from tests.builders import PROBE, independent_delta, scanned
 
 UNIT = f"model.layers.{DEMO_PLANT.layer}.mlp.gate_proj"
@@ -53,7 +53,7 @@ def _reattack(lm, n0, known, demote=()):
 
 def test_pin_mitigates_and_an_independent_reattack_agrees(always_on, tmp_path):
     from achilles_guard.defenses.pin import PinGuard, PinnedModel
-    from achilles_guard.fingerprint import load_fingerprint
+    from achilles_guard.integrity.fingerprint import load_fingerprint
 
     model_dir, lm, ids, scan_dir = always_on
     attempt = harden(HardenRequest(model_dir, scan_dir / "fingerprint.safetensors", None, "pin",

@@ -1,4 +1,4 @@
-"""detectors.checkpoint_verify: every slice status, single-file and sharded, re-saves, and the functional check."""
+"""integrity.slices (verify-checkpoint): every slice status, single-file and sharded, re-saves, the functional check."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from achilles_guard.detectors.checkpoint_verify import FunctionalParams, SliceStatus, classify, verify_checkpoint
-from achilles_guard.fingerprint import load_fingerprint
-from achilles_guard.report import verify_document, verify_sarif
-from achilles_guard.tamper import TamperKind, select_targets, tamper_checkpoint
+from achilles_guard.integrity.fingerprint import load_fingerprint
+from achilles_guard.integrity.slices import FunctionalParams, SliceStatus, classify, verify_checkpoint
+from achilles_guard.integrity.tamper import TamperKind, select_targets, tamper_checkpoint
+from achilles_guard.report.documents import verify_document, verify_sarif
 from tests.builders import reshard
 
 DOWN = "model.layers.0.mlp.down_proj.weight"

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from achilles_guard.cli import app
-from achilles_guard.fingerprint import load_fingerprint
+from achilles_guard.integrity.fingerprint import load_fingerprint
 from tests.builders import run_guard, scanned
 
 runner = CliRunner()

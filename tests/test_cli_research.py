@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from achilles_guard.cli import app
-from achilles_guard.plots import PNG_MAGIC
+from achilles_guard.research.plots import PNG_MAGIC
 from tests.builders import PROBE, run_guard
 
 runner = CliRunner()

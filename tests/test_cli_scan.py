@@ -10,8 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from achilles_guard.cli import app, main
-from achilles_guard.demo import DEMO_PLANT
-from achilles_guard.report import atomic_write_bytes
+from achilles_guard.engine.demo import DEMO_PLANT
+from achilles_guard.report.documents import atomic_write_bytes
 from tests.builders import PROBE, run_guard, save_model, tiny_model
 
 SECOND = (

@@ -1,4 +1,4 @@
-"""Known copies (achilles_guard/copies.py): the neurons a hardening step duplicated are found bit for bit,
+"""Known copies (achilles_guard/engine/copies.py): the neurons a hardening step duplicated are found bit for bit,
 an untouched model has none, grouped rankings keep copies together, and the copy-aware greedy tries one
 member per group."""
 
@@ -9,11 +9,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from achilles_guard.copies import copy_groups, has_copies
 from achilles_guard.defenses.heads import duplicate_heads, plan_heads
 from achilles_guard.defenses.redundancy import plan_redundancy, widen_residual
-from achilles_guard.neurons import Neuron, discover
-from achilles_guard.pcicn import Ranking
+from achilles_guard.engine.copies import copy_groups, has_copies
+from achilles_guard.engine.neurons import Neuron, discover
+from achilles_guard.engine.pcicn import Ranking
 from tests.builders import tiny_model
 
 
@@ -82,9 +82,9 @@ def test_the_copy_aware_greedy_takes_a_split_unit_as_one_neuron(planted):
     4 copies (gate/up rows copied, down columns / 4), no single copy does; the copy-aware greedy adds the
     unit's whole group in one step and pruning keeps only copies of that one unit, whose Δ re-measures."""
     from achilles_guard.defenses.split import SplitPlan, split_model
-    from achilles_guard.demo import Plant
-    from achilles_guard.model import load_model
-    from achilles_guard.scan import ScanParams, run_scan, tokenize_probe
+    from achilles_guard.engine.demo import Plant
+    from achilles_guard.engine.scan import ScanParams, run_scan, tokenize_probe
+    from achilles_guard.formats.load import load_model
     from tests.builders import PROBE
     from tests.test_portfolio import independent_delta
 
@@ -114,9 +114,9 @@ def test_the_known_attack_retries_a_set_with_every_copy(planted):
     """The plant's unit collapses the original alone; split into 4 copies, the `known` attack re-tries
     {gate_proj[unit]} as all 4 copies and prunes to the copies the collapse needs."""
     from achilles_guard.defenses.split import SplitPlan, split_model
-    from achilles_guard.demo import Plant
-    from achilles_guard.model import load_model
-    from achilles_guard.scan import ScanParams, run_scan, tokenize_probe
+    from achilles_guard.engine.demo import Plant
+    from achilles_guard.engine.scan import ScanParams, run_scan, tokenize_probe
+    from achilles_guard.formats.load import load_model
     from tests.builders import PROBE
     from tests.test_portfolio import independent_delta
 
@@ -143,11 +143,11 @@ def test_pruning_cuts_copy_groups_in_one_batched_pass_and_stays_1_minimal(plante
     """The plant's unit and an ordinary unit, each split into 32 copies: pruning the 64 copies with the copy
     groups drops the ordinary unit's copies in one pass and keeps as many of the plant's as plain leave-one-out
     does; the result is 1-minimal (re-measured with plain hooks) at a fraction of the masked forwards (rows)."""
-    from achilles_guard import portfolio
     from achilles_guard.defenses.split import SplitPlan, split_model
-    from achilles_guard.demo import Plant
-    from achilles_guard.model import load_model
-    from achilles_guard.scan import tokenize_probe
+    from achilles_guard.engine import portfolio
+    from achilles_guard.engine.demo import Plant
+    from achilles_guard.engine.scan import tokenize_probe
+    from achilles_guard.formats.load import load_model
     from tests.builders import PROBE
     from tests.test_portfolio import independent_delta
 

@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from achilles_guard.cli import app
-from achilles_guard.demo import plant_massive
+from achilles_guard.engine.demo import plant_massive
 from tests.builders import PROBE, run_guard, save_model, tiny_model
 
 runner = CliRunner()

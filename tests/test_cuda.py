@@ -11,10 +11,10 @@ import os
 import pytest
 import torch
 
-from achilles_guard import pcicn
-from achilles_guard.masking import MaskPlan, masked
-from achilles_guard.model import load_model
-from achilles_guard.neurons import discover
+from achilles_guard.engine import pcicn
+from achilles_guard.engine.masking import MaskPlan, masked
+from achilles_guard.engine.neurons import discover
+from achilles_guard.formats.load import load_model
 from tests.builders import PROBE, run_guard
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -9,10 +9,10 @@ import torch
 
 from achilles_guard.defenses.finetune import FinetuneConfig, finetune
 from achilles_guard.defenses.harden import HardenRequest, harden
+from achilles_guard.engine.texts import default_texts
 from achilles_guard.errors import InputError
-from achilles_guard.fingerprint import load_fingerprint
-from achilles_guard.model import load_model
-from achilles_guard.texts import default_texts
+from achilles_guard.formats.load import load_model
+from achilles_guard.integrity.fingerprint import load_fingerprint
 from tests.builders import scanned
 
 

@@ -10,8 +10,8 @@ import torch
 
 from achilles_guard.defenses.heads import check_duplicable, duplicate_heads, plan_heads
 from achilles_guard.defenses.reattack import original_attack_delta
+from achilles_guard.engine.neurons import Neuron
 from achilles_guard.errors import UsageError
-from achilles_guard.neurons import Neuron
 from tests.builders import tiny_model
 
 
@@ -75,7 +75,7 @@ def test_copies_really_share_the_head(tmp_path):
 
     def o_input(m):
         """Layer 1's o_proj weight and its input, clean and with query head 1 zeroed."""
-        from achilles_guard.masking import MaskPlan, masked
+        from achilles_guard.engine.masking import MaskPlan, masked
 
         handle = m.model.layers[1].self_attn.o_proj.register_forward_pre_hook(grab)
         try:
@@ -101,8 +101,8 @@ def test_copies_really_share_the_head(tmp_path):
 def test_one_query_row_of_one_copy_no_longer_collapses_the_sink_fixture(tmp_path):
     """Measured: zeroing a sink head's query row collapses the fixture (Δ 11.97); with 64 copies of every
     fingerprinted head one row gives Δ 0.16, and the Δ of m rows follows m / k (the broken copies' share)."""
-    from achilles_guard.model import load_model
-    from achilles_guard.scan import tokenize_probe
+    from achilles_guard.engine.scan import tokenize_probe
+    from achilles_guard.formats.load import load_model
     from tests.builders import PROBE
     from tests.sink import SINK_PLANT, build_sink_model
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 
 from achilles_guard.defenses.pin import PinGuard, PinnedModel
-from achilles_guard.fingerprint import load_fingerprint
-from achilles_guard.model import load_model
-from achilles_guard.neurons import producing_slices
-from achilles_guard.perplexity import delta_log10, row_losses
+from achilles_guard.engine.neurons import producing_slices
+from achilles_guard.engine.perplexity import delta_log10, row_losses
+from achilles_guard.formats.load import load_model
+from achilles_guard.integrity.fingerprint import load_fingerprint
 from tests.builders import PROBE, scanned
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from achilles_guard.defenses.redundancy import carried_channels, check_redundant, plan_redundancy, widen_residual
+from achilles_guard.engine.neurons import Neuron
 from achilles_guard.errors import UsageError
-from achilles_guard.neurons import Neuron
 from tests.builders import tiny_model
 
 

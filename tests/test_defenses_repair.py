@@ -9,10 +9,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from achilles_guard.checkpoint import Checkpoint, tensor_sha256
-from achilles_guard.defenses.repair import repair_checkpoint
 from achilles_guard.errors import UsageError
-from achilles_guard.fingerprint import load_fingerprint
+from achilles_guard.formats.checkpoint import Checkpoint, tensor_sha256
+from achilles_guard.integrity.fingerprint import load_fingerprint
+from achilles_guard.integrity.repair import repair_checkpoint
 from tests.builders import scanned
 
 TAMPERS = {

@@ -9,9 +9,9 @@ import torch
 
 from achilles_guard.defenses.harden import HardenRequest, harden
 from achilles_guard.defenses.rotate import orthogonal, rotate_model
+from achilles_guard.engine.scan import ScanParams, run_scan, tokenize_probe
 from achilles_guard.errors import UsageError
-from achilles_guard.model import load_model
-from achilles_guard.scan import ScanParams, run_scan, tokenize_probe
+from achilles_guard.formats.load import load_model
 from tests.builders import PROBE, save_model, scanned, tiny_model, tokenizer
 
 

@@ -7,9 +7,9 @@ import torch
 
 from achilles_guard.defenses.harden import HardenRequest, harden
 from achilles_guard.defenses.split import SplitPlan, plan_split, split_model
-from achilles_guard.demo import Plant
+from achilles_guard.engine.demo import Plant
+from achilles_guard.engine.neurons import Neuron, discover
 from achilles_guard.errors import UsageError
-from achilles_guard.neurons import Neuron, discover
 from tests.builders import PROBE, planted_model, scanned, tiny_model, tokenizer
 
 

@@ -12,8 +12,8 @@ import torch
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from achilles_guard.fingerprint import load_fingerprint
-from achilles_guard.model import load_model
+from achilles_guard.formats.load import load_model
+from achilles_guard.integrity.fingerprint import load_fingerprint
 from achilles_guard.monitor import EXPORTED_NAMES, ActivationMonitor
 from tests.builders import REPO
 

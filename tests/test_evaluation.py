@@ -7,8 +7,10 @@ import json
 import pytest
 import torch
 
+from achilles_guard.engine.perplexity import row_losses
 from achilles_guard.errors import InputError, UsageError
-from achilles_guard.evaluation import (
+from achilles_guard.formats.load import load_model
+from achilles_guard.research.evaluation import (
     Corpus,
     ReportRanking,
     config_losses,
@@ -17,8 +19,6 @@ from achilles_guard.evaluation import (
     parse_levels,
     tokenize_corpus,
 )
-from achilles_guard.model import load_model
-from achilles_guard.perplexity import row_losses
 from tests.builders import PROBE
 
 

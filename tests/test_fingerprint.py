@@ -9,10 +9,10 @@ import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from achilles_guard.checkpoint import Checkpoint, tensor_sha256
 from achilles_guard.cli import app
 from achilles_guard.errors import InputError
-from achilles_guard.fingerprint import FORMAT, NORM_PREFIX, SignatureError, load_fingerprint, read_key
+from achilles_guard.formats.checkpoint import Checkpoint, tensor_sha256
+from achilles_guard.integrity.fingerprint import FORMAT, NORM_PREFIX, SignatureError, load_fingerprint, read_key
 from achilles_guard.integrity.records import SKETCH_TENSOR
 from tests.builders import run_guard
 

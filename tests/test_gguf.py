@@ -31,7 +31,7 @@ def gguf_scan(ggufs, tmp_path_factory):
 @pytest.fixture(scope="session")
 def float_scan(ggufs, tmp_path_factory):
     """The F32 GGUF saved as a safetensors directory and scanned: a fingerprint of the float release."""
-    from achilles_guard.model import load_model
+    from achilles_guard.formats.load import load_model
 
     root = tmp_path_factory.mktemp("float")
     lm = load_model(ggufs["F32"], dtype="float32", device="cpu")
@@ -44,7 +44,7 @@ def float_scan(ggufs, tmp_path_factory):
 def test_slices_read_from_blocks_equal_what_transformers_loads(ggufs, qtype):
     from transformers import AutoModelForCausalLM
 
-    from achilles_guard.gguf_file import dequantize_slice, read_layout
+    from achilles_guard.formats.gguf import dequantize_slice, read_layout
 
     path = ggufs[qtype]
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
@@ -68,8 +68,9 @@ def test_slices_read_from_blocks_equal_what_transformers_loads(ggufs, qtype):
 
 
 def test_scan_fingerprints_gguf_blocks_and_verifies_intact(gguf_scan, ggufs):
-    from achilles_guard.fingerprint import load_fingerprint
-    from achilles_guard.gguf_integrity import BLOCKS_SUFFIX, gguf_records, verify_gguf
+    from achilles_guard.formats.gguf import BLOCKS_SUFFIX, gguf_records
+    from achilles_guard.integrity.fingerprint import load_fingerprint
+    from achilles_guard.integrity.gguf_slices import verify_gguf
 
     fp = load_fingerprint(gguf_scan / "fingerprint.safetensors")
     meta = gguf_records(fp)
@@ -88,10 +89,10 @@ def test_scan_fingerprints_gguf_blocks_and_verifies_intact(gguf_scan, ggufs):
     "kind,expected", [("zero", "zeroed"), ("scale", "scaled"), ("sign-flip", "sign-flipped"), ("noise", None)]
 )
 def test_tamper_is_caught_and_repaired(gguf_scan, ggufs, tmp_path, kind, expected):
-    from achilles_guard.fingerprint import load_fingerprint
-    from achilles_guard.gguf_integrity import verify_gguf
-    from achilles_guard.gguf_tamper import repair_gguf, select_gguf_targets, tamper_gguf
-    from achilles_guard.tamper import TamperKind
+    from achilles_guard.integrity.fingerprint import load_fingerprint
+    from achilles_guard.integrity.gguf_slices import verify_gguf
+    from achilles_guard.integrity.gguf_tamper import repair_gguf, select_gguf_targets, tamper_gguf
+    from achilles_guard.integrity.tamper import TamperKind
 
     src, fp_path = ggufs["Q4_1"], gguf_scan / "fingerprint.safetensors"
     fp = load_fingerprint(fp_path)
@@ -117,9 +118,9 @@ def test_tamper_is_caught_and_repaired(gguf_scan, ggufs, tmp_path, kind, expecte
 def test_safetensors_fingerprint_verifies_an_honest_quantization(ggufs, float_scan, tmp_path, qtype):
     """A fingerprint of the float model (F32 GGUF saved as safetensors) calls its quantizations equivalent,
     and still catches zero and scale 0.9 on them."""
-    from achilles_guard.fingerprint import load_fingerprint
-    from achilles_guard.gguf_integrity import verify_gguf
-    from achilles_guard.gguf_tamper import select_gguf_targets, tamper_gguf
+    from achilles_guard.integrity.fingerprint import load_fingerprint
+    from achilles_guard.integrity.gguf_slices import verify_gguf
+    from achilles_guard.integrity.gguf_tamper import select_gguf_targets, tamper_gguf
 
     out = float_scan
     fp = load_fingerprint(out / "fingerprint.safetensors")
@@ -317,7 +318,7 @@ def test_eval_study_generate_on_gguf_equal_the_float_model(ggufs, f32_scan, floa
 
 
 def test_monitor_one_shot_on_gguf_clean_protected_and_tampered(ggufs, f32_scan, tmp_path):
-    from achilles_guard.fingerprint import load_fingerprint
+    from achilles_guard.integrity.fingerprint import load_fingerprint
 
     fp = str(f32_scan / "fingerprint.safetensors")
     n = len(load_fingerprint(fp).slices)
@@ -347,7 +348,7 @@ def test_harden_pin_on_gguf_runs_the_runtime_guard(ggufs, f32_scan, tmp_path):
     assert attempt["clean_cost_probe"] == 0.0 and doc["verdict"] == ("mitigated" if res.exit_code == 0 else
                                                                       "not mitigated")
     # the GGUF fingerprint carries what the exact rule needs: the critical set and every norm are recomputed
-    from achilles_guard.fingerprint import load_fingerprint
+    from achilles_guard.integrity.fingerprint import load_fingerprint
 
     critical = {str(n) for n in load_fingerprint(fp).critical_set}
     assert critical and critical <= set(attempt["details"]["exact"]) and attempt["details"]["exact_norms"]
@@ -412,7 +413,7 @@ def test_vocabulary_string_lengths_are_bounds_checked(ggufs, tmp_path):
     import struct
 
     from achilles_guard.errors import InputError
-    from achilles_guard.gguf_file import read_layout
+    from achilles_guard.formats.gguf import read_layout
 
     data = ggufs["Q4_0"].read_bytes()
     key = b"tokenizer.ggml.tokens"

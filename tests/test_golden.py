@@ -70,7 +70,7 @@ def test_scan_demo_json_is_golden(demo_scan):
 
 
 def test_verify_checkpoint_json_is_golden(demo_scan, tmp_path):
-    from achilles_guard.demo import demo_model_dir
+    from achilles_guard.engine.demo import demo_model_dir
 
     _, out = demo_scan
     fp = str(out / "fingerprint.safetensors")

@@ -72,8 +72,8 @@ def test_the_slice_check_alone_misses_them_and_quick_says_so(planted_scan, tmp_p
     code, doc = verify_json(model, out / "fingerprint.safetensors", "--quick")
     assert code == 0 and doc["verdict"] == "intact" and doc["mode"] == "quick" and doc["tensors"] is None
     # the quick check states exactly how many of the loaded tensors (and bytes) it skipped
-    from achilles_guard.fingerprint import load_fingerprint
-    from achilles_guard.integrity.formats import open_source
+    from achilles_guard.formats.source import open_source
+    from achilles_guard.integrity.fingerprint import load_fingerprint
 
     fp = load_fingerprint(out / "fingerprint.safetensors")
     covered = {r.checkpoint_key for r in fp.slices.values()} | {
@@ -287,7 +287,7 @@ def test_gguf_copy_intact_requantized_and_flipped(gguf_scan, tmp_path):
     assert code == 1 and kinds == {"requantized"}
     assert "different model" in doc["tensors"]["findings"][0]["detail"]
 
-    from achilles_guard.integrity.formats import open_source
+    from achilles_guard.formats.source import open_source
 
     with open_source(copy) as src:
         entry = next(e for e in src.entries if e.name == "blk.1.ffn_up.weight")

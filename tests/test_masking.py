@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from achilles_guard.masking import MaskPlan, hooks, masked
-from achilles_guard.neurons import Neuron, discover
+from achilles_guard.engine.masking import MaskPlan, hooks, masked
+from achilles_guard.engine.neurons import Neuron, discover
 from tests.builders import FAMILIES, PROBE, tiny_model, tokenizer
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from achilles_guard.errors import EXIT_USAGE, InputError, ModelLoadError, UnsafeModelError, UsageError
-from achilles_guard.model import check_model_dir, config_sha256, load_model, resolve_device, resolve_dtype
+from achilles_guard.formats.load import check_model_dir, config_sha256, load_model, resolve_device, resolve_dtype
 from tests.builders import run_guard, save_model, tiny_model
 
 

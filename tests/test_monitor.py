@@ -12,10 +12,10 @@ from prometheus_client import CollectorRegistry
 from typer.testing import CliRunner
 
 from achilles_guard.cli import app
+from achilles_guard.engine.masking import MaskPlan, masked
 from achilles_guard.errors import InputError
-from achilles_guard.fingerprint import load_fingerprint
-from achilles_guard.masking import MaskPlan, masked
-from achilles_guard.model import load_model
+from achilles_guard.formats.load import load_model
+from achilles_guard.integrity.fingerprint import load_fingerprint
 from achilles_guard.monitor import ActivationMonitor, MonitorConfig, disrupt, disrupted
 from achilles_guard.monitor.generate import complete
 from tests.builders import varied_prompts

@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from achilles_guard.cli import app
 from achilles_guard.defenses.pin import PinGuard
-from achilles_guard.fingerprint import load_fingerprint
-from achilles_guard.model import load_model
+from achilles_guard.formats.load import load_model
+from achilles_guard.integrity.fingerprint import load_fingerprint
 from achilles_guard.monitor import ActivationMonitor, disrupted
 from achilles_guard.monitor.generate import complete
 from tests.builders import Server, delta, scanned, varied_prompts

@@ -13,8 +13,8 @@ import time
 import pytest
 from prometheus_client import CollectorRegistry
 
-from achilles_guard.fingerprint import load_fingerprint
-from achilles_guard.model import load_model
+from achilles_guard.formats.load import load_model
+from achilles_guard.integrity.fingerprint import load_fingerprint
 from achilles_guard.monitor import ActivationMonitor
 from achilles_guard.monitor.server import ServeContext, ServerLimits, build_server
 from tests.builders import Server, delta, run_guard, varied_prompts

@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from achilles_guard.adapters import PAPER_NAME_RE, PRESETS
+from achilles_guard.engine.adapters import PAPER_NAME_RE, PRESETS
+from achilles_guard.engine.masking import MaskPlan, hooks, masked
+from achilles_guard.engine.neurons import Neuron, WeightSlice, discover, producing_slices
 from achilles_guard.errors import UsageError
-from achilles_guard.masking import MaskPlan, hooks, masked
-from achilles_guard.neurons import Neuron, WeightSlice, discover, producing_slices
 from tests.builders import FAMILIES, PROBE, tiny_model, tokenizer
 
 # Block-relative names of each family's MLP output projection, MLP activation and what feeds it.

@@ -9,14 +9,14 @@ import math
 import pytest
 import torch
 
-from achilles_guard import pcicn
-from achilles_guard.demo import Plant, plant_massive
-from achilles_guard.masking import MaskPlan, hooks, masked
-from achilles_guard.model import load_model
-from achilles_guard.neurons import discover
-from achilles_guard.perplexity import LN10
-from achilles_guard.report import scan_report
-from achilles_guard.scan import ScanParams, run_scan, tokenize_probe
+from achilles_guard.engine import pcicn
+from achilles_guard.engine.demo import Plant, plant_massive
+from achilles_guard.engine.masking import MaskPlan, hooks, masked
+from achilles_guard.engine.neurons import discover
+from achilles_guard.engine.perplexity import LN10
+from achilles_guard.engine.scan import ScanParams, run_scan, tokenize_probe
+from achilles_guard.formats.load import load_model
+from achilles_guard.report.documents import scan_report
 from tests.builders import PROBE, tiny_model, tokenizer
 from tests.plants import plant_gpt2
 

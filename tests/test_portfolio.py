@@ -1,4 +1,4 @@
-"""The attack portfolio (achilles_guard/portfolio.py) on the planted fixture, where the sets are known
+"""The attack portfolio (achilles_guard/engine/portfolio.py) on the planted fixture, where the sets are known
 by construction: the three layer-0 down_proj channels (cooperative) and, upstream, the single MLP
 unit that writes them (gate_proj[Plant.unit])."""
 
@@ -13,14 +13,14 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from achilles_guard.cli import app, main
-from achilles_guard.demo import Plant
+from achilles_guard.engine.demo import Plant
+from achilles_guard.engine.neurons import Neuron, discover
+from achilles_guard.engine.pcicn import clean_loss, masked_losses, rank
+from achilles_guard.engine.portfolio import ATTACKS, parse_attacks, prune, set_losses
+from achilles_guard.engine.scan import ScanParams, run_scan, tokenize_probe
 from achilles_guard.errors import UsageError
-from achilles_guard.model import load_model
-from achilles_guard.neurons import Neuron, discover
-from achilles_guard.pcicn import clean_loss, masked_losses, rank
-from achilles_guard.portfolio import ATTACKS, parse_attacks, prune, set_losses
-from achilles_guard.report import scan_report
-from achilles_guard.scan import ScanParams, run_scan, tokenize_probe
+from achilles_guard.formats.load import load_model
+from achilles_guard.report.documents import scan_report
 from tests.builders import PROBE
 
 UNIT = Neuron("model.layers.0.mlp.gate_proj", Plant().unit)
@@ -149,7 +149,7 @@ def test_gate_and_sarif_follow_the_strongest_attack(planted, tmp_path):
 
 
 def test_fingerprint_covers_every_attack(planted, tmp_path):
-    from achilles_guard.fingerprint import load_fingerprint
+    from achilles_guard.integrity.fingerprint import load_fingerprint
 
     path, critical = planted
     assert _scan([str(path), "--text", PROBE], tmp_path).exit_code == 0

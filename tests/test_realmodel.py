@@ -14,7 +14,7 @@ import shutil
 import pytest
 import torch
 
-from achilles_guard.neurons import Neuron
+from achilles_guard.engine.neurons import Neuron
 from tests.builders import edited, independent_delta, run_guard, scale_element, swap_rows
 
 pytestmark = pytest.mark.realmodel
@@ -24,7 +24,7 @@ SINK = ("model.layers.11.mlp.down_proj", 507)
 
 @pytest.fixture(scope="session")
 def smol_lm(smollm2):
-    from achilles_guard.model import load_model
+    from achilles_guard.formats.load import load_model
 
     return load_model(smollm2, dtype="float32", device="cpu")
 
@@ -36,10 +36,10 @@ def smol_scan(smol_lm, tmp_path_factory):
     K = 20 noise samples instead of the paper's 100 to keep the session short: the sink neuron's
     importance (~2e4) is three orders of magnitude above the next, so the ranking's head is the same
     (docs/real-model.md has the K = 100 run); the sets and Δ asserted here are re-measured anyway."""
-    from achilles_guard.fingerprint import write_fingerprint
-    from achilles_guard.report import scan_report, write_json
-    from achilles_guard.scan import ScanParams, run_scan, tokenize_probe
-    from achilles_guard.texts import default_texts
+    from achilles_guard.engine.scan import ScanParams, run_scan, tokenize_probe
+    from achilles_guard.engine.texts import default_texts
+    from achilles_guard.integrity.fingerprint import write_fingerprint
+    from achilles_guard.report.documents import scan_report, write_json
 
     probes = [tokenize_probe(smol_lm, name, text) for name, text in default_texts()]
     result = run_scan(smol_lm, probes, ScanParams(samples=20))
@@ -86,8 +86,8 @@ def test_every_reported_set_reproduces_its_delta(smol_scan, smol_lm):
 
 def test_activation_attack_alone_finds_a_set_that_reproduces(smol_lm):
     """With the sink out of reach of the paper's search, the activation attack is a separate mechanism."""
-    from achilles_guard.scan import ScanParams, run_scan, tokenize_probe
-    from achilles_guard.texts import default_texts
+    from achilles_guard.engine.scan import ScanParams, run_scan, tokenize_probe
+    from achilles_guard.engine.texts import default_texts
 
     name, text = default_texts()[0]
     probe = tokenize_probe(smol_lm, name, text)
@@ -151,9 +151,9 @@ def test_whole_model_verify_on_the_real_checkpoint(smol_scan, smollm2, tmp_path)
 def test_monitor_sees_the_sink_disrupted(smol_scan, smol_lm):
     from prometheus_client import CollectorRegistry
 
-    from achilles_guard.fingerprint import load_fingerprint
+    from achilles_guard.engine.neurons import Neuron
+    from achilles_guard.integrity.fingerprint import load_fingerprint
     from achilles_guard.monitor import ActivationMonitor, disrupted
-    from achilles_guard.neurons import Neuron
 
     _, _, out = smol_scan
     fp = load_fingerprint(out / "fingerprint.safetensors")
@@ -179,10 +179,10 @@ def test_monitor_sees_the_sink_disrupted(smol_scan, smol_lm):
 def small_fp(smol_lm, tmp_path_factory):
     """A cheap scan for harden (one text, 4 samples, budget 10 = 10 x n0, greedy pool 2): harden re-attacks with
     these params, so a defence that holds costs a search up to 10 per attack, not 1000."""
-    from achilles_guard.fingerprint import write_fingerprint
-    from achilles_guard.report import scan_report, write_json
-    from achilles_guard.scan import ScanParams, run_scan, tokenize_probe
-    from achilles_guard.texts import default_texts
+    from achilles_guard.engine.scan import ScanParams, run_scan, tokenize_probe
+    from achilles_guard.engine.texts import default_texts
+    from achilles_guard.integrity.fingerprint import write_fingerprint
+    from achilles_guard.report.documents import scan_report, write_json
 
     name, text = default_texts()[0]
     result = run_scan(
@@ -224,8 +224,8 @@ def test_harden_verdict_matches_an_independent_reattack(
     from dataclasses import replace
 
     from achilles_guard.defenses.reattack import search_ceiling
-    from achilles_guard.model import load_model
-    from achilles_guard.scan import ScanParams, run_scan, tokenize_probe
+    from achilles_guard.engine.scan import ScanParams, run_scan, tokenize_probe
+    from achilles_guard.formats.load import load_model
 
     target = tmp_path / strategy
     done = run_guard(
@@ -254,7 +254,7 @@ def test_harden_verdict_matches_an_independent_reattack(
     ids = smol_lm.tokenizer(rescan["texts"][0]["text"], return_tensors="pt")["input_ids"]
     if strategy == "pin":
         from achilles_guard.defenses.pin import PinGuard, PinnedModel
-        from achilles_guard.fingerprint import load_fingerprint
+        from achilles_guard.integrity.fingerprint import load_fingerprint
 
         guard = PinGuard.from_fingerprint(load_fingerprint(small_fp / "fingerprint.safetensors"), neurons="all")
         lm = replace(smol_lm, model=PinnedModel(smol_lm.model, guard))
@@ -291,8 +291,8 @@ def test_harden_verdict_matches_an_independent_reattack(
 def test_scanning_the_real_gguf_finds_the_same_neuron_by_its_gguf_tensor(smollm2_gguf, tmp_path):
     """`guard scan` on the Q4_1 file itself (one text, 4 samples, the mlp-out candidates, PCICN only, to stay
     cheap): the same critical neuron as the float directory, fingerprinted by its GGUF tensor's raw blocks."""
-    from achilles_guard.fingerprint import load_fingerprint
-    from achilles_guard.texts import default_texts
+    from achilles_guard.engine.texts import default_texts
+    from achilles_guard.integrity.fingerprint import load_fingerprint
 
     out = tmp_path / "scan"
     done = run_guard(["scan", str(smollm2_gguf), "--text", default_texts()[0][1], "--samples", "4",

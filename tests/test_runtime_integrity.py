@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from achilles_guard.fingerprint import load_fingerprint
-from achilles_guard.model import load_model
+from achilles_guard.formats.load import load_model
+from achilles_guard.integrity.fingerprint import load_fingerprint
 from achilles_guard.monitor.runtime_integrity import RuntimeIntegrityChecker
 
 

@@ -136,7 +136,7 @@ def test_verified_bytes_are_the_loaded_bytes(layouts, tmp_path):
     """What verify reads equals what AutoModelForCausalLM.from_pretrained loads, in each layout."""
     from transformers import AutoModelForCausalLM
 
-    from achilles_guard.checkpoint import Checkpoint
+    from achilles_guard.formats.checkpoint import Checkpoint
 
     model, zeroed, fp = layouts
     t = _copy(zeroed, tmp_path / "T")
@@ -274,8 +274,8 @@ def test_scan_outputs_published_together_or_not_at_all(planted, tmp_path, monkey
 def test_publish_files_reports_exactly_what_was_written(tmp_path, monkeypatch):
     import os
 
-    from achilles_guard import staging
     from achilles_guard.errors import RuntimeFailure
+    from achilles_guard.formats import staging
 
     real = os.replace
     calls = []
@@ -480,7 +480,7 @@ def test_tokenizer_auto_map_runs_no_code(planted, tmp_path):
 
 def test_interrupt_while_staging_leaves_old_outputs(tmp_path):
     """SIGINT (KeyboardInterrupt) during a staged write: the old directory is untouched, no staging left."""
-    from achilles_guard.staging import staged_dir
+    from achilles_guard.formats.staging import staged_dir
 
     target = tmp_path / "model"
     target.mkdir()

@@ -21,10 +21,10 @@ import torch
 
 from achilles_guard.defenses.harden import HardenRequest, harden
 from achilles_guard.defenses.reattack import losses, original_attack_delta
-from achilles_guard.masking import MaskPlan, hooks, masked
-from achilles_guard.model import load_model
-from achilles_guard.neurons import Neuron
-from achilles_guard.scan import tokenize_probe
+from achilles_guard.engine.masking import MaskPlan, hooks, masked
+from achilles_guard.engine.neurons import Neuron
+from achilles_guard.engine.scan import tokenize_probe
+from achilles_guard.formats.load import load_model
 from tests.builders import PROBE, independent_delta, run_guard, scanned
 from tests.sink import SINK_PLANT, build_sink_model
 
@@ -161,8 +161,8 @@ def test_position_aware_pin_mitigates_the_sink_fixture_and_an_independent_reatta
     massive channels, the sink keys) and the always-on ones (the sink queries); harden says mitigated,
     and a re-attack with another seed, plain hooks and plain cross-entropy finds no set below 10 x n0."""
     from achilles_guard.defenses.pin import PinGuard, PinnedModel
-    from achilles_guard.fingerprint import load_fingerprint
-    from achilles_guard.scan import ScanParams, run_scan
+    from achilles_guard.engine.scan import ScanParams, run_scan
+    from achilles_guard.integrity.fingerprint import load_fingerprint
 
     root, model_dir, lm, ids, _ = sink
     scan_dir = _margin_scan(sink)
@@ -221,7 +221,7 @@ def test_redundancy_plus_head_duplication_mitigates_and_an_independent_reattack_
     collapse it under plain hooks."""
     from transformers import AutoModelForCausalLM
 
-    from achilles_guard.scan import ScanParams, run_scan
+    from achilles_guard.engine.scan import ScanParams, run_scan
 
     root, model_dir, lm, ids, _ = sink
     scan_dir = _margin_scan(sink)

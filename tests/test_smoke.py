@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from achilles_guard.model import load_model
-from achilles_guard.scan import ScanParams, run_scan, tokenize_probe
+from achilles_guard.engine.scan import ScanParams, run_scan, tokenize_probe
+from achilles_guard.formats.load import load_model
 from tests.builders import run_guard
 
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from achilles_guard import studies
-from achilles_guard.evaluation import Corpus
-from achilles_guard.model import load_model
-from achilles_guard.plots import PNG_MAGIC, spec_png
-from achilles_guard.scan import ScanParams, tokenize_probe
-from achilles_guard.studies.base import PlotSpec
+from achilles_guard.engine.scan import ScanParams, tokenize_probe
+from achilles_guard.formats.load import load_model
+from achilles_guard.research import studies
+from achilles_guard.research.evaluation import Corpus
+from achilles_guard.research.plots import PNG_MAGIC, spec_png
+from achilles_guard.research.studies.base import PlotSpec
 
 
 @pytest.fixture(scope="module")

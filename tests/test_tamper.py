@@ -1,4 +1,4 @@
-"""achilles_guard.tamper: one neuron syntax, one meaning of "scale" (shared with monitor.tamper)."""
+"""achilles_guard.integrity.tamper: one neuron syntax, one meaning of "scale" (shared with monitor.tamper)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import torch
 from typer.testing import CliRunner
 
 from achilles_guard.cli import app
+from achilles_guard.engine.neurons import Neuron, parse_neuron
+from achilles_guard.integrity.tamper import scaled_slice
 from achilles_guard.monitor.tamper import disrupted
-from achilles_guard.neurons import Neuron, parse_neuron
-from achilles_guard.tamper import scaled_slice
 
 runner = CliRunner()
 
@@ -39,8 +39,8 @@ def test_scaled_slice_multiplies_the_slice_from_its_null_value():
 def test_monitor_disrupt_and_guard_tamper_scale_the_same_way(planted_scan, tmp_path):
     from safetensors.torch import load_file
 
-    from achilles_guard.fingerprint import load_fingerprint
-    from achilles_guard.model import load_model
+    from achilles_guard.formats.load import load_model
+    from achilles_guard.integrity.fingerprint import load_fingerprint
 
     path, critical, out = planted_scan
     fp = load_fingerprint(out / "fingerprint.safetensors")

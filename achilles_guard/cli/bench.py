@@ -1,4 +1,4 @@
-"""`guard bench`: lm-evaluation-harness tasks on the masked model (the work is in `achilles_guard.harness`)."""
+"""`guard bench`: lm-evaluation-harness tasks on the masked model (the work is in `achilles_guard.research.harness`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from achilles_guard.cli import app
+from achilles_guard.cli.app import app
 from achilles_guard.cli.common import (
     AllowPickleOption,
     DeviceOption,
@@ -20,7 +20,7 @@ from achilles_guard.cli.common import (
     stdout,
 )
 from achilles_guard.errors import UsageError
-from achilles_guard.harness import require_lm_eval, run_harness
+from achilles_guard.research.harness import require_lm_eval, run_harness
 
 __all__ = ["bench_command"]
 
@@ -44,9 +44,9 @@ def bench_command(
     allow_pickle: bool = AllowPickleOption(),
 ) -> None:
     """Run lm-evaluation-harness tasks on the model with 0, ..., n* neurons masked (Table 2)."""
-    from achilles_guard.evaluation import ReportRanking, parse_levels
-    from achilles_guard.model import load_model
-    from achilles_guard.report import dumps, write_json
+    from achilles_guard.formats.load import load_model
+    from achilles_guard.report.documents import dumps, write_json
+    from achilles_guard.research.evaluation import ReportRanking, parse_levels
 
     require_lm_eval()
     if include_path is not None and not include_path.is_dir():

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from achilles_guard.cli import app
+from achilles_guard.cli.app import app
 from achilles_guard.cli.common import (
     AllowPickleOption,
     DeviceOption,
@@ -62,9 +62,9 @@ def eval_command(
     Sliding windows of --max-length tokens; every token after the first is scored exactly once.
     Exit 0 ok, 2 bad input, 3 runtime failure.
     """
-    from achilles_guard.evaluation import ReportRanking, build_corpus, evaluate_levels, parse_levels
-    from achilles_guard.model import load_model
-    from achilles_guard.report import dumps, write_json
+    from achilles_guard.formats.load import load_model
+    from achilles_guard.report.documents import dumps, write_json
+    from achilles_guard.research.evaluation import ReportRanking, build_corpus, evaluate_levels, parse_levels
 
     if batch_size is not None and batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1 (got {batch_size})")

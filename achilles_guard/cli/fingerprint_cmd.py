@@ -11,9 +11,9 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from achilles_guard.cli import app
+from achilles_guard.cli.app import app
 from achilles_guard.cli.common import Format, guarded, stdout
-from achilles_guard.report import fingerprint_doc
+from achilles_guard.report.documents import fingerprint_doc
 
 __all__ = ["fingerprint_app", "show_command"]
 
@@ -36,8 +36,8 @@ def show_command(
     Exit 0 ok, 1 bad or missing signature with --verify-key, 2 unreadable or not a fingerprint.
     """
     from achilles_guard.errors import UsageError
-    from achilles_guard.fingerprint import load_fingerprint, read_key
-    from achilles_guard.report import dumps
+    from achilles_guard.integrity.fingerprint import load_fingerprint, read_key
+    from achilles_guard.report.documents import dumps
 
     if format is Format.sarif:
         raise UsageError("--format sarif: a fingerprint is not a finding; use table or json")

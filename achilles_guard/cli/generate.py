@@ -9,7 +9,7 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from achilles_guard.cli import app
+from achilles_guard.cli.app import app
 from achilles_guard.cli.common import (
     AllowPickleOption,
     DeviceOption,
@@ -20,8 +20,8 @@ from achilles_guard.cli.common import (
     stdout,
 )
 from achilles_guard.errors import UsageError
-from achilles_guard.generation import greedy, topk_levels
-from achilles_guard.model import load_model
+from achilles_guard.formats.load import load_model
+from achilles_guard.research.generation import greedy, topk_levels
 
 __all__ = ["generate_command"]
 
@@ -49,14 +49,14 @@ def generate_command(
     allow_pickle: bool = AllowPickleOption(),
 ) -> None:
     """Answers before and after masking the critical set, and top-k next-token probabilities per level."""
-    from achilles_guard.evaluation import ReportRanking
-    from achilles_guard.masking import MaskPlan
-    from achilles_guard.report import atomic_write_bytes, dumps, write_json
+    from achilles_guard.engine.masking import MaskPlan
+    from achilles_guard.report.documents import atomic_write_bytes, dumps, write_json
+    from achilles_guard.research.evaluation import ReportRanking
 
     if max_new_tokens < 1 or top_k < 1:
         raise UsageError("--max-new-tokens and --top-k must be >= 1")
     if png is not None:
-        from achilles_guard.plots import require_matplotlib
+        from achilles_guard.research.plots import require_matplotlib
 
         require_matplotlib()
     ranked = ReportRanking.load(report)
@@ -84,7 +84,7 @@ def generate_command(
     if out is not None:
         write_json(out, doc)
     if png is not None:
-        from achilles_guard.plots import topk_png
+        from achilles_guard.research.plots import topk_png
 
         atomic_write_bytes(png, topk_png(levels, f"Next token after {prompt[0]!r}"))
     if format is Format.json:

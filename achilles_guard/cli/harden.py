@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from achilles_guard.cli import app
+from achilles_guard.cli.app import app
 from achilles_guard.cli.common import (
     DeviceOption,
     DtypeOption,
@@ -19,7 +19,7 @@ from achilles_guard.cli.common import (
     stdout,
 )
 from achilles_guard.errors import EXIT_FINDING, EXIT_OK, InputError, UsageError
-from achilles_guard.report import dumps
+from achilles_guard.report.documents import dumps
 
 __all__ = ["harden_command"]
 
@@ -97,13 +97,9 @@ def harden_command(
 
     if strategy != "auto":
         parse_strategy(strategy)
-    from achilles_guard.gguf_file import is_gguf
+    from achilles_guard.formats.load import check_model_header, check_model_path
 
-    gguf = is_gguf(model_dir)
-    if gguf and not model_dir.is_file():
-        raise InputError(f"{model_dir}: no such file")
-    if not gguf and not model_dir.is_dir():
-        raise InputError(f"{model_dir}: no such directory")
+    check_model_path(model_dir)
     if out.resolve() == model_dir.resolve() or model_dir.resolve() in out.resolve().parents:
         raise UsageError(
             f"--out {out} is (inside) the model directory; guard never writes in place: choose a new directory"
@@ -149,10 +145,7 @@ def harden_command(
         head_copies=head_copies,
     )
     _precheck(request)
-    if gguf:  # header checks (truncated, unsupported type...) before OUT exists
-        from achilles_guard.gguf_model import check_gguf
-
-        check_gguf(model_dir).close()
+    check_model_header(model_dir)  # header checks (truncated, unsupported type...) before OUT exists
     first_created = _first_missing(out)
     prepare_out_dir(out).mkdir(parents=True, exist_ok=True)
     log = stderr()
@@ -205,7 +198,7 @@ def _rmdir(directory: Path) -> bool:
 def _precheck(request) -> None:
     """Every input check that can fail, before OUT is created."""
     from achilles_guard.defenses.harden import DEFENSES, auto_order, parse_strategy
-    from achilles_guard.fingerprint import load_fingerprint
+    from achilles_guard.integrity.fingerprint import load_fingerprint
 
     fp = load_fingerprint(request.fingerprint)
     report = request.report or request.fingerprint.parent / "report.json"

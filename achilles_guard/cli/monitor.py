@@ -22,7 +22,7 @@ from typing import Optional
 
 import typer
 
-from achilles_guard.cli import app
+from achilles_guard.cli.app import app
 from achilles_guard.cli.common import (
     AllowPickleOption,
     DeprecatedOption,
@@ -115,8 +115,8 @@ def monitor_command(
     """
     from prometheus_client import CollectorRegistry
 
-    from achilles_guard.fingerprint import load_fingerprint, read_key
-    from achilles_guard.model import load_model
+    from achilles_guard.formats.load import load_model
+    from achilles_guard.integrity.fingerprint import load_fingerprint, read_key
     from achilles_guard.monitor import ActivationMonitor, MonitorConfig
     from achilles_guard.monitor.server import ServeContext, ServerLimits, build_server
 
@@ -151,7 +151,7 @@ def monitor_command(
         server = build_server(None, host=host, port=port, limits=limits)
     try:
         if demo:
-            from achilles_guard.demo import demo_model_dir
+            from achilles_guard.engine.demo import demo_model_dir
 
             model_dir = str(demo_model_dir())
         lm = load_model(

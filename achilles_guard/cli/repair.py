@@ -6,10 +6,10 @@ from pathlib import Path
 
 import typer
 
-from achilles_guard.cli import app
+from achilles_guard.cli.app import app
 from achilles_guard.cli.common import Format, guarded, stdout
-from achilles_guard.errors import EXIT_FINDING, EXIT_OK, InputError
-from achilles_guard.report import dumps
+from achilles_guard.errors import EXIT_FINDING, EXIT_OK
+from achilles_guard.report.documents import dumps
 
 __all__ = ["repair_command"]
 
@@ -27,22 +27,9 @@ def repair_command(
     Exit 0 every fingerprinted slice intact in the copy, 1 some slice could not be restored
     (tensor missing, reshaped or re-typed), 2 bad input (nothing written), 3 runtime failure.
     """
-    from achilles_guard.defenses.repair import check_out_dir, repair_checkpoint
-    from achilles_guard.fingerprint import load_fingerprint
-    from achilles_guard.gguf_file import is_gguf
+    from achilles_guard.integrity.rewrite import repair
 
-    if is_gguf(checkpoint_dir):  # restores the fingerprinted raw blocks into a copy of the file (gguf_tamper.py)
-        from achilles_guard.gguf_tamper import repair_gguf
-
-        if not checkpoint_dir.is_file():
-            raise InputError(f"{checkpoint_dir}: no such GGUF file")
-        outcome = repair_gguf(checkpoint_dir, load_fingerprint(fingerprint), out)
-    else:
-        if not checkpoint_dir.is_dir():
-            raise InputError(f"{checkpoint_dir}: no such directory")
-        check_out_dir(checkpoint_dir, out)
-        fp = load_fingerprint(fingerprint)
-        outcome = repair_checkpoint(checkpoint_dir, fp, out)
+    outcome = repair(checkpoint_dir, fingerprint, out)
     doc = outcome.as_dict()
     console = stdout()
     if format is Format.json:

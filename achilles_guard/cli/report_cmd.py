@@ -10,14 +10,14 @@ from typing import List, Optional
 
 import typer
 
-from achilles_guard.cli import app
+from achilles_guard.cli.app import app
 from achilles_guard.cli.common import guarded, stdout
 
 __all__ = ["report_command", "html_page"]
 
 
 def _load_study(path: Path) -> dict:
-    from achilles_guard.report import read_document
+    from achilles_guard.report.documents import read_document
 
     return read_document(path, schema="achilles-guard/study/v1", option="--study")
 
@@ -34,25 +34,25 @@ def report_command(
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Embed plots in the HTML page (needs matplotlib)."),
 ) -> None:
     """Show a scan report; with --html, write a static page readable offline."""
-    from achilles_guard.evaluation import read_scan_report
-    from achilles_guard.render import scan_summary
-    from achilles_guard.report import atomic_write_bytes
+    from achilles_guard.report.documents import atomic_write_bytes
+    from achilles_guard.report.tables import scan_summary
+    from achilles_guard.research.evaluation import read_scan_report
 
     doc = read_scan_report(report)
     studies = [_load_study(p) for p in study]
     if png is not None or (html_out is not None and plots):
-        from achilles_guard.plots import require_matplotlib
+        from achilles_guard.research.plots import require_matplotlib
 
         require_matplotlib()
     console = stdout()
     if png is not None:
-        from achilles_guard.plots import scan_png
+        from achilles_guard.research.plots import scan_png
 
         atomic_write_bytes(png, scan_png(doc))
     if html_out is not None:
         atomic_write_bytes(html_out, html_page(doc, studies, plots=plots).encode())
     if html_out is None and png is None:
-        from achilles_guard.render import study_table
+        from achilles_guard.report.tables import study_table
 
         console.print(scan_summary(doc))
         for s in studies:
@@ -102,7 +102,7 @@ def html_page(doc: dict, studies: list[dict], *, plots: bool = True) -> str:
                             [[n.get("rank"), n["layer"], n["component"], n["module"], n["channel"], n.get("importance")]
                              for n in doc["critical_set"]], left={"component", "module"}))
     if plots:
-        from achilles_guard.plots import scan_png
+        from achilles_guard.research.plots import scan_png
 
         parts.append("<h2>Phase transition and layer distribution (Fig. 2)</h2>")
         parts.append(_img(scan_png(doc), "phase transition and layer distribution"))
@@ -120,8 +120,8 @@ def html_page(doc: dict, studies: list[dict], *, plots: bool = True) -> str:
         for note in s.get("notes", []):
             parts.append(f"<p class='note'>{e(note)}</p>")
         if plots:
-            from achilles_guard.plots import spec_png
-            from achilles_guard.studies.base import PlotSpec
+            from achilles_guard.research.plots import spec_png
+            from achilles_guard.research.studies.base import PlotSpec
 
             parts.append(_img(spec_png(PlotSpec.from_dict(s["plot"])), s["title"]))
     parts.append("</body></html>\n")

@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from achilles_guard.cli import app
+from achilles_guard.cli.app import app
 from achilles_guard.cli.common import (
     AllowPickleOption,
     DeviceOption,
@@ -21,12 +21,12 @@ from achilles_guard.cli.common import (
     progress_bar,
     stdout,
 )
+from achilles_guard.engine.paper import PAPER
+from achilles_guard.engine.scan import ScanParams, read_probe_texts, run_scan, tokenize_probe
 from achilles_guard.errors import EXIT_FINDING, EXIT_OK, InputError, UsageError
-from achilles_guard.fingerprint import fingerprint_bytes, read_key
-from achilles_guard.paper import PAPER
-from achilles_guard.report import dumps, scan_report, scan_sarif
-from achilles_guard.scan import ScanParams, read_probe_texts, run_scan, tokenize_probe
-from achilles_guard.staging import publish_files
+from achilles_guard.formats.staging import publish_files
+from achilles_guard.integrity.fingerprint import fingerprint_bytes, read_key
+from achilles_guard.report.documents import dumps, scan_report, scan_sarif
 
 __all__ = ["scan_command"]
 
@@ -34,13 +34,10 @@ __all__ = ["scan_command"]
 def _check_fingerprintable(directory) -> None:
     """Before the long scan: the fingerprint reads safetensors slices, so pickle-only weights cannot be
     fingerprinted."""
-    from achilles_guard.checkpoint import Checkpoint
-    from achilles_guard.gguf_file import is_gguf
+    from achilles_guard.formats.checkpoint import check_readable_weights
 
-    if is_gguf(directory):  # a GGUF's blocks are fingerprinted directly (checked when it loaded)
-        return
     try:
-        Checkpoint.open(directory).close()
+        check_readable_weights(directory)
     except InputError as err:
         raise InputError(
             f"{err}; a scan writes report.json and fingerprint.safetensors together, so nothing was written"
@@ -96,7 +93,7 @@ def scan_command(
     Writes OUT/report.json (schema achilles-guard/scan/v1) and OUT/fingerprint.safetensors
     atomically; stdout carries only the result. Exit 0 ok, 1 gate failed (--fail-under), 2 bad input, 3 runtime failure.
     """
-    from achilles_guard.model import load_model
+    from achilles_guard.formats.load import load_model
 
     if demo == (model_dir is not None):
         raise UsageError("give either MODEL_DIR or --demo (exactly one)")
@@ -114,7 +111,7 @@ def scan_command(
     out = prepare_out_dir(out)
     t0 = time.perf_counter()
     if demo:
-        from achilles_guard.demo import demo_model_dir
+        from achilles_guard.engine.demo import demo_model_dir
 
         info("[dim]preparing the synthetic demonstration model (built once, then cached)…[/]")
         model_dir = str(demo_model_dir())
@@ -142,7 +139,7 @@ def scan_command(
     elif format is Format.sarif:
         console.file.write(dumps(scan_sarif(doc, fail_under=fail_under)))
     else:
-        from achilles_guard.render import scan_summary
+        from achilles_guard.report.tables import scan_summary
 
         console.print(scan_summary(doc, fail_under=fail_under))
         console.print(f"[dim]wrote {', '.join(str(p) for p in written)}[/]")

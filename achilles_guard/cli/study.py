@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from achilles_guard.cli import app
+from achilles_guard.cli.app import app
 from achilles_guard.cli.common import (
     AllowPickleOption,
     DeviceOption,
@@ -20,9 +20,9 @@ from achilles_guard.cli.common import (
     progress_bar,
     stdout,
 )
+from achilles_guard.engine.paper import PAPER
 from achilles_guard.errors import UsageError
-from achilles_guard.paper import PAPER
-from achilles_guard.render import study_table
+from achilles_guard.report.tables import study_table
 
 __all__ = ["study_command"]
 
@@ -90,11 +90,11 @@ def study_command(
 
     Exit 0 ok, 2 bad input (unknown study, bad list, matplotlib missing for a PNG), 3 runtime failure.
     """
-    from achilles_guard import studies
-    from achilles_guard.evaluation import ReportRanking, build_corpus
-    from achilles_guard.model import load_model
-    from achilles_guard.report import atomic_write_bytes, dumps, write_json
-    from achilles_guard.scan import ScanParams, read_probe_texts, tokenize_probe
+    from achilles_guard.engine.scan import ScanParams, read_probe_texts, tokenize_probe
+    from achilles_guard.formats.load import load_model
+    from achilles_guard.report.documents import atomic_write_bytes, dumps, write_json
+    from achilles_guard.research import studies
+    from achilles_guard.research.evaluation import ReportRanking, build_corpus
 
     if name not in studies.STUDIES:
         raise UsageError(f"unknown study {name!r}; use one of {', '.join(studies.STUDIES)}")
@@ -103,7 +103,7 @@ def study_command(
     if batch_size is not None and batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1 (got {batch_size})")
     if plot:
-        from achilles_guard.plots import require_matplotlib
+        from achilles_guard.research.plots import require_matplotlib
 
         require_matplotlib()  # fail before any long work
     params = ScanParams(alpha=alpha, samples=samples, seed=seed, epsilon=epsilon, max_neurons=max_neurons,
@@ -152,7 +152,7 @@ def study_command(
     json_path = write_json(out / f"study-{name}.json", doc)
     written = [json_path]
     if plot:
-        from achilles_guard.plots import spec_png
+        from achilles_guard.research.plots import spec_png
 
         written.append(atomic_write_bytes(out / f"study-{name}.png", spec_png(result.plot)))
     if format is Format.json:
@@ -179,7 +179,7 @@ def _runner(name, studies, *, alphas, samples_list, epsilons, betas, dtypes, len
         values = parse_list(betas, float, "--betas")
         return lambda ctx: studies.scale_study(ctx, values)
     if name == "precision":
-        from achilles_guard.model import DTYPES
+        from achilles_guard.formats.load import DTYPES
 
         values = parse_list(dtypes, str, "--dtypes")
         bad = [v for v in values if v not in DTYPES]

@@ -1,4 +1,4 @@
-"""`guard tamper`: RED-TEAM HELPER. Argument handling and printing; the work is in `achilles_guard.tamper`."""
+"""`guard tamper`: RED-TEAM HELPER. Argument handling and printing; the work is in `achilles_guard.integrity.tamper`."""
 
 from __future__ import annotations
 
@@ -8,9 +8,14 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from achilles_guard.cli import app
+from achilles_guard.cli.app import app
 from achilles_guard.cli.common import guarded, stderr, stdout
-from achilles_guard.tamper import BANNER, TamperKind, check_kind_options, check_out, select_targets, tamper_checkpoint
+from achilles_guard.integrity.tamper import (
+    BANNER,
+    TamperKind,
+    check_kind_options,
+    check_out,
+)
 
 __all__ = ["tamper_command"]
 
@@ -42,20 +47,11 @@ def tamper_command(
     """
     check_kind_options(kind, scale, noise)
     check_out(checkpoint_dir, out)
-    from achilles_guard.gguf_file import is_gguf
+    from achilles_guard.integrity.rewrite import tamper, tamper_targets
 
-    gguf = is_gguf(checkpoint_dir)  # a .gguf: its quantized blocks are edited in a copy (gguf_tamper.py)
-    if gguf:
-        from achilles_guard.gguf_tamper import select_gguf_targets, tamper_gguf
-
-        targets = select_gguf_targets(checkpoint_dir, neurons, neuron, top)
-    else:
-        targets = select_targets(checkpoint_dir, neurons, neuron, top)
+    targets = tamper_targets(checkpoint_dir, neurons, neuron, top)
     stderr().print(f"[bold yellow]{BANNER}[/]", soft_wrap=True)  # after every input check: errors stay one line
-    if gguf:
-        written = tamper_gguf(checkpoint_dir, out, targets, kind=kind.value, scale=scale, noise=noise, seed=seed)
-    else:
-        written = tamper_checkpoint(checkpoint_dir, out, targets, kind=kind, scale=scale, noise=noise, seed=seed)
+    written = tamper(checkpoint_dir, out, targets, kind=kind, scale=scale, noise=noise, seed=seed)
     table = Table(title=f"RED-TEAM: sabotaged copy written to {written} ({kind.value})", title_justify="left")
     for col in ("neuron", "slice", "axis", "index"):
         table.add_column(col)

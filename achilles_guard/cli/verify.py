@@ -10,7 +10,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from achilles_guard.cli import app
+from achilles_guard.cli.app import app
 from achilles_guard.cli.common import DeprecatedOption, Format, deprecated_alias, guarded, stderr, stdout
 from achilles_guard.errors import EXIT_FINDING, EXIT_OK
 
@@ -50,11 +50,11 @@ def verify_command(
     incomplete (a fingerprint without tensor records, in full mode) or a bad/missing signature with
     --verify-key, 2 bad input, 3 runtime failure.
     """
-    from achilles_guard.detectors.checkpoint_verify import FunctionalParams
     from achilles_guard.errors import UsageError
-    from achilles_guard.fingerprint import load_fingerprint, read_key
+    from achilles_guard.integrity.fingerprint import load_fingerprint, read_key
+    from achilles_guard.integrity.slices import FunctionalParams
     from achilles_guard.integrity.verify import verify_model
-    from achilles_guard.report import dumps, verify_document, verify_sarif
+    from achilles_guard.report.documents import dumps, verify_document, verify_sarif
 
     max_delta_log10 = deprecated_alias(max_delta_log10, tolerance, old="--tolerance", new="--max-delta-log10")
     if not max_delta_log10 > 0:

@@ -21,7 +21,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from achilles_guard.model import LoadedModel, load_model
+from achilles_guard.formats.load import LoadedModel, load_model
 
 __all__ = ["Defense", "Step", "Applied", "stored_dtype", "save_model"]
 
@@ -80,8 +80,8 @@ def stored_dtype(model_dir: Path) -> torch.dtype:
 
     A GGUF file: float16 / bfloat16 when every matrix is stored in it, else float32 (a quantized
     matrix is saved as its dequantized float32 values: a hardened GGUF is a safetensors directory)."""
-    from achilles_guard.checkpoint import Checkpoint
-    from achilles_guard.gguf_file import is_gguf, read_layout
+    from achilles_guard.formats.checkpoint import Checkpoint
+    from achilles_guard.formats.gguf import is_gguf, read_layout
 
     names = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
     if is_gguf(model_dir):
@@ -98,7 +98,7 @@ def stored_dtype(model_dir: Path) -> torch.dtype:
 
 def save_model(work: LoadedModel, target: Path, dtype: torch.dtype) -> None:
     """save_pretrained into a staging directory, then swap it in (a reader never sees half a model)."""
-    from achilles_guard.staging import staged_dir
+    from achilles_guard.formats.staging import staged_dir
 
     model = work.model.to(dtype)
     model.config.dtype = str(dtype).removeprefix("torch.")

@@ -25,9 +25,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from achilles_guard.engine.corpus import load_corpus
+from achilles_guard.engine.masking import MaskPlan, masked
 from achilles_guard.errors import InputError, UsageError
-from achilles_guard.evaluation import load_corpus
-from achilles_guard.masking import MaskPlan, masked
 
 __all__ = ["FinetuneConfig", "finetune"]
 

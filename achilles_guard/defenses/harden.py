@@ -28,12 +28,12 @@ from achilles_guard import __version__
 from achilles_guard.defenses import finetune, heads, pin, redundancy, rotate, split
 from achilles_guard.defenses.base import Step
 from achilles_guard.defenses.reattack import DEFAULT_MIN_MARGIN, HELD_OUT_TEXTS, AttackSummary, Verification, reattack
+from achilles_guard.engine.neurons import Neuron
+from achilles_guard.engine.scan import ScanParams, tokenize_probe
 from achilles_guard.errors import InputError, UsageError
-from achilles_guard.fingerprint import load_fingerprint, write_fingerprint
-from achilles_guard.model import load_model
-from achilles_guard.neurons import Neuron
-from achilles_guard.report import SCAN_SCHEMA, read_document, scan_report, write_json
-from achilles_guard.scan import ScanParams, tokenize_probe
+from achilles_guard.formats.load import load_model
+from achilles_guard.integrity.fingerprint import load_fingerprint, write_fingerprint
+from achilles_guard.report.documents import SCAN_SCHEMA, read_document, scan_report, write_json
 
 __all__ = [
     "DEFENSES",

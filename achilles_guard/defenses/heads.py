@@ -40,8 +40,8 @@ from torch import nn
 
 from achilles_guard.defenses.redundancy import REDUNDANT, pad_residual
 from achilles_guard.defenses.split import _cols, _rows, require_copies
+from achilles_guard.engine.neurons import decoder_blocks
 from achilles_guard.errors import UsageError
-from achilles_guard.neurons import decoder_blocks
 
 __all__ = ["DUPLICABLE", "HeadPlan", "check_duplicable", "plan_heads", "duplicate_heads", "head_counts", "DEFENSE"]
 

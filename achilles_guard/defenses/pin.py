@@ -50,8 +50,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from achilles_guard.masking import hooks, reads_input
-from achilles_guard.neurons import Neuron
+from achilles_guard.engine.masking import hooks, reads_input
+from achilles_guard.engine.neurons import Neuron
 
 __all__ = ["ExactRule", "PinProfile", "PinGuard", "PinnedModel"]
 
@@ -414,7 +414,7 @@ def _exact_rule(specs: list) -> ExactRule | None:
 
 def _no_record(neuron: Neuron):
     """A stand-in record for a neuron guarded only through another's stored weights (an MLP unit's gate row)."""
-    from achilles_guard.fingerprint import ActivationBaseline, NeuronRecord
+    from achilles_guard.integrity.fingerprint import ActivationBaseline, NeuronRecord
 
     return NeuronRecord(neuron, -1, "", 0, 0.0, False, (), ActivationBaseline(0.0, 0.0, 0.0, 0.0))
 

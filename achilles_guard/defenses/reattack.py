@@ -29,12 +29,12 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from achilles_guard.masking import MaskPlan, masked
-from achilles_guard.neurons import Neuron
-from achilles_guard.perplexity import delta_log10, row_losses
-from achilles_guard.portfolio import KNOWN
-from achilles_guard.report import json_number
-from achilles_guard.scan import ProbeText, ScanParams, ScanResult, run_scan
+from achilles_guard.engine.masking import MaskPlan, masked
+from achilles_guard.engine.neurons import Neuron
+from achilles_guard.engine.perplexity import delta_log10, row_losses
+from achilles_guard.engine.portfolio import KNOWN
+from achilles_guard.engine.scan import ProbeText, ScanParams, ScanResult, run_scan
+from achilles_guard.report.documents import json_number
 
 __all__ = [
     "HELD_OUT_TEXTS",

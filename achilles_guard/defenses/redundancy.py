@@ -34,12 +34,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from achilles_guard.adapters import adapter_for
-from achilles_guard.copies import residual_copies
 from achilles_guard.defenses.rotate import ROTATABLE
 from achilles_guard.defenses.split import SplitPlan, _cols, _rows, require_copies, split_model
+from achilles_guard.engine.adapters import adapter_for
+from achilles_guard.engine.copies import residual_copies
+from achilles_guard.engine.neurons import decoder_blocks
 from achilles_guard.errors import UsageError
-from achilles_guard.neurons import decoder_blocks
 
 __all__ = [
     "REDUNDANT",

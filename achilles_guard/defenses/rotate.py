@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from achilles_guard.adapters import adapter_for
+from achilles_guard.engine.adapters import adapter_for
+from achilles_guard.engine.neurons import decoder_blocks
 from achilles_guard.errors import UsageError
-from achilles_guard.neurons import decoder_blocks
 
 __all__ = ["ROTATABLE", "RotationRecord", "orthogonal", "rotate_model", "check_rotatable"]
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from achilles_guard.engine.neurons import Neuron, decoder_blocks
 from achilles_guard.errors import UsageError
-from achilles_guard.neurons import Neuron, decoder_blocks
 
 __all__ = ["SplitPlan", "plan_split", "split_model", "SPLITTABLE"]
 
@@ -159,7 +159,7 @@ class SplitDefense:
 
     def apply(self, step):
         from achilles_guard.defenses.base import Applied
-        from achilles_guard.neurons import discover
+        from achilles_guard.engine.neurons import discover
 
         work = step.load()
         by_name = discover(work.model, step.fp.scan_params.get("components", "all")).by_name()

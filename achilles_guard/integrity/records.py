@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from achilles_guard.errors import InputError
-from achilles_guard.integrity.formats import FLOAT_DTYPES, TensorEntry, width_of
+from achilles_guard.formats.source import FLOAT_DTYPES, TensorEntry, width_of
 
 __all__ = [
     "DIGEST",
@@ -222,7 +222,7 @@ def _sketch_sha(sketch: np.ndarray) -> str:
 
 
 def _itemsize(dtype: str) -> int:
-    from achilles_guard.integrity.formats import ST_ITEMSIZE
+    from achilles_guard.formats.source import ST_ITEMSIZE
 
     return ST_ITEMSIZE.get(dtype, 0)
 

@@ -4,7 +4,7 @@
     report = verify_model("model.gguf", fp, quick=True)       # the critical slices and norm gains only
     report.verdict, report.tensor_findings[0].severity         # "tampered", "critical"
 
-Full mode runs the slice check (`checkpoint_verify.verify_checkpoint` or `gguf_integrity.verify_gguf`,
+Full mode runs the slice check (`slices.verify_checkpoint` or `gguf_slices.verify_gguf`,
 which classify a change: zeroed, scaled...) and the tensor check (`records.check_tensors`, which
 finds it anywhere), and ranks each tensor finding:
 
@@ -24,7 +24,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from achilles_guard.integrity.formats import open_source
+from achilles_guard.formats.source import open_source
 from achilles_guard.integrity.records import TensorCheck, TensorFinding, check_tensors
 
 __all__ = ["verify_model", "rank_findings", "quick_coverage"]
@@ -33,14 +33,14 @@ __all__ = ["verify_model", "rank_findings", "quick_coverage"]
 def verify_model(path: str | Path, fp, *, quick: bool = False, functional=None, signature: str = "not checked",
                  sign_key: bytes | None = None):
     """A VerifyResult for `path` against fingerprint `fp`; InputError (exit 2) for unusable input."""
-    from achilles_guard.gguf_file import is_gguf
+    from achilles_guard.formats.gguf import is_gguf
 
     if is_gguf(path):
-        from achilles_guard.gguf_integrity import verify_gguf
+        from achilles_guard.integrity.gguf_slices import verify_gguf
 
         report = verify_gguf(path, fp, functional=functional, signature=signature)
     else:
-        from achilles_guard.detectors.checkpoint_verify import verify_checkpoint
+        from achilles_guard.integrity.slices import verify_checkpoint
 
         report = verify_checkpoint(path, fp, functional=functional, signature=signature)
     with open_source(path) as src:

@@ -42,8 +42,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from achilles_guard.engine.masking import hooks
 from achilles_guard.errors import InputError, UsageError
-from achilles_guard.masking import hooks
 from achilles_guard.monitor.canary import Canary, CanaryResult
 from achilles_guard.monitor.metrics import MonitorMetrics
 from achilles_guard.monitor.runtime_integrity import RuntimeIntegrityChecker, RuntimeIntegrityResult

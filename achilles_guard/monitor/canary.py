@@ -13,9 +13,9 @@ import math
 import time
 from dataclasses import dataclass
 
+from achilles_guard.engine.pcicn import clean_loss
+from achilles_guard.engine.perplexity import LN10
 from achilles_guard.errors import InputError
-from achilles_guard.pcicn import clean_loss
-from achilles_guard.perplexity import LN10
 
 __all__ = ["Canary", "CanaryResult"]
 

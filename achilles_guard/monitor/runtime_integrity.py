@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from achilles_guard.checkpoint import tensor_sha256
 from achilles_guard.errors import InputError
+from achilles_guard.formats.checkpoint import tensor_sha256
 
 __all__ = ["RuntimeIntegrityChecker", "RuntimeIntegrityResult"]
 

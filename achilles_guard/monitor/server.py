@@ -39,11 +39,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from achilles_guard.engine.neurons import Neuron, parse_neuron
 from achilles_guard.errors import InputError, first_line
 from achilles_guard.monitor.generate import complete
 from achilles_guard.monitor.tamper import disrupt
-from achilles_guard.neurons import Neuron, parse_neuron
-from achilles_guard.report import json_number
+from achilles_guard.report.documents import json_number
 
 __all__ = ["ServerLimits", "ServeContext", "build_server", "bind_context", "RequestError"]
 

@@ -14,9 +14,9 @@ from typing import Iterable, Iterator
 
 import torch
 
+from achilles_guard.engine.neurons import Neuron
 from achilles_guard.errors import UsageError
-from achilles_guard.neurons import Neuron
-from achilles_guard.tamper import scaled_slice
+from achilles_guard.integrity.tamper import scaled_slice
 
 __all__ = ["Disruption", "disrupt", "disrupted"]
 

@@ -1,1 +1,0 @@
-"""Detectors: checks of a checkpoint or a running model against a fingerprint."""
