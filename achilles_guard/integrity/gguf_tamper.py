@@ -46,10 +46,10 @@ def gguf_targets(layout: GGUFLayout, targets) -> list[tuple[object, SliceBlocks]
 
 def select_gguf_targets(src: Path, source: Path | None, explicit: list[str], top: int | None) -> list:
     """`guard tamper`'s neuron choice (fingerprint, report.json or --neuron) resolved to slices of a GGUF file."""
-    from achilles_guard.engine.neurons import producing_slices
     from achilles_guard.integrity.tamper import (
         TamperTarget,
         neuron_option,
+        neuron_slices,
         neurons_from_report,
         targets_from_fingerprint,
     )
@@ -67,14 +67,7 @@ def select_gguf_targets(src: Path, source: Path | None, explicit: list[str], top
         chosen = neurons_from_report(source, top) if source is not None else [neuron_option(s) for s in explicit]
         model = _meta_model(src)
         for n in chosen:
-            try:
-                slices = producing_slices(model, n)
-            except AttributeError:
-                raise InputError(f"neuron {n}: the model has no module {n.module}") from None
-            except (IndexError, ValueError) as err:
-                raise InputError(f"neuron {n}: channel {n.channel} is out of range for {n.module} ({err})") from None
-            if not slices:
-                raise InputError(f"neuron {n}: no weight produces it (not a linear, norm or activation module)")
+            slices = neuron_slices(model, n)
             targets.extend(TamperTarget(n, ws.param, ws.axis, ws.index, ws.null_value) for ws in slices)
         gguf_targets(layout, targets)  # every slice exists and is in range, before anything is written
     return targets

@@ -99,18 +99,9 @@ def select_targets(src: Path, source: Path | None, explicit: list[str], top: int
         return targets_from_fingerprint(source, top, lambda record: find_slice(weight_map, record))
     chosen = neurons_from_report(source, top) if source is not None else [neuron_option(s) for s in explicit]
     model = _meta_model(src)
-    from achilles_guard.engine.neurons import producing_slices
-
     targets = []
     for n in chosen:
-        try:
-            slices = producing_slices(model, n)
-        except AttributeError:
-            raise InputError(f"neuron {n}: the model has no module {n.module}") from None
-        except (IndexError, ValueError) as err:
-            raise InputError(
-                f"neuron {n}: channel {n.channel} is out of range for {n.module} ({first_line(err)})"
-            ) from None
+        slices = neuron_slices(model, n)
         for ws in slices:
             try:
                 size = model.get_parameter(ws.param).shape[ws.axis]
@@ -120,14 +111,30 @@ def select_targets(src: Path, source: Path | None, explicit: list[str], top: int
                 raise InputError(
                     f"neuron {n}: channel {n.channel} is out of range ({ws.param} has {size} along axis {ws.axis})"
                 )
-        if not slices:
-            raise InputError(f"neuron {n}: no weight produces it (not a linear, norm or activation module)")
         for ws in slices:
             key = resolve_key(weight_map, ws.param)
             if key is None:
                 raise InputError(f"{src}: parameter {ws.param} (producing {n}) is not in the checkpoint")
             targets.append(TamperTarget(n, key, ws.axis, ws.index, ws.null_value))
     return targets
+
+
+def neuron_slices(model, n: Neuron) -> tuple:
+    """The weight slices that produce neuron `n` of a (meta) model, in either file format's tamper;
+    InputError, one line, for a module the model lacks, a channel out of range, or a neuron no weight makes."""
+    from achilles_guard.engine.neurons import producing_slices
+
+    try:
+        slices = producing_slices(model, n)
+    except AttributeError:
+        raise InputError(f"neuron {n}: the model has no module {n.module}") from None
+    except (IndexError, ValueError) as err:
+        raise InputError(
+            f"neuron {n}: channel {n.channel} is out of range for {n.module} ({first_line(err)})"
+        ) from None
+    if not slices:
+        raise InputError(f"neuron {n}: no weight produces it (not a linear, norm or activation module)")
+    return slices
 
 
 def tamper_checkpoint(
