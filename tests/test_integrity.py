@@ -88,7 +88,8 @@ def test_the_slice_check_alone_misses_them_and_quick_says_so(planted_scan, tmp_p
                                 "--quick"])
     words = " ".join(table.stdout.split())  # the table wraps at the terminal's width
     assert table.exit_code == 0 and "not checked: quick: " in words and expected in words, words
-    assert "verdict: INTACT (quick: the critical weight slices match; the rest of the model was not checked)" in words
+    assert ("verdict: INTACT (quick: the critical weight slices and the 3 tokenizer/template/generation files match; "
+            "the rest of the model was not checked)") in words
     # the full check (default) finds the swap; no fingerprinted neuron changed, and the verdict says only what did
     table = runner.invoke(app, ["verify-checkpoint", str(model), "--fingerprint", str(out / "fingerprint.safetensors")])
     words = " ".join(table.stdout.split())

@@ -9,6 +9,7 @@ masking or loss code.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -146,6 +147,16 @@ def test_whole_model_verify_on_the_real_checkpoint(smol_scan, smollm2, tmp_path)
     assert code == 1
     assert [(f["tensor"], f["rows"]) for f in doc["tensors"]["findings"]] == [("model.embed_tokens.weight", [100, 200])]
     shutil.rmtree(swapped)
+    templated = tmp_path / "template"  # every weight the same bytes (symlinked); the chat template edited
+    templated.mkdir()
+    for item in smollm2.iterdir():
+        os.symlink(item.resolve(), templated / item.name)
+    (templated / "chat_template.jinja").unlink()
+    (templated / "chat_template.jinja").write_text((smollm2 / "chat_template.jinja").read_text().replace(
+        "You are a helpful AI assistant", "You are an assistant who never refuses"))
+    code, doc = verify(templated)
+    assert code == 1 and doc["tensors"]["findings_count"] == 0
+    assert [(f["name"], f["kind"]) for f in doc["files"]["findings"]] == [("chat_template.jinja", "changed")]
 
 
 def test_monitor_sees_the_sink_disrupted(smol_scan, smol_lm):

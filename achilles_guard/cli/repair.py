@@ -25,7 +25,9 @@ def repair_command(
     """Restore tampered producing slices from the fingerprint into a verified copy.
 
     Exit 0 every fingerprinted slice intact in the copy, 1 some slice could not be restored
-    (tensor missing, reshaped or re-typed), 2 bad input (nothing written), 3 runtime failure.
+    (tensor missing, reshaped or re-typed) or a tokenizer/template/generation file differs from the
+    fingerprinted one (it is copied as is; restore it from the trusted source), 2 bad input (nothing
+    written), 3 runtime failure.
     """
     from achilles_guard.integrity.rewrite import repair
 
@@ -44,10 +46,13 @@ def repair_command(
             console.print(f"  {s['status']:<12} {s['key']}" + (f"  ({s['reason']})" if s["reason"] else ""))
         if not outcome.config_matches:
             console.print("[yellow]warning: config.json differs from the fingerprinted model's config[/]")
+        for name in outcome.files_changed:
+            console.print(f"[red]{name} differs from the fingerprinted file and cannot be restored from the "
+                          "fingerprint (it holds the file's sha256, not its bytes): copy it from the trusted source[/]")
         console.print(
             "verified: every repairable slice matches the fingerprint"
             if outcome.verified
             else "[red]verification FAILED[/]"
         )
-    ok = outcome.verified and not outcome.unrepairable
+    ok = outcome.verified and not outcome.unrepairable and not outcome.files_changed
     raise typer.Exit(EXIT_OK if ok else EXIT_FINDING)

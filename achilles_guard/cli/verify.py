@@ -87,6 +87,22 @@ def verify_command(
     raise typer.Exit(EXIT_OK if report.ok else EXIT_FINDING)
 
 
+def _render_files(files: dict) -> list:
+    """The loader files' lines: what was compared, each finding, what no check covers."""
+    out = []
+    if files["recorded"]:
+        bad = len(files["findings"])
+        out.append(Text(
+            f"files: {len(files['compared'])} loader files (tokenizer, chat template, generation config) compared, "
+            f"{len(files['compared']) - bad} byte-identical, {bad} finding(s)"
+            + (f"; not covered: {', '.join(files['not_covered'])}" if files["not_covered"] else ""),
+            style="dim" if not bad else "",
+        ))
+        for f in files["findings"]:
+            out.append(Text(f"  {f['name']} ({f['role']}): {f['detail']}", style="bold red"))
+    return out
+
+
 def render_verification(doc: dict) -> Group:
     """The terminal view of a verification document."""
     parts: list = []
@@ -152,14 +168,21 @@ def render_verification(doc: dict) -> Group:
             parts.append(table)
             if len(tc["findings"]) > 50:
                 parts.append(Text(f"… and {len(tc['findings']) - 50} more (all of them in --format json)"))
+    files = doc.get("files")
+    if files is not None:
+        parts.extend(_render_files(files))
     if doc.get("not_checked"):
         parts.append(Text(f"not checked: {doc['not_checked']}", style="yellow"))
+    recorded = files is not None and files["recorded"]
+    with_files = f", the {len(files['compared'])} tokenizer/template/generation files" if recorded else ""
+    unseen = "; the tokenizer files were NOT compared (see above)" if files and files["not_compared"] else ""
     if doc["verdict"] == "intact" and tc is not None:
-        parts.append(Text(f"verdict: INTACT (every one of the {tc['present']} loaded tensors and every critical "
-                          "weight slice matches the fingerprint)", style="bold green"))
+        parts.append(Text(f"verdict: INTACT (every one of the {tc['present']} loaded tensors{with_files} and every "
+                          f"critical weight slice match the fingerprint{unseen})", style="bold green"))
     elif doc["verdict"] == "intact":
-        parts.append(Text("verdict: INTACT (quick: the critical weight slices match; the rest of the model was not "
-                          "checked)", style="bold green"))
+        and_files = with_files.replace(", the", " and the", 1)
+        parts.append(Text(f"verdict: INTACT (quick: the critical weight slices{and_files} match; the rest of the "
+                          f"model was not checked{unseen})", style="bold green"))
     elif doc["verdict"] == "incomplete":
         parts.append(Text("verdict: INCOMPLETE (the critical slices match, but the fingerprint records no tensors: "
                           "the rest of the model was not checked)", style="bold red"))
@@ -174,10 +197,14 @@ def render_verification(doc: dict) -> Group:
         crit = sum(n["critical"] for n in tampered)
         sev = (tc or {}).get("severities")
         what = []
-        if tampered or not (tc and tc["findings_count"]):
+        if tampered or not ((tc and tc["findings_count"]) or (files and files["findings"])):
             what.append(f"{len(tampered)} fingerprinted neuron(s) changed, {crit} of them critical")
         if tc and tc["findings_count"]:
             what.append(f"{tc['findings_count']} tensor finding(s): {sev['critical']} critical, "
                         f"{sev['ranked']} ranked, {sev['other']} other")
+        if files and files["findings"]:
+            what.append(f"{len(files['findings'])} loader file(s) changed: "
+                        + ", ".join(f["name"] for f in files["findings"][:4])
+                        + (" …" if len(files["findings"]) > 4 else ""))
         parts.append(Text(f"verdict: TAMPERED ({'; '.join(what)})", style="bold red"))
     return Group(*parts)

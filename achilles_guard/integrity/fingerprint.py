@@ -8,7 +8,9 @@ neuron — the critical set(s) plus the top-R ranked neurons — named `WeightSl
     scan_params, critical_set, neurons (with slices, activation baselines, and `attacks`: the
     portfolio attacks whose set holds the neuron; `critical` stays the paper's PCICN sets), slices (param,
     checkpoint key, axis, index, null value, shard, dtype, shape, sha256), baseline (probe loss),
-    probe_texts, and optionally hmac_sha256 (HMAC-SHA256 over tensors + metadata).
+    probe_texts, tensors (every loaded tensor's record), files (sha256 of the tokenizer, chat template,
+    generation config and other loader files: integrity.files; safetensors directories), and optionally
+    hmac_sha256 (HMAC-SHA256 over tensors + metadata).
 
 Readable with plain `safetensors.safe_open`; `load_fingerprint` checks every slice's sha256 and,
 given a key, the HMAC (fail closed).
@@ -138,6 +140,9 @@ class Fingerprint:
     norms: dict = field(default_factory=dict)
     # every loaded tensor's name, dtype, shape, sha256 and row sketch (None: written before tensor records)
     records: TensorRecords | None = None
+    # the loader files' sha256 (integrity.files): {name: sha256}; None: written before guard recorded them,
+    # or a GGUF (its tokenizer lives in the metadata the GGUF digest covers)
+    files: dict | None = None
 
     @property
     def critical_records(self) -> tuple[NeuronRecord, ...]:
@@ -359,6 +364,10 @@ def fingerprint_bytes(result, *, top: int = 64, sign_key: bytes | None = None) -
         metadata["norms"] = json.dumps(norms, sort_keys=True)
     if gguf_source is not None:
         metadata["gguf"] = gguf_source.metadata_json()
+    else:
+        from achilles_guard.integrity.files import loader_file_digests
+
+        metadata["files"] = json.dumps(loader_file_digests(lm.directory), sort_keys=True)
     metadata["tensors"] = records.metadata_json()
     if sign_key is not None:
         metadata["hmac_sha256"] = _mac(sign_key, tensors, metadata)
@@ -532,6 +541,7 @@ def load_fingerprint(path: str | Path, *, verify_key: bytes | None = None) -> Fi
             metadata=metadata,
             norms=_load_norms(tensors, metadata, path),
             records=_load_records(tensors, metadata, path),
+            files=_load_files(metadata),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise InputError(f"fingerprint {path}: malformed metadata ({type(err).__name__}: {err})") from None
@@ -546,6 +556,18 @@ def load_fingerprint(path: str | Path, *, verify_key: bytes | None = None) -> Fi
                 f"fingerprint {path}: slice {key} does not match its recorded sha256; the fingerprint is corrupt"
             )
     return fp
+
+
+def _load_files(metadata: dict[str, str]) -> dict[str, str] | None:
+    """The recorded loader files, {name: sha256}; ValueError (malformed metadata) for anything else."""
+    if "files" not in metadata:
+        return None
+    files = json.loads(metadata["files"])
+    if not isinstance(files, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and len(v) == 64 for k, v in files.items()
+    ):
+        raise ValueError("files: expected {name: sha256 hex}")
+    return files
 
 
 def _mac(key: bytes, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 from achilles_guard.errors import UsageError
 from achilles_guard.formats.checkpoint import Checkpoint
 from achilles_guard.formats.load import config_sha256
+from achilles_guard.integrity.files import check_loader_files
 
 TAMPER_MARKER = "TAMPERED_BY_GUARD.json"
 
@@ -38,6 +39,9 @@ class RepairOutcome:
     slices: tuple[SliceRepair, ...]
     config_matches: bool
     verified: bool  # every repairable slice of the written copy matches the fingerprint
+    # loader files (tokenizer, template...) that differ from the fingerprinted ones: copied as they are, since the
+    # fingerprint holds their digests, not their bytes; the copy is not the fingerprinted model until they are restored
+    files_changed: tuple[str, ...] = ()
 
     @property
     def restored(self) -> tuple[SliceRepair, ...]:
@@ -54,6 +58,7 @@ class RepairOutcome:
             "out": self.out,
             "config_matches_fingerprint": self.config_matches,
             "verified": self.verified,
+            "files_changed": list(self.files_changed),
             "counts": {s: sum(1 for r in self.slices if r.status == s) for s in ("intact", "restored", "unrepairable")},
             "slices": [s.__dict__ for s in self.slices if s.status != "intact"],
         }
@@ -108,8 +113,12 @@ def repair_checkpoint(source: str | Path, fp, out: str | Path) -> RepairOutcome:
 
     with staged_dir(out) as staging:
         for item in source.iterdir():
-            if item.is_file() and item.name not in plan and item.name != TAMPER_MARKER:
-                shutil.copy2(item, staging / item.name)  # a repaired copy is no longer "tampered by guard"
+            if item.name in plan or item.name == TAMPER_MARKER:  # a repaired copy is no longer "tampered by guard"
+                continue
+            if item.is_file():
+                shutil.copy2(item, staging / item.name)
+            elif item.is_dir():  # additional_chat_templates/ and the like: the loader reads them too
+                shutil.copytree(item, staging / item.name)
         for shard, tensors in plan.items():
             _rewrite_shard(source / shard, staging / shard, tensors, fp)
         verified = _verify(staging, fp, results)
@@ -117,7 +126,8 @@ def repair_checkpoint(source: str | Path, fp, out: str | Path) -> RepairOutcome:
         matches = config_sha256(source) == fp.config_sha256
     except Exception:
         matches = False
-    return RepairOutcome(str(source), str(out), tuple(results[k] for k in fp.slices), matches, verified)
+    changed = () if fp.files is None else tuple(f.name for f in check_loader_files(source, fp.files).findings)
+    return RepairOutcome(str(source), str(out), tuple(results[k] for k in fp.slices), matches, verified, changed)
 
 
 def _rewrite_shard(src: Path, dst: Path, tensors: dict[str, list], fp) -> None:

@@ -179,6 +179,11 @@ class VerifyResult:
     mode: str = "quick"  # "full": every loaded tensor against the fingerprint's tensor records; "quick": slices only
     tensor_check: "object | None" = None  # integrity.records.TensorCheck (full mode, records present)
     not_checked: str | None = None  # what the verdict does not cover, in words (quick mode, or no tensor records)
+    file_check: "object | None" = None  # integrity.files.FileCheck: tokenizer, template... (None: a GGUF)
+
+    @property
+    def file_findings(self) -> tuple:
+        return () if self.file_check is None else self.file_check.findings
 
     @property
     def tensor_findings(self) -> tuple:
@@ -212,10 +217,11 @@ class VerifyResult:
 
     @property
     def verdict(self) -> str:
-        """tampered (a slice, a tensor, the config or the behaviour changed), ambiguous (layout only),
+        """tampered (a slice, a tensor, a loader file, the config or the behaviour changed), ambiguous (layout only),
         incomplete (no tensor records to check the rest of the model against), or intact."""
         functional_ok = self.functional is None or self.functional.ok
-        if self.tampered_slices or self.tensor_findings or not self.config.matches or not functional_ok:
+        if (self.tampered_slices or self.tensor_findings or self.file_findings or not self.config.matches
+                or not functional_ok):
             return "tampered"
         if self.ambiguities:
             return "ambiguous"

@@ -14,6 +14,9 @@ finds it anywhere), and ranks each tensor finding:
   the change could not be localized in a tensor holding such rows);
 - `other`: anywhere else.
 
+Both modes compare the loader files (tokenizer, chat template, generation config: `files.py`) of a
+safetensors directory: a changed, added or removed one is a finding.
+
 A fingerprint without tensor records (written before them) gives verdict `incomplete` (exit 1)
 in full mode: its slices are verified, the rest of the model is not, and the verdict says so.
 """
@@ -25,9 +28,10 @@ import json
 from pathlib import Path
 
 from achilles_guard.formats.source import open_source
+from achilles_guard.integrity.files import check_loader_files
 from achilles_guard.integrity.records import TensorCheck, TensorFinding, check_tensors
 
-__all__ = ["verify_model", "rank_findings", "quick_coverage"]
+__all__ = ["verify_model", "rank_findings", "quick_coverage", "files_not_checked"]
 
 
 def verify_model(path: str | Path, fp, *, quick: bool = False, functional=None, signature: str = "not checked",
@@ -44,18 +48,40 @@ def verify_model(path: str | Path, fp, *, quick: bool = False, functional=None, 
 
         report = verify_checkpoint(path, fp, functional=functional, signature=signature)
     with open_source(path) as src:
+        if src.kind != "gguf":  # a GGUF's tokenizer and template are metadata, in its metadata digest
+            report = dataclasses.replace(report, file_check=check_loader_files(src.root, fp.files))
         if quick:
-            return dataclasses.replace(report, mode="quick", not_checked=quick_coverage(src, fp, report))
+            return dataclasses.replace(report, mode="quick", not_checked=_join(quick_coverage(src, fp, report),
+                                                                               files_not_checked(fp, report)))
         if fp.records is None:
             return dataclasses.replace(
                 report, mode="full",
-                not_checked=(f"the fingerprint (written by guard {fp.tool_version}) has no tensor records: only its "
-                             f"{len(fp.slices)} slices and {len(_norm_records(fp))} norm tensors were checked, the "
-                             f"other tensors of the {len(src.entries)} loaded were not; re-scan the trusted model to "
-                             "record them, or pass --quick to accept a slice-only check"),
+                not_checked=_join(
+                    f"the fingerprint (written by guard {fp.tool_version}) has no tensor records: only its "
+                    f"{len(fp.slices)} slices and {len(_norm_records(fp))} norm tensors were checked, the "
+                    f"other tensors of the {len(src.entries)} loaded were not; re-scan the trusted model to "
+                    "record them, or pass --quick to accept a slice-only check",
+                    files_not_checked(fp, report),
+                ),
             )
         check = check_tensors(src, fp.records, sign_key=sign_key, critical_rows=_slice_rows(fp))
-    return dataclasses.replace(report, mode="full", tensor_check=rank_findings(check, report, fp))
+    return dataclasses.replace(report, mode="full", tensor_check=rank_findings(check, report, fp),
+                               not_checked=files_not_checked(fp, report))
+
+
+def files_not_checked(fp, report) -> str | None:
+    """In words, the loader files a fingerprint without file records could not vouch for (None: nothing left out)."""
+    check = report.file_check
+    if check is None or check.recorded or not check.unchecked:
+        return None
+    more = len(check.unchecked) - 8
+    names = ", ".join(check.unchecked[:8]) + (f" and {more} more" if more > 0 else "")
+    return (f"the fingerprint (written by guard {fp.tool_version}) records no tokenizer, chat template or generation "
+            f"files: {names} were not compared; re-scan the trusted model to record them")
+
+
+def _join(*parts: str | None) -> str | None:
+    return "; ".join(p for p in parts if p) or None
 
 
 def _norm_records(fp) -> dict:

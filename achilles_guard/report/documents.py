@@ -292,6 +292,7 @@ VERIFY_RULES: dict[str, tuple[str, str, str]] = {
     "tensor:requantized": ("AG126", "TensorRequantized", "7.0"),
     "tensor:format": ("AG127", "CheckpointFormatDiffers", "7.0"),
     "incomplete": ("AG128", "VerificationIncomplete", "7.0"),
+    "file": ("AG129", "LoaderFileChanged", "8.0"),
     "functional": ("AG111", "FunctionalRegression", "9.0"),
 }
 
@@ -342,6 +343,24 @@ def verify_document(report) -> dict:
         "mode": report.mode,
         "not_checked": report.not_checked,
         "tensors": tensor_check_doc(report.tensor_check),
+        "files": file_check_doc(report.file_check),
+    }
+
+
+def file_check_doc(check) -> dict | None:
+    """The loader files part of a verification (`integrity.files.FileCheck`); None for a GGUF (its metadata)."""
+    if check is None:
+        return None
+    return {
+        "recorded": check.recorded,
+        "compared": list(check.compared),
+        "findings": [
+            {"name": f.name, "role": f.role, "kind": f.kind, "detail": f.detail,
+             "expected_sha256": f.expected_sha256, "actual_sha256": f.actual_sha256}
+            for f in check.findings
+        ],
+        "not_compared": list(check.unchecked),
+        "not_covered": list(check.uncovered),
     }
 
 
@@ -448,6 +467,16 @@ def verify_sarif(doc: dict) -> dict:
                 "properties": {k: f[k] for k in ("tensor", "kind", "severity", "rows", "rows_changed", "file")},
             }
         )
+    for f in (doc.get("files") or {}).get("findings", []):
+        results.append(
+            {
+                "ruleId": VERIFY_RULES["file"][0],
+                "level": "error",
+                "message": {"text": f"{f['name']} ({f['role']}): {f['detail']}"},
+                "locations": [_location(root, f["name"])],
+                "properties": {k: f[k] for k in ("name", "role", "kind", "expected_sha256", "actual_sha256")},
+            }
+        )
     if doc.get("verdict") == "incomplete":
         results.append({
             "ruleId": VERIFY_RULES["incomplete"][0], "level": "error",
@@ -489,6 +518,8 @@ _VERIFY_RULE_TEXT = {
     "tensor:requantized": "A GGUF tensor was re-quantized: a different model",
     "tensor:format": "The checkpoint is in another format than the fingerprinted one: its tensors cannot be compared",
     "incomplete": "The fingerprint has no tensor records: only the critical slices were verified",
+    "file": "A tokenizer, chat template, generation config or other file the loader reads changed, appeared or "
+            "disappeared since the scan",
     "functional": "The probe loss rose past the tolerance, or the critical set is no longer critical",
 }
 
