@@ -90,6 +90,9 @@ def test_swapped_vocabulary_entries_are_tampered(planted_scan, copy):
     (lambda d: (d / "modeling_evil.py").write_text("import os\n"), "modeling_evil.py", "added", "remote code"),
     (lambda d: (d / "generation_config.json").write_text('{"temperature": 9.0}'), "generation_config.json", "added",
      "generation config"),
+    (lambda d: (d / "tekken.json").write_text("{}"), "tekken.json", "added",
+     "loader input"),
+    (lambda d: (d / "source.spm").write_bytes(b"\0" * 9), "source.spm", "added", "tokenizer"),
 ])
 def test_added_removed_and_new_loader_files(planted_scan, copy, edit, name, kind, role):
     _, _, out = planted_scan
@@ -103,10 +106,13 @@ def test_added_removed_and_new_loader_files(planted_scan, copy, edit, name, kind
 def test_other_files_are_listed_as_not_covered(planted_scan, copy):
     _, _, out = planted_scan
     (copy / "README.md").write_text("# a model card edited after the scan\n")
+    (copy / "LICENSE").write_text("Apache-2.0\n")
+    (copy / "guard-out").mkdir()  # a scan's --out inside the model directory
+    (copy / "guard-out" / "report.json").write_text("{}")
     code, doc = verify(copy, out / "fingerprint.safetensors")
-    assert code == 0 and doc["verdict"] == "intact" and "README.md" in doc["files"]["not_covered"]
+    assert code == 0 and doc["verdict"] == "intact" and doc["files"]["not_covered"] == ["LICENSE", "README.md"]
     table = runner.invoke(app, ["verify-checkpoint", str(copy), "--fingerprint", str(out / "fingerprint.safetensors")])
-    assert "not covered: README.md" in " ".join(table.stdout.split())
+    assert "not covered: LICENSE, README.md" in " ".join(table.stdout.split())
 
 
 def test_a_symlink_to_a_device_is_not_read(planted_scan, copy):

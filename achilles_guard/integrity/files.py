@@ -7,13 +7,15 @@ each such file's exact bytes (and which of them were absent), and verify compare
     digests = loader_file_digests(root)          # {"tokenizer.json": "9f2c...", ...} at scan time
     check = check_loader_files(root, digests)    # at verify time: FileCheck(findings=(FileFinding...))
 
-A file counts as a loader file when transformers' `AutoTokenizer`, `GenerationConfig`, a processor
-or remote code (`trust_remote_code`, which a serving stack may enable even though guard never does)
-reads it from the directory: the names in `LOADER_FILES` and the patterns in `LOADER_GLOBS`. A loader
+A file counts as a loader file unless it is known that no loader reads it: every top-level regular
+file except the weights, config.json, documentation, licences, images and hidden files, plus the
+subfolders in `LOADER_GLOBS`. `LOADER_FILES` names the roles of the usual ones (what transformers'
+`AutoTokenizer`, `GenerationConfig` and processors read); `*.py` is remote code (`trust_remote_code`,
+which a serving stack may enable even though guard never does). A loader
 file that appears after the scan (a new `chat_template.jinja` overrides the template inside
 `tokenizer_config.json`) or disappears (a missing `generation_config.json` changes the sampling
-defaults) is a finding as much as a changed one. Every other regular file of the directory (README,
-licence) is listed as not covered, so a verdict says what it did not look at. config.json has its own
+defaults) is a finding as much as a changed one. The other regular files of the directory (README,
+licence) are listed as not covered, so a verdict says what it did not look at. config.json has its own
 check (canonical form) and the weights theirs (tensor records).
 
 A GGUF file carries its tokenizer and chat template in its metadata, which the GGUF metadata digest
@@ -45,14 +47,36 @@ LOADER_FILES = {
     "preprocessor_config.json": "processor",
     "processor_config.json": "processor",
 }
-LOADER_GLOBS = (
+LOADER_GLOBS = (  # files in subfolders that loaders read
     ("additional_chat_templates/*.jinja", "chat template"),
-    ("*.tiktoken", "tokenizer"),
-    ("*.py", "remote code"),
     ("custom_generate/*.py", "remote code"),
 )
-_WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".gguf", ".bin", ".bin.index.json", ".pt", ".pth")
+# Top-level files no loader reads: documentation, licences, images, hidden files, guard's own red-team marker.
+# Everything else at the top level that is neither a weight file nor config.json counts as a loader input,
+# so a tokenizer class with its own vocabulary file name (`*.spm`, `bpe.codes`, `tekken.json`...) is covered too.
+_NOT_LOADED_SUFFIXES = (".md", ".png", ".jpg", ".jpeg", ".gif", ".svg", ".webp", ".pdf")
+_NOT_LOADED_PREFIXES = ("LICENSE", "LICENCE", "NOTICE", "COPYING", "USE_POLICY", ".")
+_NOT_LOADED_NAMES = {"TAMPERED_BY_GUARD.json", "achilles-guard-source.json"}
+_WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".gguf", ".bin", ".bin.index.json", ".pt", ".pth",
+                    ".ckpt", ".h5", ".msgpack", ".onnx")
 _OWN_CHECK = {"config.json"}  # compared in canonical form by the config check
+
+
+def _top_level_role(name: str) -> str | None:
+    """A top-level file's role for the loaders, None when no loader reads it (or it has its own check)."""
+    if name in LOADER_FILES:
+        return LOADER_FILES[name]
+    if name in _OWN_CHECK or name in _NOT_LOADED_NAMES or name.endswith(_WEIGHT_SUFFIXES):
+        return None
+    if name.endswith(_NOT_LOADED_SUFFIXES) or name.upper().startswith(_NOT_LOADED_PREFIXES):
+        return None
+    if name.endswith(".py"):
+        return "remote code"
+    if name.endswith((".tiktoken", ".model", ".spm")):
+        return "tokenizer"
+    if name.endswith(".jinja"):
+        return "chat template"
+    return "loader input"
 
 
 @dataclass(frozen=True)
@@ -82,16 +106,16 @@ class FileCheck:
 
 
 def _role(name: str) -> str | None:
-    if name in LOADER_FILES:
-        return LOADER_FILES[name]
     path = Path(name)
+    if len(path.parts) == 1:
+        return _top_level_role(name)
     return next((role for pattern, role in LOADER_GLOBS if path.match(pattern) and
                  len(path.parts) == len(Path(pattern).parts)), None)
 
 
 def _present(root: Path) -> dict[str, str]:
     """Loader files of `root` -> role, following symlinks; only regular files (never a device or a FIFO)."""
-    out = {name: role for name, role in LOADER_FILES.items() if (root / name).is_file()}
+    out = {p.name: role for p in root.iterdir() if (role := _top_level_role(p.name)) and p.is_file()}
     for pattern, role in LOADER_GLOBS:
         for path in root.glob(pattern):
             if path.is_file():
