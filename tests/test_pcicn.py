@@ -210,3 +210,52 @@ def test_same_seed_same_report(planted):
     assert {(n["module"], n["channel"]) for n in first["critical_set"]} == {(n.module, n.channel) for n in critical}
     other = scan_report(run_scan(lm, probes, ScanParams(samples=6, seed=6, max_neurons=50)))
     assert other["ranking"] != first["ranking"]  # the seed does reach the noise
+
+
+def _plain_batched_importance(model, ids, candidates, *, alpha, samples, seed, batch_size) -> torch.Tensor:
+    """Stage 1 as it was written before the in-place accumulate and the one-call noise draw: a fresh
+    (out - clean).abs().sum(0) per module and forward, and b separate (T, d) draws stacked."""
+    names = [c.name for c in candidates.candidates]
+    T = ids.shape[1]
+    clean, sums = {}, {}
+
+    def keep(n):
+        def fn(out):
+            clean[n] = out.reshape(-1, T, out.shape[-1])[0].float().clone()
+            sums[n] = torch.zeros_like(clean[n])
+        return fn
+
+    def acc(n):
+        def fn(out):
+            sums[n] += (out.reshape(-1, T, out.shape[-1]).float() - clean[n]).abs().sum(0)
+        return fn
+
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(ids)
+        with hooks(model, {n: keep(n) for n in names}):
+            model.base_model(inputs_embeds=embeds, use_cache=False)
+        generator = torch.Generator().manual_seed(seed)
+        with hooks(model, {n: acc(n) for n in names}):
+            for start in range(0, samples, batch_size):
+                b = min(batch_size, samples - start)
+                noise = torch.stack([torch.randn(T, embeds.shape[2], generator=generator) for _ in range(b)])
+                model.base_model(inputs_embeds=(embeds.float() + alpha * noise).to(embeds.dtype), use_cache=False)
+    return torch.cat([(sums[n] / samples).amax(dim=0) for n in names])
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_stage1_is_bit_identical_to_the_plain_batched_form(family, ids):
+    model = tiny_model(family)
+    cands = discover(model, "all")
+    for batch_size in (4, 7):
+        ref = _plain_batched_importance(model, ids, cands, alpha=5.0, samples=9, seed=42, batch_size=batch_size)
+        got = pcicn._pcicn_scores(model, model.get_input_embeddings()(ids).detach(), cands, 5.0, 9, 42, batch_size,
+                                  None)
+        assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("T, d", [(16, 96), (13, 64), (5, 20), (3, 5)])
+def test_noise_in_one_draw_equals_one_draw_per_sample(T, d):
+    g = torch.Generator().manual_seed(42)
+    one = torch.stack([torch.randn(T, d, generator=g) for _ in range(5)])
+    assert torch.equal(pcicn._noise(torch.Generator().manual_seed(42), 5, T, d), one)

@@ -21,10 +21,11 @@ from typing import Callable, Sequence
 import torch
 
 from achilles_guard.engine.copies import first_positions
-from achilles_guard.engine.masking import MaskPlan, hooks, masked
+from achilles_guard.engine.masking import MaskPlan, hooks
 from achilles_guard.engine.neurons import CandidateSet, Neuron
 from achilles_guard.engine.paper import PAPER
 from achilles_guard.engine.perplexity import delta_log10, row_losses
+from achilles_guard.engine.prefix import masked_logits
 from achilles_guard.errors import RuntimeFailure, UsageError
 
 __all__ = [
@@ -248,8 +249,7 @@ def search(
 
 def _losses_for(model, input_ids, ranking: Ranking, ns: Sequence[int], scale: float) -> torch.Tensor:
     batch = input_ids.expand(len(ns), -1)  # (B, T): one row per candidate n
-    with torch.no_grad(), masked(model, ranking.plan(ns, scale)):
-        logits = model(input_ids=batch, use_cache=False).logits  # (B, T, V)
+    logits = masked_logits(model, batch, ranking.plan(ns, scale))  # (B, T, V)
     return row_losses(logits, batch)
 
 
@@ -271,9 +271,21 @@ def _pcicn_scores(
                 clean_means[name] = clean[name].abs().mean(0).cpu()
         return fn
 
+    scratch: dict[tuple, torch.Tensor] = {}  # reused buffers: no allocation (or page fault) per forward
+
     def accumulate(name):
         def fn(output):
-            sums[name] += (_per_position(output, T).float() - clean[name]).abs().sum(0)  # (B, T, C) -> (T, C)
+            out = _per_position(output, T)
+            b, c = out.shape[0], out.shape[-1]
+            diff = scratch.get(("diff", b, c))
+            if diff is None:
+                diff = scratch[("diff", b, c)] = torch.empty(b, T, c, device=out.device)
+                scratch[("sum", c)] = torch.empty(T, c, device=out.device)
+            part = scratch[("sum", c)]
+            torch.sub(out.float(), clean[name], out=diff)  # the same operations as (out - clean).abs().sum(0),
+            diff.abs_()                                     # in place: bit-identical, with no temporaries
+            torch.sum(diff, 0, out=part)  # (B, T, C) -> (T, C)
+            sums[name] += part
         return fn
 
     base = model.base_model
@@ -286,13 +298,23 @@ def _pcicn_scores(
         with hooks(model, {n: accumulate(n) for n in names}):
             for start in range(0, samples, per_batch):
                 b = min(per_batch, samples - start)
-                noise = torch.stack([torch.randn(T, d, generator=generator) for _ in range(b)])  # (b, T, d)
+                noise = _noise(generator, b, T, d)  # (b, T, d)
                 noisy = (clean_embeds + alpha * noise.to(embeds.device)).to(embeds.dtype)
                 base(inputs_embeds=noisy, use_cache=False)
                 if progress:
                     progress("rank", start + b, samples)
     per_module = [(sums[n] / samples).amax(dim=0).cpu() for n in names]  # each (C,)
     return torch.cat(per_module)
+
+
+def _noise(generator: torch.Generator, b: int, T: int, d: int) -> torch.Tensor:
+    """(b, T, d) standard normal noise: b draws of (T, d) in a row from the CPU generator, as one call when that
+    is provably the same numbers. torch's CPU normal sampler fills uniforms in order and transforms them in
+    blocks of 16, redrawing a tail when the size is not a multiple of 16: so one draw of b·T·d values equals b
+    draws of T·d exactly when T·d is a multiple of 16 (tests/test_pcicn.py checks both branches)."""
+    if (T * d) % 16 == 0:
+        return torch.randn(b, T, d, generator=generator)
+    return torch.stack([torch.randn(T, d, generator=generator) for _ in range(b)])
 
 
 def _activation_scores(model, embeds, candidates: CandidateSet) -> torch.Tensor:

@@ -35,10 +35,11 @@ from typing import Sequence
 import torch
 
 from achilles_guard.engine.copies import first_positions
-from achilles_guard.engine.masking import MaskPlan, masked
+from achilles_guard.engine.masking import MaskPlan
 from achilles_guard.engine.neurons import CandidateSet, Neuron
 from achilles_guard.engine.pcicn import Ranking, SearchResult, clean_loss, search, search_batch_size
 from achilles_guard.engine.perplexity import row_losses
+from achilles_guard.engine.prefix import masked_logits
 from achilles_guard.errors import UsageError
 
 __all__ = [
@@ -136,9 +137,7 @@ def set_losses(model, input_ids: torch.Tensor, candidates: CandidateSet, pool: t
         used = rows.any(0)  # columns some row masks
         plan = MaskPlan.per_row(names, module_index[used], channels[used], rows[:, used], scale=scale)
         batch = input_ids.expand(rows.shape[0], -1)
-        with torch.no_grad(), masked(model, plan):
-            logits = model(input_ids=batch, use_cache=False).logits
-        out.append(row_losses(logits, batch))
+        out.append(row_losses(masked_logits(model, batch, plan), batch))
     return torch.cat(out) if out else torch.zeros(0)
 
 

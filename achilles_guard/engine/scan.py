@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from functools import cached_property
 from pathlib import Path
@@ -29,6 +30,7 @@ from achilles_guard.engine.portfolio import (
     parse_attacks,
     run_portfolio,
 )
+from achilles_guard.engine.prefix import PrefixStats, clean_prefix
 from achilles_guard.errors import InputError, TextError, UsageError
 from achilles_guard.formats.load import LoadedModel
 
@@ -111,6 +113,7 @@ class TextScan:
     search_s: float
     portfolio: Portfolio | None = None
     portfolio_s: float = 0.0
+    prefix: PrefixStats | None = None  # what clean-prefix reuse saved in stage 2 and the portfolio
 
 
 @dataclass(frozen=True)
@@ -220,8 +223,12 @@ def run_scan(
     demote: tuple[Neuron, ...] = (),
     known_sets: tuple[tuple[Neuron, ...], ...] = (),
     copy_aware: bool = False,
+    prefix_reuse: bool = True,
 ) -> ScanResult:
     """Rank and search on every probe text. `progress(text_name, stage, done, total)`.
+
+    `prefix_reuse`: masked forwards start at their first masked block from the clean state a forward
+    of the same batch size computed (engine/prefix.py; bit-identical results; False runs every block).
 
     `demote`: neurons every ranking moves to its end (a runtime guard restores them; an attacker who knows
     the guard spends no budget on them). `known_sets`: sets known to collapse the original model, re-tried with
@@ -254,27 +261,29 @@ def run_scan(
         ranking = raw.demoted(demote)
         also = {m: r.demoted(demote) for m, r in also.items()}
         t1 = time.perf_counter()
-        result = search(
-            lm.model, probe.input_ids, ranking,
-            epsilon=params.epsilon, step=params.step, max_neurons=params.max_neurons,
-            scale=params.mask_scale, progress=report,
-        )
-        t2 = time.perf_counter()
-        rankings, times = {params.ranking: ranking, **also}, {params.ranking: t1 - t0}
-        for method in sorted(needed - set(rankings)):
-            t3 = time.perf_counter()
-            raws[method] = rank(lm.model, probe.input_ids, candidates, method=method, alpha=params.alpha,
-                                samples=params.samples, seed=params.seed, progress=report)
-            rankings[method] = raws[method].demoted(demote)
-            times[method] = time.perf_counter() - t3
-        pools = None if groups is None else {m: r.grouped(groups).demoted(demote) for m, r in raws.items()}
-        portfolio = run_portfolio(
-            lm.model, probe.input_ids, candidates, rankings, attacks=attacks, primary=(params.ranking, result),
-            epsilon=params.epsilon, step=params.step, max_neurons=params.max_neurons, scale=params.mask_scale,
-            greedy_pool=pool, times={**times, params.ranking: t2 - t0}, groups=groups, pool_rankings=pools,
-            known=known_sets,
-        )
+        reuse = clean_prefix(lm.model, probe.input_ids) if prefix_reuse else nullcontext(PrefixStats())
+        with reuse as saved:  # stage 2 and the portfolio start each masked forward at its first masked block
+            result = search(
+                lm.model, probe.input_ids, ranking,
+                epsilon=params.epsilon, step=params.step, max_neurons=params.max_neurons,
+                scale=params.mask_scale, progress=report,
+            )
+            t2 = time.perf_counter()
+            rankings, times = {params.ranking: ranking, **also}, {params.ranking: t1 - t0}
+            for method in sorted(needed - set(rankings)):
+                t3 = time.perf_counter()
+                raws[method] = rank(lm.model, probe.input_ids, candidates, method=method, alpha=params.alpha,
+                                    samples=params.samples, seed=params.seed, progress=report)
+                rankings[method] = raws[method].demoted(demote)
+                times[method] = time.perf_counter() - t3
+            pools = None if groups is None else {m: r.grouped(groups).demoted(demote) for m, r in raws.items()}
+            portfolio = run_portfolio(
+                lm.model, probe.input_ids, candidates, rankings, attacks=attacks, primary=(params.ranking, result),
+                epsilon=params.epsilon, step=params.step, max_neurons=params.max_neurons, scale=params.mask_scale,
+                greedy_pool=pool, times={**times, params.ranking: t2 - t0}, groups=groups, pool_rankings=pools,
+                known=known_sets,
+            )
         t3 = time.perf_counter()
-        scans.append(TextScan(probe, ranking, result, t1 - t0, t2 - t1, portfolio, t3 - t2))
+        scans.append(TextScan(probe, ranking, result, t1 - t0, t2 - t1, portfolio, t3 - t2, prefix=saved))
     return ScanResult(lm, params, candidates, tuple(scans))
 

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -174,6 +175,8 @@ def _text_record(scan, by_name: dict, keep: int) -> dict:
             # each attack's seconds (its ranking included) live here, with the other timings, so
             # that everything outside `timings` is reproducible from the seed
             **({"attacks": {a.attack: round(a.seconds, 4) for a in scan.portfolio.attacks}} if scan.portfolio else {}),
+            # clean-prefix reuse (engine/prefix.py): decoder blocks a whole forward would run vs skipped
+            **({"prefix_reuse": asdict(scan.prefix)} if scan.prefix is not None else {}),
         },
         **(
             {
