@@ -213,7 +213,7 @@ def fingerprint_same_neurons(model_source: Path, hf_dir: Path, path: Path, n_neu
 
 
 def safetensors_bytes_read(root: Path, fp, shards: tuple[str, ...]) -> int:
-    """What verify_checkpoint reads: each opened shard's header (8-byte length + JSON) and every slice's elements."""
+    """What verify_slices reads: each opened shard's header (8-byte length + JSON) and every slice's elements."""
     total = 0
     for shard in shards:
         with open(root / shard, "rb") as handle:
@@ -225,8 +225,7 @@ def time_gguf_pair(label: str, gguf_path: Path, hf_dir: Path, work: Path, repeat
     """Warm and cold verify of the GGUF and of the safetensors directory, same 64 neurons; header parse alone."""
     from achilles_guard.formats.gguf import read_layout
     from achilles_guard.integrity.fingerprint import load_fingerprint
-    from achilles_guard.integrity.gguf_slices import verify_gguf
-    from achilles_guard.integrity.slices import verify_checkpoint
+    from achilles_guard.integrity.verify import verify_slices
 
     fp_g, fp_s = work / f"{label}-gguf.fp.safetensors", work / f"{label}-st.fp.safetensors"
     n_slices = fingerprint_same_neurons(gguf_path, hf_dir, fp_g)
@@ -234,7 +233,7 @@ def time_gguf_pair(label: str, gguf_path: Path, hf_dir: Path, work: Path, repeat
 
     def gguf_once():
         t0 = time.perf_counter()
-        report = verify_gguf(gguf_path, load_fingerprint(fp_g))
+        report = verify_slices(gguf_path, load_fingerprint(fp_g))
         elapsed = time.perf_counter() - t0
         assert report.ok and report.counts["intact"] == n_slices, report.counts
         return elapsed, report.bytes_read, report.header_bytes
@@ -242,7 +241,7 @@ def time_gguf_pair(label: str, gguf_path: Path, hf_dir: Path, work: Path, repeat
     def st_once():
         t0 = time.perf_counter()
         fp = load_fingerprint(fp_s)
-        report = verify_checkpoint(hf_dir, fp)
+        report = verify_slices(hf_dir, fp)
         elapsed = time.perf_counter() - t0
         assert report.ok and report.counts["intact"] == n_slices, report.counts
         return elapsed, safetensors_bytes_read(hf_dir, fp, report.shards_read)

@@ -11,8 +11,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from achilles_guard.integrity.fingerprint import load_fingerprint
-from achilles_guard.integrity.slices import FunctionalParams, SliceStatus, classify, verify_checkpoint
+from achilles_guard.integrity.slices import FunctionalParams, SliceStatus, classify
 from achilles_guard.integrity.tamper import TamperKind, select_targets, tamper_checkpoint
+from achilles_guard.integrity.verify import verify_slices
 from achilles_guard.report.documents import verify_document, verify_sarif
 from tests.builders import reshard
 
@@ -36,7 +37,7 @@ def _shard_holding(ckpt_dir, name):
 
 
 def test_untouched_checkpoint_is_intact(planted_scan, fp):
-    report = verify_checkpoint(planted_scan[0], fp)
+    report = verify_slices(planted_scan[0], fp)
     assert report.ok and report.verdict == "intact" and report.config.matches
     assert {v.status for v in report.slices} == {SliceStatus.intact}
     assert report.shards_read == ("model.safetensors",)
@@ -55,7 +56,7 @@ def test_every_tamper_kind_is_classified(planted_scan, fp, sharded, tmp_path, la
     targets = select_targets(src, planted_scan[2] / "report.json", [], None)  # the critical set, via the model tree
     assert {t.neuron for t in targets} == critical
     tampered = tamper_checkpoint(src, tmp_path / "t", targets, kind=kind, scale=0.3, noise=0.05, seed=1)
-    report = verify_checkpoint(tampered, fp)
+    report = verify_slices(tampered, fp)
     assert not report.ok and report.verdict == "tampered"
     assert {r.neuron for r in report.tampered_neurons} == critical  # the verdict names the neurons...
     shard = _shard_holding(src, DOWN)
@@ -95,7 +96,7 @@ def test_missing_and_shape_mismatch(planted_scan, fp, sharded, tmp_path, layout)
         else:
             tensors[DOWN] = tensors[DOWN][:, :-1].contiguous()  # one fewer input feature
         save_file(tensors, str(target), metadata={"format": "pt"})
-        report = verify_checkpoint(dst, fp, functional=FunctionalParams())
+        report = verify_slices(dst, fp, functional=FunctionalParams())
         assert report.functional is None and "skipped" in report.functional_skipped
         expected = SliceStatus.missing if case == "missing" else SliceStatus.shape_mismatch
         bad = report.tampered_slices
@@ -112,14 +113,14 @@ def test_missing_and_shape_mismatch(planted_scan, fp, sharded, tmp_path, layout)
 @pytest.mark.parametrize("shards", [1, 3])
 def test_no_false_positive_after_resave(planted_scan, fp, tmp_path, dtype, shards):
     dst = reshard(planted_scan[0], tmp_path / "m", shards=shards, dtype=dtype)
-    report = verify_checkpoint(dst, fp)
+    report = verify_slices(dst, fp)
     assert report.ok, [v.describe() for v in report.tampered_slices]
     assert report.config.matches  # dtype keys are not part of the config hash
     assert {v.status for v in report.slices} == {SliceStatus.equivalent}
 
 
 def test_no_false_positive_after_resharding(fp, sharded):
-    report = verify_checkpoint(sharded, fp)
+    report = verify_slices(sharded, fp)
     assert report.ok and {v.status for v in report.slices} == {SliceStatus.intact}
     assert all(
         v.shard == _shard_holding(sharded, v.checkpoint_key) for v in report.slices
@@ -129,7 +130,7 @@ def test_no_false_positive_after_resharding(fp, sharded):
 def test_tamper_after_dtype_change_still_caught(planted_scan, fp, tmp_path):
     half = reshard(planted_scan[0], tmp_path / "half", shards=3, dtype=torch.bfloat16)
     targets = select_targets(half, planted_scan[2] / "fingerprint.safetensors", [], None)
-    report = verify_checkpoint(tamper_checkpoint(half, tmp_path / "t", targets, kind="scale", scale=0.5), fp)
+    report = verify_slices(tamper_checkpoint(half, tmp_path / "t", targets, kind="scale", scale=0.5), fp)
     assert {v.status for v in report.tampered_slices} == {SliceStatus.scaled}
     assert all(abs(v.factor - 0.5) < 1e-2 for v in report.tampered_slices)
 
@@ -139,7 +140,7 @@ def test_config_change_same_architecture_is_a_finding(planted_scan, fp, tmp_path
     config = json.loads((dst / "config.json").read_text())
     config["rms_norm_eps"] = 0.1
     (dst / "config.json").write_text(json.dumps(config))
-    report = verify_checkpoint(dst, fp)
+    report = verify_slices(dst, fp)
     assert not report.config.matches and not report.ok and not report.tampered_slices
     assert any(r["ruleId"] == "AG110" for r in verify_sarif(verify_document(report))["runs"][0]["results"])
 
@@ -170,11 +171,11 @@ def test_classify_rules():
 
 def test_functional_shows_collapse_of_zeroed_checkpoint(planted_scan, fp, tmp_path):
     path, critical, out = planted_scan
-    intact = verify_checkpoint(path, fp, functional=FunctionalParams())
+    intact = verify_slices(path, fp, functional=FunctionalParams())
     assert intact.ok and abs(intact.functional.delta_log10) < 1e-4 and intact.functional.still_critical
     targets = select_targets(path, out / "fingerprint.safetensors", [], None)
     zeroed = tamper_checkpoint(path, tmp_path / "z", targets, kind=TamperKind.zero)
-    report = verify_checkpoint(zeroed, fp, functional=FunctionalParams(max_delta_log10=0.05))
+    report = verify_slices(zeroed, fp, functional=FunctionalParams(max_delta_log10=0.05))
     fc = report.functional
     assert fc.delta_log10 >= 1.0 and not fc.loss_ok and not report.ok
     assert fc.still_critical is False  # masking the already-zeroed set changes nothing any more
@@ -197,9 +198,9 @@ def test_a_norm_channel_outside_the_fingerprinted_neurons_is_caught(planted_scan
     for name in ("config.json",):
         (target / name).write_bytes((planted_scan[0] / name).read_bytes())
     save_file(tensors, str(target / "model.safetensors"), metadata={"format": "pt"})
-    report = verify_checkpoint(target, fp)
+    report = verify_slices(target, fp)
     assert not report.ok and report.verdict == "tampered"
     (bad,) = report.tampered_slices
     assert bad.key == f"{norm}@0:{channel}" and bad.status is status and bad.shard == "model.safetensors"
     assert verify_document(report)["counts"][status.value] == 1
-    assert verify_checkpoint(planted_scan[0], fp).verdict == "intact"  # the original: nothing reported
+    assert verify_slices(planted_scan[0], fp).verdict == "intact"  # the original: nothing reported

@@ -70,7 +70,7 @@ def test_slices_read_from_blocks_equal_what_transformers_loads(ggufs, qtype):
 def test_scan_fingerprints_gguf_blocks_and_verifies_intact(gguf_scan, ggufs):
     from achilles_guard.formats.gguf import BLOCKS_SUFFIX, gguf_records
     from achilles_guard.integrity.fingerprint import load_fingerprint
-    from achilles_guard.integrity.gguf_slices import verify_gguf
+    from achilles_guard.integrity.verify import verify_slices
 
     fp = load_fingerprint(gguf_scan / "fingerprint.safetensors")
     meta = gguf_records(fp)
@@ -78,7 +78,7 @@ def test_scan_fingerprints_gguf_blocks_and_verifies_intact(gguf_scan, ggufs):
     for key, record in fp.slices.items():
         assert key.startswith(("blk.", "token_embd", "output")) and record.checkpoint_key == key.split("@")[0]
         assert record.dtype in ("Q4_1", "F32") and fp.tensors[key + BLOCKS_SUFFIX].dtype == torch.uint8
-    report = verify_gguf(ggufs["Q4_1"], fp)
+    report = verify_slices(ggufs["Q4_1"], fp)
     assert report.ok and report.counts["intact"] == len(fp.slices)
     assert report.bytes_read - report.header_bytes == sum(
         len(s["runs"]) and sum(n for _, n in s["runs"]) for s in meta["slices"].values()
@@ -90,9 +90,9 @@ def test_scan_fingerprints_gguf_blocks_and_verifies_intact(gguf_scan, ggufs):
 )
 def test_tamper_is_caught_and_repaired(gguf_scan, ggufs, tmp_path, kind, expected):
     from achilles_guard.integrity.fingerprint import load_fingerprint
-    from achilles_guard.integrity.gguf_slices import verify_gguf
     from achilles_guard.integrity.gguf_tamper import repair_gguf, select_gguf_targets, tamper_gguf
     from achilles_guard.integrity.tamper import TamperKind
+    from achilles_guard.integrity.verify import verify_slices
 
     src, fp_path = ggufs["Q4_1"], gguf_scan / "fingerprint.safetensors"
     fp = load_fingerprint(fp_path)
@@ -100,7 +100,7 @@ def test_tamper_is_caught_and_repaired(gguf_scan, ggufs, tmp_path, kind, expecte
     before = src.read_bytes()
     bad = tamper_gguf(src, tmp_path / "bad.gguf", targets, kind=TamperKind(kind).value, scale=0.9, noise=0.1)
     assert src.read_bytes() == before and bad.stat().st_size == src.stat().st_size
-    report = verify_gguf(bad, fp)
+    report = verify_slices(bad, fp)
     assert not report.ok
     hit = {v.key: v for v in report.tampered_slices}
     rows = [t for t in targets if t.axis == 0]
@@ -111,7 +111,7 @@ def test_tamper_is_caught_and_repaired(gguf_scan, ggufs, tmp_path, kind, expecte
         assert all(abs(hit[f"{t.checkpoint_key}@0:{t.index}"].factor - 0.9) < 2e-3 for t in rows)
     fixed = repair_gguf(bad, fp, tmp_path / "fixed.gguf")
     assert fixed.verified and not fixed.unrepairable
-    assert verify_gguf(tmp_path / "fixed.gguf", fp).ok
+    assert verify_slices(tmp_path / "fixed.gguf", fp).ok
 
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "F16"])
@@ -119,18 +119,18 @@ def test_safetensors_fingerprint_verifies_an_honest_quantization(ggufs, float_sc
     """A fingerprint of the float model (F32 GGUF saved as safetensors) calls its quantizations equivalent,
     and still catches zero and scale 0.9 on them."""
     from achilles_guard.integrity.fingerprint import load_fingerprint
-    from achilles_guard.integrity.gguf_slices import verify_gguf
     from achilles_guard.integrity.gguf_tamper import select_gguf_targets, tamper_gguf
+    from achilles_guard.integrity.verify import verify_slices
 
     out = float_scan
     fp = load_fingerprint(out / "fingerprint.safetensors")
-    report = verify_gguf(ggufs[qtype], fp)
+    report = verify_slices(ggufs[qtype], fp)
     assert report.ok, [(v.key, v.describe()) for v in report.tampered_slices]
     assert report.counts["equivalent"] + report.counts["intact"] == len(fp.slices)
     targets = select_gguf_targets(ggufs[qtype], out / "fingerprint.safetensors", [], None)
     for kind, status in (("zero", "zeroed"), ("scale", "scaled")):
         bad = tamper_gguf(ggufs[qtype], tmp_path / f"{kind}.gguf", targets, kind=kind, scale=0.9)
-        caught = verify_gguf(bad, fp)
+        caught = verify_slices(bad, fp)
         assert not caught.ok
         assert {v.status.value for v in caught.tampered_slices if v.expected_shape and len(v.expected_shape) == 2} <= {
             status,

@@ -73,7 +73,7 @@ def verify_command(
     params = FunctionalParams(max_delta_log10=max_delta_log10, dtype=dtype, device=device) if functional else None
     report = verify_model(checkpoint_dir, fp, quick=quick, functional=params, signature=signature, sign_key=key)
     doc = verify_document(report)
-    if hasattr(report, "bytes_read"):  # GGUF: what the check cost (additive fields)
+    if report.bytes_read is not None:  # GGUF: what the check cost (additive fields)
         doc["checkpoint"].update(
             format="gguf", bytes_read=report.bytes_read, header_bytes=report.header_bytes, file_size=report.file_size
         )

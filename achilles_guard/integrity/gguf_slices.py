@@ -8,7 +8,7 @@ computes with) and `KEY#blocks`, the raw bytes of exactly the blocks that hold t
 tensor's start) and the sha256 of the raw blocks.
 
     fp = load_fingerprint("guard-out/fingerprint.safetensors")
-    report = verify_gguf("model.Q4_1.gguf", fp)          # a VerifyResult (+ bytes_read)
+    report = verify_slices("model.Q4_1.gguf", fp)        # integrity.verify: a VerifyResult (+ bytes_read)
 
 Verification: raw blocks identical to the fingerprinted ones -> `intact`. Otherwise the dequantized
 values are classified (`classify_quantized`). A fingerprint taken from the float safetensors release
@@ -19,7 +19,6 @@ original are `equivalent` (docs/gguf.md gives the bound per type and its measure
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,16 +35,15 @@ from achilles_guard.formats.gguf import (
     quant_step,
     read_layout,
 )
-from achilles_guard.integrity.slices import ConfigCheck, SliceStatus, SliceVerdict, VerifyResult
+from achilles_guard.integrity.slices import ConfigCheck, SliceStatus, SliceVerdict
 
 __all__ = [
     "GGUFConfigCheck",
-    "GGUFVerifyResult",
+    "GGUFJudge",
     "GGUFSlice",
     "classify_quantized",
     "find_gguf_slice",
     "judge_gguf_slice",
-    "verify_gguf",
     "ELEMENT_BOUND",
     "MSE_BOUND",
     "MIN_SCALE_CHANGE",
@@ -67,13 +65,6 @@ class GGUFConfigCheck(ConfigCheck):
     @property
     def matches(self) -> bool:
         return not self.comparable or self.expected_sha256 == self.actual_sha256
-
-
-@dataclass(frozen=True)
-class GGUFVerifyResult(VerifyResult):
-    bytes_read: int = 0  # header + blocks
-    header_bytes: int = 0
-    file_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -192,72 +183,51 @@ def classify_quantized(
     return SliceStatus.perturbed, None, rel_l2, max_abs
 
 
-def verify_gguf(path: str | Path, fingerprint, *, signature: str = "not checked", functional=None) -> GGUFVerifyResult:
-    """Check every fingerprinted slice of a GGUF file, reading its header and those blocks only.
+class GGUFJudge:
+    """The GGUF side of `verify.verify_slices`: the metadata digest and each fingerprinted slice of a GGUF
+    file, reading its header and those blocks only. InputError (exit 2): unreadable or truncated file,
+    another architecture, or a fingerprint of another model (no tensor of the fingerprinted shape)."""
 
-    InputError (exit 2): unreadable or truncated file, another architecture, or a fingerprint of
-    another model (none of its tensors has the fingerprinted shape).
-    """
-    from achilles_guard.formats.load import gguf_model_type
+    def __init__(self, path: str | Path, fingerprint):
+        self.path, self.fingerprint = Path(path), fingerprint
 
-    t0 = time.perf_counter()
-    path = Path(path)
-    meta = gguf_records(fingerprint)
-    with read_layout(path) as layout:
-        model_type = gguf_model_type(layout)
-        if model_type != fingerprint.model_type:
-            raise InputError(
-                f"fingerprint {fingerprint.path} was taken from a {fingerprint.architecture} "
-                f"({fingerprint.model_type}) but {path} is a GGUF {layout.architecture} model: "
-                "architecture differs; use this model's own fingerprint"
-            )
-        expected = meta.get("config_sha256", "") if meta is not None else fingerprint.config_sha256
-        config = GGUFConfigCheck(
-            expected,
-            layout.config_sha256,
-            fingerprint.architecture,
-            fingerprint.architecture,
-            comparable=meta is not None,
-        )
-        by_key: dict[str, list] = {}
-        for record in fingerprint.neurons:
-            for key in record.slices:
-                by_key.setdefault(key, []).append(record)
-        verdicts = [
-            judge_gguf_slice(layout, fingerprint, key, by_key.get(key, ()), meta)[0]
-            for key in sorted(fingerprint.slices)
-        ]
+    def __enter__(self) -> "GGUFJudge":
+        from achilles_guard.formats.load import gguf_model_type
+
+        fp = self.fingerprint
+        self.meta = gguf_records(fp)
+        self._layout = layout = read_layout(self.path)
+        try:
+            model_type = gguf_model_type(layout)
+            if model_type != fp.model_type:
+                raise InputError(
+                    f"fingerprint {fp.path} was taken from a {fp.architecture} ({fp.model_type}) but {self.path} is "
+                    f"a GGUF {layout.architecture} model: architecture differs; use this model's own fingerprint"
+                )
+        except BaseException:
+            layout.close()
+            raise
+        expected = self.meta.get("config_sha256", "") if self.meta is not None else fp.config_sha256
+        self.config = GGUFConfigCheck(expected, layout.config_sha256, fp.architecture, fp.architecture,
+                                      comparable=self.meta is not None)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._layout.close()
+
+    def judge(self, key: str, neurons) -> SliceVerdict:
+        return judge_gguf_slice(self._layout, self.fingerprint, key, neurons, self.meta)[0]
+
+    def finish(self, verdicts: list[SliceVerdict]) -> list[SliceVerdict]:
+        """No norm gains to add (a GGUF fingerprint stores none); refuse a fingerprint of another model."""
         if verdicts and all(v.status in (SliceStatus.missing, SliceStatus.shape_mismatch) for v in verdicts):
             raise InputError(
-                f"fingerprint {fingerprint.path} is of another model: none of its {len(verdicts)} slices has a "
-                f"tensor of the fingerprinted shape in {path}; use this model's own fingerprint"
+                f"fingerprint {self.fingerprint.path} is of another model: none of its {len(verdicts)} slices has "
+                f"a tensor of the fingerprinted shape in {self.path}; use this model's own fingerprint"
             )
-        bytes_read, header_bytes, size = layout.bytes_read, layout.header_bytes, layout.file_size
-    verify_s = time.perf_counter() - t0
-    check, skipped = None, None
-    if functional is not None:
-        broken = [v for v in verdicts if v.status in (SliceStatus.missing, SliceStatus.shape_mismatch)]
-        if broken:
-            skipped = (
-                f"skipped: {broken[0].param} is {broken[0].status.value}, the model cannot be loaded as fingerprinted"
-            )
-        else:
-            from achilles_guard.integrity.slices import functional_check
+        return []
 
-            check = functional_check(path, fingerprint, functional)
-    return GGUFVerifyResult(
-        checkpoint=str(path),
-        fingerprint=fingerprint.path,
-        signature=signature,
-        config=config,
-        slices=tuple(verdicts),
-        neurons=fingerprint.neurons,
-        functional=check,
-        verify_s=verify_s,
-        shards_read=(path.name,),
-        functional_skipped=skipped,
-        loaded_files=(path.name,),
-        bytes_read=bytes_read,
-        header_bytes=header_bytes,
-        file_size=size,
-    )
+    def where(self) -> dict:
+        layout = self._layout
+        return dict(shards_read=(self.path.name,), loaded_files=(self.path.name,), bytes_read=layout.bytes_read,
+                    header_bytes=layout.header_bytes, file_size=layout.file_size)

@@ -198,8 +198,9 @@ def repair_gguf(source: str | Path, fp, out: str | Path):
     """A copy of a GGUF with every tampered fingerprinted slice's raw blocks restored; re-verified, removed if
     that fails."""
     from achilles_guard.formats.gguf import BLOCKS_SUFFIX, gguf_records
-    from achilles_guard.integrity.gguf_slices import judge_gguf_slice, verify_gguf
+    from achilles_guard.integrity.gguf_slices import judge_gguf_slice
     from achilles_guard.integrity.repair import RepairOutcome, SliceRepair
+    from achilles_guard.integrity.verify import verify_slices
 
     source, out = Path(source), Path(out)
     if out.exists() or out.resolve() == source.resolve():
@@ -234,7 +235,7 @@ def repair_gguf(source: str | Path, fp, out: str | Path):
     if out.parent and not out.parent.is_dir():
         raise UsageError(f"--out {out}: parent directory {out.parent} does not exist")
     patched_copy(source, out, patches)
-    repaired = verify_gguf(out, fp)
+    repaired = verify_slices(out, fp)
     fixable = {k for k, r in results.items() if r.status != "unrepairable"}
     verified = all(v.ok for v in repaired.slices if v.key in fixable)
     if not verified:

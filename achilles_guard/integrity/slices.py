@@ -1,13 +1,16 @@
-"""`guard verify-checkpoint`: compare a checkpoint's critical weight slices with a fingerprint.
+"""The slice verdicts of `guard verify-checkpoint`: a checkpoint's critical weight slices vs a fingerprint.
 
 Only the fingerprinted slices are read (`safe_open(...).get_slice(name)[row]`, following
 `model.safetensors.index.json`), so a check costs milliseconds whatever the checkpoint size. The
 model itself is loaded only for the optional functional check.
 
     fp = load_fingerprint("guard-out/fingerprint.safetensors", verify_key=None)
-    report = verify_checkpoint("path/to/checkpoint", fp)           # VerifyResult
+    report = verify_slices("path/to/checkpoint", fp)               # integrity.verify; a VerifyResult
     report.ok, report.counts, report.tampered_slices[0].status       # False, {...}, "zeroed"
-    report = verify_checkpoint(path, fp, functional=FunctionalParams(max_delta_log10=0.05))
+    report = verify_slices(path, fp, functional=FunctionalParams(max_delta_log10=0.05))
+
+This module holds the verdicts, the float classification and `CheckpointJudge` (the safetensors
+side); `gguf_slices.GGUFJudge` is the GGUF side, and `verify.verify_slices` the one loop over both.
 
 Every slice gets exactly one status (`SliceStatus`), decided in this order:
 `missing` (the tensor is gone), `shape-mismatch` (the whole tensor's shape changed), `intact`
@@ -42,7 +45,7 @@ __all__ = [
     "FunctionalCheck",
     "VerifyResult",
     "classify",
-    "verify_checkpoint",
+    "CheckpointJudge",
     "check_config",
     "functional_check",
     "OK_STATUSES",
@@ -179,6 +182,9 @@ class VerifyResult:
     mode: str = "quick"  # "full": every loaded tensor against the fingerprint's tensor records; "quick": slices only
     tensor_check: "object | None" = None  # integrity.records.TensorCheck (full mode, records present)
     not_checked: str | None = None  # what the verdict does not cover, in words (quick mode, or no tensor records)
+    bytes_read: int | None = None  # a GGUF: header + the blocks read (None: a safetensors checkpoint)
+    header_bytes: int | None = None
+    file_size: int | None = None
     file_check: "object | None" = None  # integrity.files.FileCheck: tokenizer, template... (None: a GGUF)
 
     @property
@@ -228,48 +234,34 @@ class VerifyResult:
         return "incomplete" if self.incomplete else "intact"
 
 
-def verify_checkpoint(
-    checkpoint_dir: str | Path,
-    fingerprint: Fingerprint,
-    *,
-    functional: FunctionalParams | None = None,
-    signature: str = "not checked",
-) -> VerifyResult:
-    """Check every fingerprinted slice (and optionally the model's behaviour); never raises on tampering.
+class CheckpointJudge:
+    """The safetensors side of `verify.verify_slices`: config.json, each fingerprinted slice and the norm
+    gains of a checkpoint directory, read through `formats.checkpoint.Checkpoint` (only the slices' rows)."""
 
-    InputError (exit 2) for an unusable checkpoint or a fingerprint of another architecture.
-    """
-    t0 = time.perf_counter()
-    root = Path(checkpoint_dir)
-    config = check_config(root, fingerprint)
-    by_key: dict[str, list[NeuronRecord]] = {}
-    for record in fingerprint.neurons:
-        for key in record.slices:
-            by_key.setdefault(key, []).append(record)
-    verdicts = []
-    with Checkpoint.open(root) as ckpt:
-        _prefetch(ckpt, fingerprint.slices.values())
-        for key in sorted(fingerprint.slices):
-            record = fingerprint.slices[key]
-            verdicts.append(_verify_slice(ckpt, record, fingerprint.tensors[key], tuple(by_key.get(key, ()))))
-        verdicts.extend(_verify_norms(ckpt, fingerprint))
-        shards = ckpt.opened_shards
-        ambiguities, loaded = tuple(ckpt.ambiguities), tuple(ckpt.files)
-    verify_s = time.perf_counter() - t0
-    check, skipped = None, None
-    if functional is not None:
-        broken = [v for v in verdicts if v.status in (SliceStatus.missing, SliceStatus.shape_mismatch)]
-        if broken:  # the model cannot load consistently; the slices already fail the check
-            skipped = (
-                f"skipped: {broken[0].param} is {broken[0].status.value}, the model cannot be loaded as fingerprinted"
-            )
-        else:
-            check = functional_check(root, fingerprint, functional)
-    return VerifyResult(
-        checkpoint=str(checkpoint_dir), fingerprint=fingerprint.path, signature=signature, config=config,
-        slices=tuple(verdicts), neurons=fingerprint.neurons, functional=check, verify_s=verify_s, shards_read=shards,
-        functional_skipped=skipped, ambiguities=ambiguities, loaded_files=loaded,
-    )
+    def __init__(self, root: str | Path, fingerprint: Fingerprint):
+        self.root, self.fingerprint = Path(root), fingerprint
+
+    def __enter__(self) -> "CheckpointJudge":
+        self.config = check_config(self.root, self.fingerprint)  # before any weight file is opened
+        self._ckpt = Checkpoint.open(self.root)
+        self._ckpt.__enter__()
+        _prefetch(self._ckpt, self.fingerprint.slices.values())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._ckpt.__exit__(*exc)
+
+    def judge(self, key: str, neurons: tuple[NeuronRecord, ...]) -> SliceVerdict:
+        return _verify_slice(self._ckpt, self.fingerprint.slices[key], self.fingerprint.tensors[key], neurons)
+
+    def finish(self, verdicts: list[SliceVerdict]) -> list[SliceVerdict]:
+        """The verdicts beyond the slices: every scanned norm's whole gain."""
+        return _verify_norms(self._ckpt, self.fingerprint)
+
+    def where(self) -> dict:
+        """What was read, for the VerifyResult: shards, loaded files, layout ambiguities."""
+        ckpt = self._ckpt
+        return dict(shards_read=ckpt.opened_shards, ambiguities=tuple(ckpt.ambiguities), loaded_files=tuple(ckpt.files))
 
 
 def _verify_norms(ckpt: Checkpoint, fingerprint: Fingerprint) -> list[SliceVerdict]:

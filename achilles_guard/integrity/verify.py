@@ -4,8 +4,8 @@
     report = verify_model("model.gguf", fp, quick=True)       # the critical slices and norm gains only
     report.verdict, report.tensor_findings[0].severity         # "tampered", "critical"
 
-Full mode runs the slice check (`slices.verify_checkpoint` or `gguf_slices.verify_gguf`,
-which classify a change: zeroed, scaled...) and the tensor check (`records.check_tensors`, which
+Full mode runs the slice check (`verify_slices`: one loop, the format's judge classifies a
+change: zeroed, scaled...) and the tensor check (`records.check_tensors`, which
 finds it anywhere), and ranks each tensor finding:
 
 - `critical`: it touches a fingerprinted neuron's slice (a changed slice verdict in that tensor, or
@@ -25,28 +25,58 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from pathlib import Path
 
 from achilles_guard.formats.source import open_source
 from achilles_guard.integrity.files import check_loader_files
 from achilles_guard.integrity.records import TensorCheck, TensorFinding, check_tensors
 
-__all__ = ["verify_model", "rank_findings", "quick_coverage", "files_not_checked"]
+__all__ = ["verify_slices", "verify_model", "rank_findings", "quick_coverage", "files_not_checked"]
+
+
+def verify_slices(path: str | Path, fp, *, functional=None, signature: str = "not checked"):
+    """The slice check of `path` (a checkpoint directory or a .gguf) against `fp`: config / metadata digest,
+    every fingerprinted slice, the norm gains, optionally the model's behaviour. A VerifyResult; never raises
+    on tampering; InputError (exit 2) for unusable input or a fingerprint of another architecture.
+
+    The loop is one for every format; the format's judge (`slices.CheckpointJudge`,
+    `gguf_slices.GGUFJudge`) reads and judges each slice."""
+    from achilles_guard.formats.gguf import is_gguf
+    from achilles_guard.integrity.slices import CheckpointJudge, SliceStatus, VerifyResult, functional_check
+
+    if is_gguf(path):
+        from achilles_guard.integrity.gguf_slices import GGUFJudge as Judge
+    else:
+        Judge = CheckpointJudge
+    t0 = time.perf_counter()
+    by_key: dict[str, list] = {}
+    for record in fp.neurons:
+        for key in record.slices:
+            by_key.setdefault(key, []).append(record)
+    with Judge(path, fp) as judge:
+        verdicts = [judge.judge(key, tuple(by_key.get(key, ()))) for key in sorted(fp.slices)]
+        verdicts.extend(judge.finish(verdicts))
+        config, where = judge.config, judge.where()
+    verify_s = time.perf_counter() - t0
+    check, skipped = None, None
+    if functional is not None:
+        broken = [v for v in verdicts if v.status in (SliceStatus.missing, SliceStatus.shape_mismatch)]
+        if broken:  # the model cannot load consistently; the slices already fail the check
+            skipped = (
+                f"skipped: {broken[0].param} is {broken[0].status.value}, the model cannot be loaded as fingerprinted"
+            )
+        else:
+            check = functional_check(Path(path), fp, functional)
+    return VerifyResult(checkpoint=str(path), fingerprint=fp.path, signature=signature, config=config,
+                        slices=tuple(verdicts), neurons=fp.neurons, functional=check, verify_s=verify_s,
+                        functional_skipped=skipped, **where)
 
 
 def verify_model(path: str | Path, fp, *, quick: bool = False, functional=None, signature: str = "not checked",
                  sign_key: bytes | None = None):
     """A VerifyResult for `path` against fingerprint `fp`; InputError (exit 2) for unusable input."""
-    from achilles_guard.formats.gguf import is_gguf
-
-    if is_gguf(path):
-        from achilles_guard.integrity.gguf_slices import verify_gguf
-
-        report = verify_gguf(path, fp, functional=functional, signature=signature)
-    else:
-        from achilles_guard.integrity.slices import verify_checkpoint
-
-        report = verify_checkpoint(path, fp, functional=functional, signature=signature)
+    report = verify_slices(path, fp, functional=functional, signature=signature)
     with open_source(path) as src:
         if src.kind != "gguf":  # a GGUF's tokenizer and template are metadata, in its metadata digest
             report = dataclasses.replace(report, file_check=check_loader_files(src.root, fp.files))

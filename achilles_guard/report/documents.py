@@ -4,7 +4,7 @@
     doc = scan_report(result)                 # plain dict, JSON-ready
     write_json(out / "report.json", doc)      # atomic: a reader sees the old file or the new one
     sarif = scan_sarif(doc)
-    doc = verify_document(verify_checkpoint(path, fp)); sarif = verify_sarif(doc)
+    doc = verify_document(verify_model(path, fp)); sarif = verify_sarif(doc)
 """
 
 from __future__ import annotations
