@@ -129,7 +129,8 @@ def _last_line(path: Path) -> str:
         lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
     except OSError:
         return ""
-    return lines[-1][:500] if lines else ""
+    line = lines[-1] if lines else ""
+    return (line[len("error: "):] if line.startswith("error: ") else line)[:500]
 
 
 def _read_json(path: Path) -> dict | None:
@@ -230,6 +231,9 @@ def run_one(entry: ModelEntry, job: Job) -> ModelResult:
     target = job.out / entry.id
     try:
         with staged_dir(target, mode="replace") as staging:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes 0700; OUT/<id> gets the usual permissions
             code, last = _run_worker(_command(entry, job, staging, fingerprint), staging, job)
             if code not in (EXIT_OK, EXIT_FINDING):
                 raise _Failed(failed(code, last or f"worker exited {code}", n_star))
