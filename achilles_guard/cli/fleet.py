@@ -130,10 +130,12 @@ def _drive(job, source: Path, *, jobs: int, ray: Optional[str], device: str, for
             try:
                 backends.run(models, job, jobs=jobs, ray_address=ray, device=device, on_result=on_result)
             except KeyboardInterrupt:
+                backends.sweep_staging(job.out)
                 summary.write(job, str(source), models, results, time.perf_counter() - t0)
                 stderr().print(f"interrupted: {len(results)} of {len(models)} model(s) done and kept in "
                                f"{job.out / 'fleet.json'}; run the same command again to do the rest")
                 raise typer.Exit(130) from None
+        backends.sweep_staging(job.out)  # what a worker killed mid-task (a lost Ray node) left behind
         doc = summary.write(job, str(source), models, results, time.perf_counter() - t0)
     if pushgateway:
         from achilles_guard.fleet.push import push_results

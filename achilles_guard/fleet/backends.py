@@ -103,10 +103,20 @@ def _ray_init(ray, address: str, jobs: int) -> bool:
 
 
 def _run_ray(models, job, address, jobs, device, on_result) -> list[ModelResult]:
+    import contextlib
+    import sys
+
     try:
         import ray
     except ImportError:
         raise UsageError(RAY_HINT) from None
+    # Ray's driver prints its own notices ("(raylet) A worker died...") on stdout, which carries only
+    # the result: while Ray runs, they go to stderr
+    with contextlib.redirect_stdout(sys.stderr):
+        return _ray_tasks(ray, models, job, address, jobs, device, on_result)
+
+
+def _ray_tasks(ray, models, job, address, jobs, device, on_result) -> list[ModelResult]:
     started = _ray_init(ray, address, jobs)
     task = ray.remote(max_retries=0)(run_one)
     gpus = 1 if device.startswith("cuda") else 0
