@@ -67,6 +67,10 @@ def run(models: Iterable[ModelEntry], job: Job, *, jobs: int = 1, ray_address: s
 
 
 def _run_threads(models, job, jobs, on_result) -> list[ModelResult]:
+    import os
+    from dataclasses import replace
+
+    job = replace(job, threads=max(1, (os.cpu_count() or 1) // jobs))  # Ray does the same for its tasks
     results = []
     pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="guard-fleet")
     try:

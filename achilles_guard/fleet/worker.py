@@ -67,6 +67,7 @@ class Job:
     fingerprints: Path | None = None  # verify: a previous `fleet scan` OUT
     force: bool = False
     timeout_s: float | None = None
+    threads: int | None = None  # --jobs N: each worker's torch threads (cores / N), unless OMP_NUM_THREADS is set
 
 
 @dataclass(frozen=True)
@@ -177,7 +178,10 @@ def _run_worker(cmd: list[str], staging: Path, job: Job) -> tuple[int, str]:
     err_path = staging / ".stderr"
     (staging / "task.pid").write_text(f"{os.getpid()}\n")
     with open(stdout_path, "wb") as out, open(err_path, "wb") as err:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+        env = None
+        if job.threads and "OMP_NUM_THREADS" not in os.environ:  # N workers x all cores each: oversubscribed
+            env = {**os.environ, "OMP_NUM_THREADS": str(job.threads)}
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env,
                                 preexec_fn=_die_with_parent if _prctl else None)
         with _live_lock:
             _live.add(proc)
