@@ -6,7 +6,7 @@ time of one `guard fleet scan --force` per backend: local `--jobs 1`, local `--j
 with 2 CPUs (`--ray local --jobs 2`, Ray's own start included) when Ray is installed.
 
 Part 2: the fleet machinery's cost over a bare `guard scan` on a model whose scan takes >= 10 s
-(a Llama of hidden 256, 4 layers, `--overhead-samples` noise samples, the portfolio on): best of
+(a Llama of hidden 256, 4 layers, `--overhead-samples` noise samples, PCICN, 64 masks): best of
 `--repeat` wall times of the bare command (with `--format sarif`, which writes what the fleet keeps),
 of a fleet of that one model, and of a fleet of `--copies` copies of it (`--jobs 1`), whose
 amortized per-model cost is (T_fleet(copies) - copies x T_bare) / copies; and the fixed cost of a
@@ -59,7 +59,7 @@ def main() -> None:
     ap.add_argument("--models", type=int, default=8)
     ap.add_argument("--copies", type=int, default=3)
     ap.add_argument("--repeat", type=int, default=2)
-    ap.add_argument("--overhead-samples", type=int, default=100)
+    ap.add_argument("--overhead-samples", type=int, default=150)
     ap.add_argument("--skip-ray", action="store_true")
     ap.add_argument("--tmp", type=Path, default=Path(tempfile.gettempdir()))
     args = ap.parse_args()
@@ -87,7 +87,7 @@ def main() -> None:
             shutil.copytree(heavy, work / "heavy" / f"copy{i}")
         one = work / "one.txt"
         one.write_text(f"{heavy}\n")
-        opts = ["--samples", str(args.overhead_samples), "--text", PROBE]
+        opts = ["--samples", str(args.overhead_samples), "--max-neurons", "64", "--attacks", "pcicn", "--text", PROBE]
         bare = fleet1 = fleetk = cached = float("inf")
         for _ in range(args.repeat):
             bare = min(bare, guard("scan", str(heavy), "--out", str(work / "bare"), "--format", "sarif", *opts))
@@ -98,7 +98,7 @@ def main() -> None:
                                        "--force"))
         per_model = (fleetk - args.copies * bare) / args.copies
         print(f"\npart 2: fleet machinery over a bare `guard scan` (hidden 256, 4 layers, --samples "
-              f"{args.overhead_samples}, portfolio on), best of {args.repeat}")
+              f"{args.overhead_samples}, pcicn, 64 masks), best of {args.repeat}")
         print(f"  bare guard scan --format sarif        {bare:7.2f} s")
         print(f"  fleet scan of that 1 model            {fleet1:7.2f} s  (+{fleet1 - bare:.2f} s, "
               f"{100 * (fleet1 / bare - 1):+.1f} %)")
