@@ -42,6 +42,14 @@ def build_registry(root: Path) -> dict:
     return {"planted": planted, "clean": clean, "hostile": hostile, "critical": critical}
 
 
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie waiting for its reaper does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def one_line(stderr: str) -> str:
     err = stderr.strip()
     assert err and "\n" not in err and "Traceback" not in err, err
@@ -283,3 +291,36 @@ def test_ray_missing_says_how_to_install(tmp_path):
 def test_help_documents_the_exit_order():
     result = run_guard(["fleet", "scan", "--help"])
     assert result.returncode == 0 and "worst over the models" in " ".join(result.stdout.split())
+
+
+def test_ctrl_c_stops_the_workers_and_keeps_what_is_done(fleet, tmp_path):
+    """SIGINT to the fleet process alone (not its group): it stops its own workers, removes their staging,
+    writes fleet.json with the rest pending, exits 130; the previous results stay."""
+    root, _, out, _, _ = fleet
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    before = {p.name: (p / "report.json").stat().st_mtime_ns for p in published(copy)}
+    proc = subprocess.Popen([sys.executable, "-m", "achilles_guard", "fleet", "scan", str(root), "--out", str(copy),
+                             *SCAN_OPTS, "--force", "--jobs", "2"], env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    pids = []
+    deadline = time.monotonic() + 60
+    while not pids and time.monotonic() < deadline and proc.poll() is None:
+        for f in copy.glob(".*.staging-*/worker.pid"):
+            try:
+                pids.append(int(f.read_text()))
+            except (OSError, ValueError):
+                pass
+        time.sleep(0.05)
+    assert pids, "no worker started"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(p) for p in pids), "a worker outlived the interrupted fleet"
+    assert not [p for p in copy.iterdir() if ".staging-" in p.name or ".old-" in p.name]
+    doc = json.loads((copy / "fleet.json").read_text())
+    assert not doc["complete"] and any(r["verdict"] == "pending" for r in doc["models"])
+    assert {p.name: (p / "report.json").stat().st_mtime_ns for p in published(copy)} == before

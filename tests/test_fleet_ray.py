@@ -22,20 +22,9 @@ import pytest
 pytest.importorskip("ray")
 
 from tests.builders import run_guard, save_model, tiny_model
-from tests.test_fleet import ENV, SCAN_OPTS, build_registry, rows
+from tests.test_fleet import ENV, SCAN_OPTS, alive, build_registry, rows
 
 pytestmark = pytest.mark.ray
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is dead for our purpose
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +65,9 @@ def test_ray_rows_killed_worker_and_exit_code(ray_fleet):
     assert got["hostile"]["verdict"] == "bad input" and "--trust-remote-code" in got["hostile"]["error"]
     assert rows(out) == got
     deadline = time.monotonic() + 10
-    while _alive(child) and time.monotonic() < deadline:
+    while alive(child) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not _alive(child), "the killed task's guard scan worker outlived it"
+    assert not alive(child), "the killed task's guard scan worker outlived it"
     assert not (out / got["victim"]["id"]).exists()
     assert not [p for p in out.iterdir() if ".staging-" in p.name]  # swept at the end of the run
     sarif = json.loads((out / "fleet.sarif").read_text())

@@ -23,7 +23,7 @@ from typing import Callable, Iterable
 
 from achilles_guard.errors import EXIT_RUNTIME, UsageError, first_line
 from achilles_guard.fleet.inventory import ModelEntry
-from achilles_guard.fleet.worker import Job, ModelResult, run_one, terminate_all
+from achilles_guard.fleet.worker import Job, ModelResult, reset_stop, run_one, terminate_all
 
 __all__ = ["run", "task_memory", "sweep_staging", "RAY_HINT"]
 
@@ -51,6 +51,7 @@ def sweep_staging(out: Path) -> int:
 def run(models: Iterable[ModelEntry], job: Job, *, jobs: int = 1, ray_address: str | None = None,
         device: str = "auto", on_result: Callable[[ModelResult], None] = lambda r: None) -> list[ModelResult]:
     models = list(models)
+    reset_stop()
     if ray_address is not None:
         return _run_ray(models, job, ray_address, jobs, device, on_result)
     if jobs <= 1:

@@ -38,7 +38,7 @@ from achilles_guard.fleet.inventory import ModelEntry, model_files
 from achilles_guard.formats.staging import staged_dir
 from achilles_guard.report.documents import atomic_write_bytes, dumps, gate_size, verify_sarif
 
-__all__ = ["Job", "ModelResult", "run_one", "terminate_all", "OUTPUTS", "MODEL_FILE"]
+__all__ = ["Job", "ModelResult", "run_one", "terminate_all", "reset_stop", "OUTPUTS", "MODEL_FILE"]
 
 MODEL_FILE = "fleet-model.json"
 MODEL_SCHEMA = "achilles-guard/fleet-model/v1"
@@ -50,6 +50,7 @@ _CHUNK = 1 << 20
 
 _live: set[subprocess.Popen] = set()
 _live_lock = threading.Lock()
+_stopping = threading.Event()  # set by terminate_all: no new worker starts after a Ctrl-C
 try:  # Linux: a worker dies with the fleet process (or Ray task) that started it, never an orphan
     _prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
 except (OSError, AttributeError):  # pragma: no cover
@@ -106,9 +107,14 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         _prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+def reset_stop() -> None:
+    _stopping.clear()
+
+
 def terminate_all() -> None:
-    """Stop every worker this process started (Ctrl-C): their rows become errors, their staging goes."""
+    """Stop every worker this process started (Ctrl-C) and start no new one: their staging goes."""
     with _live_lock:
+        _stopping.set()
         procs = list(_live)
     for proc in procs:
         try:
@@ -181,9 +187,11 @@ def _run_worker(cmd: list[str], staging: Path, job: Job) -> tuple[int, str]:
         env = None
         if job.threads and "OMP_NUM_THREADS" not in os.environ:  # N workers x all cores each: oversubscribed
             env = {**os.environ, "OMP_NUM_THREADS": str(job.threads)}
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env,
-                                preexec_fn=_die_with_parent if _prctl else None)
         with _live_lock:
+            if _stopping.is_set():
+                return 130, "interrupted before it started"
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env,
+                                    preexec_fn=_die_with_parent if _prctl else None)
             _live.add(proc)
         try:
             (staging / "worker.pid").write_text(f"{proc.pid}\n")
