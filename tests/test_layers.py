@@ -26,10 +26,11 @@ LAYERS: list[tuple[str, ...]] = [
     ("achilles_guard.integrity",),  # fingerprint, tensor records, verify, tamper, repair
     ("achilles_guard.defenses", "achilles_guard.monitor"),  # siblings: neither imports the other
     ("achilles_guard.research",),  # evaluation, studies, plots, generation, harness
+    ("achilles_guard.fleet",),  # many models: inventory, the per-model worker subprocess, backends, summary
     ("achilles_guard.cli", "achilles_guard.__main__"),
 ]
 TOP_LEVEL = {"__init__.py", "__main__.py", "errors.py", "formats", "engine", "report", "integrity", "defenses",
-             "monitor", "research", "cli"}
+             "monitor", "research", "fleet", "cli"}
 
 
 def _modules() -> dict[str, Path]:

@@ -25,6 +25,7 @@ from achilles_guard.cli.app import app
 # isort: off
 from achilles_guard.cli import scan as _scan
 from achilles_guard.cli import verify as _verify
+from achilles_guard.cli import fleet as _fleet
 from achilles_guard.cli import fingerprint_cmd as _fingerprint_cmd
 from achilles_guard.cli import tamper as _tamper
 from achilles_guard.cli import monitor as _monitor

@@ -80,7 +80,9 @@ def info(message: str) -> None:
 
 
 def fail(message: str, code: int) -> typer.Exit:
-    stderr().print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+    from rich.markup import escape  # a message is plain text: "achilles-guard[ray]" is not a markup tag
+
+    stderr().print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
