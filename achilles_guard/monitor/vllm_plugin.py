@@ -72,14 +72,13 @@ class Settings:
     massive_factor: float = 20.0
     model_name: str | None = None
     packed: bool = False  # let vLLM repack linear weights (faster; those are then verified at load only)
-    test_flip_after_s: float | None = None  # TEST ONLY: negate one critical weight in memory after this many s
+    test_flip_file: str | None = None  # TEST ONLY: negate one critical weight in memory once this file exists
 
     @staticmethod
     def from_env() -> "Settings":
         from achilles_guard.monitor.activation import MonitorConfig
 
         d = MonitorConfig()
-        flip = os.environ.get(_ENV + "TEST_FLIP_AFTER")
         return Settings(
             fingerprint=os.environ[_ENV + "FINGERPRINT"],
             fail_open=_flag("FAIL_OPEN"),
@@ -90,7 +89,7 @@ class Settings:
             massive_factor=_seconds("MASSIVE_FACTOR", d.massive_factor),
             model_name=os.environ.get(_ENV + "MODEL_NAME") or None,
             packed=_flag("PACKED"),
-            test_flip_after_s=_seconds("TEST_FLIP_AFTER", 0.0) if flip else None,
+            test_flip_file=os.environ.get(_ENV + "TEST_FLIP_FILE") or None,
         )
 
 
@@ -100,6 +99,7 @@ def register() -> None:
     if _registered or not os.environ.get(_ENV + "FINGERPRINT"):
         return  # unconfigured: vLLM runs exactly as without guard
     _registered = True
+    _join_lineage()
     try:
         import vllm
         from vllm.platforms import current_platform
@@ -145,12 +145,58 @@ def register() -> None:
     Runner.load_model = load_model
 
 
+def _join_lineage() -> None:
+    """Each vLLM process that loads the plugin appends its pid (children inherit the environment); the first one
+    (the API server) names the refusal file and, at exit, prints a worker's refusal instead of vLLM's traceback."""
+    pids = os.environ.get(_ENV + "PIDS", "")
+    os.environ[_ENV + "PIDS"] = f"{pids},{os.getpid()}" if pids else str(os.getpid())
+    if pids:
+        return
+    import atexit
+    import secrets
+    import tempfile
+
+    path = os.path.join(tempfile.gettempdir(), f"achilles-guard-refusal-{os.getpid()}-{secrets.token_hex(4)}")
+    os.environ[_ENV + "REFUSAL_FILE"] = path
+    previous = sys.excepthook
+
+    def excepthook(kind, value, tb):
+        try:
+            with open(path, encoding="utf-8") as f:
+                line = f.read().strip()
+        except OSError:
+            line = ""
+        if not line:  # not guard's refusal: vLLM's own error, shown as vLLM shows it
+            return previous(kind, value, tb)
+        print(line, file=sys.stderr, flush=True)  # the cause, as the last line; Python then exits 1
+
+    sys.excepthook = excepthook
+    atexit.register(lambda: os.path.exists(path) and os.remove(path))
+
+
 def _refuse(message: str, code: int) -> None:
-    """Fail closed: one line, then end this process at once (vLLM's engine then reports its core died)."""
+    """Fail closed: one line, then end this process at once, and the engine process between it and the API server
+    (whose death the API server then reports with the guard's line alone, exit 1)."""
     if _flag("FAIL_OPEN"):
         _say(f"FAIL-OPEN, serving anyway: {message}")
         return
-    _say(f"REFUSED to serve: {message} (set {_ENV}FAIL_OPEN=1 to serve anyway)")
+    line = f"{PREFIX} REFUSED to serve: {message} (set {_ENV}FAIL_OPEN=1 to serve anyway)"
+    print(line, file=sys.stderr, flush=True)
+    path = os.environ.get(_ENV + "REFUSAL_FILE")
+    pids = [int(p) for p in os.environ.get(_ENV + "PIDS", "").split(",") if p.isdigit()]
+    try:
+        if path:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(line + "\n")
+        # the engine-core process between this worker and the API server would print vLLM's tracebacks; it is a
+        # process of this same vLLM (its pid is in the lineage) and nothing has been served yet
+        parent = os.getppid()
+        if len(pids) >= 2 and parent in pids[1:] and parent != os.getpid():
+            import signal
+
+            os.kill(parent, signal.SIGKILL)
+    except OSError:
+        pass
     os._exit(code)
 
 
@@ -389,7 +435,7 @@ class _Guard:
 
     def _start_thread(self) -> None:
         s = self.settings
-        if not (s.integrity_interval_s or s.full_interval_s or s.test_flip_after_s is not None):
+        if not (s.integrity_interval_s or s.full_interval_s or s.test_flip_file):
             return
         self._thread = threading.Thread(target=self._loop, name="achilles-guard", daemon=True)
         self._thread.start()
@@ -399,20 +445,20 @@ class _Guard:
         now = time.monotonic()
         next_slices = now + s.integrity_interval_s if s.integrity_interval_s else math.inf
         next_full = now + s.full_interval_s if s.full_interval_s else math.inf
-        flip_at = now + s.test_flip_after_s if s.test_flip_after_s is not None else math.inf
-        if flip_at < math.inf:
-            _say(f"TEST SWITCH {_ENV}TEST_FLIP_AFTER is set: a critical weight will be negated in memory "
-                 f"in {s.test_flip_after_s:g} s. Never in production.")
+        flip = s.test_flip_file
+        if flip:
+            _say(f"TEST SWITCH {_ENV}TEST_FLIP_FILE is set: a critical weight will be negated in memory when "
+                 f"{flip} appears. Never in production.")
         while True:
-            wait = min(next_slices, next_full, flip_at) - time.monotonic()
-            if wait > 0:
-                time.sleep(min(wait, 1.0))
+            wait = min(next_slices, next_full) - time.monotonic()
+            if wait > 0 and not (flip and os.path.exists(flip)):
+                time.sleep(min(wait, 0.5))
                 continue
             now = time.monotonic()
             try:
-                if now >= flip_at:
+                if flip and os.path.exists(flip):
                     self._test_flip()
-                    flip_at = math.inf
+                    flip = None
                 if now >= next_full:
                     self.check_full()
                     next_full = now + s.full_interval_s
