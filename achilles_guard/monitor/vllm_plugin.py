@@ -123,7 +123,14 @@ def register() -> None:
         import vllm.model_executor.model_loader.base_loader as base_loader
 
         guard = _new_guard(self)
-        if guard is None:  # fail-open on a settings error: serve unguarded
+        if guard is None:  # fail-open on a settings error: serve unguarded, and say so on /metrics
+            from prometheus_client import CollectorRegistry
+
+            from achilles_guard.monitor.metrics import MonitorMetrics
+
+            name = os.environ.get(_ENV + "MODEL_NAME") or "model"
+            _guards.append(MonitorMetrics(CollectorRegistry(), model=name))
+            _guards[-1].integrity_ok.set(0)
             return original(self, *args, **kwargs)
         process = base_loader.process_weights_after_loading
 
