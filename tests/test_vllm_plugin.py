@@ -287,14 +287,16 @@ def test_tampered_copy_fail_open_serves_unhealthy_and_the_alerts_fire(tampered, 
 
 def test_unconfigured_plugin_leaves_vllm_alone(monkeypatch):
     """Without ACHILLES_GUARD_FINGERPRINT, register() wraps nothing (vLLM runs exactly as without guard)."""
+    import vllm.model_executor.model_loader.base_loader as base_loader
     from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
     from achilles_guard.monitor import vllm_plugin
 
     monkeypatch.delenv("ACHILLES_GUARD_FINGERPRINT", raising=False)
-    before = CPUModelRunner.load_model
+    before, runner = base_loader.process_weights_after_loading, CPUModelRunner.load_model
     vllm_plugin.register()
-    assert CPUModelRunner.load_model is before and not getattr(before, "_achilles_guard", False)
+    assert base_loader.process_weights_after_loading is before and not getattr(before, "_achilles_guard", False)
+    assert CPUModelRunner.load_model is runner
     from importlib.metadata import entry_points
 
     names = {e.value for e in entry_points(group="vllm.general_plugins")}

@@ -1,9 +1,10 @@
 """guard inside vLLM: a `vllm.general_plugins` entry point (pyproject), off unless ACHILLES_GUARD_FINGERPRINT is set.
 
-vLLM calls `register()` in each of its processes (API server, engine core, worker). It wraps the
-model runner's `load_model` in one place (`CPUModelRunner` on a CPU platform, else `GPUModelRunner`,
-untested here); after vLLM has loaded the weights, in the worker, `_Guard.start` (docs/monitor.md
-"Production path: the vLLM plugin"):
+vLLM calls `register()` in each of its processes (API server, engine core, worker). vLLM has no
+"model loaded" hook; the plugin wraps one function, `base_loader.process_weights_after_loading`,
+which every model runner (V1 and V2: vLLM 0.32 picks the V2 CPU runner for bfloat16, V1 for
+float32) reaches through `BaseModelLoader.load_model` once the checkpoint is in memory and before
+vLLM repacks it. In the worker (docs/monitor.md "Production path: the vLLM plugin"):
 
 1. verifies the weights vLLM actually loaded, in memory: every tensor against the fingerprint's
    records (records.check_tensors over a LiveSource: sha256 of the exact bytes when the dtype is the
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 
 __all__ = ["register", "Settings", "KNOWN_VLLM_VERSIONS"]
 
-KNOWN_VLLM_VERSIONS = ("0.32.0",)  # versions whose model runner's load_model this wrapper was written against
+KNOWN_VLLM_VERSIONS = ("0.32.0",)  # versions whose loader this wrapper was written against
 PREFIX = "achilles-guard:"
 _ENV = "ACHILLES_GUARD_"
 _registered = False
@@ -94,7 +95,7 @@ class Settings:
 
 
 def register() -> None:
-    """vLLM's general-plugin entry point: wrap the model runner's load_model (once per process)."""
+    """vLLM's general-plugin entry point: wrap the weight loader's post-processing step (once per process)."""
     global _registered
     if _registered or not os.environ.get(_ENV + "FINGERPRINT"):
         return  # unconfigured: vLLM runs exactly as without guard
@@ -102,54 +103,36 @@ def register() -> None:
     _join_lineage()
     try:
         import vllm
-        from vllm.platforms import current_platform
-
-        if current_platform.is_cpu():
-            from vllm.v1.worker.cpu_model_runner import CPUModelRunner as Runner
-        else:
-            from vllm.v1.worker.gpu_model_runner import GPUModelRunner as Runner
+        import vllm.model_executor.model_loader.base_loader as base_loader
     except Exception as err:  # any import failure: one line, fail closed
-        _refuse(f"cannot hook vLLM's model runner ({type(err).__name__}: {str(err).splitlines()[0][:200]})", 3)
+        _refuse(f"cannot hook vLLM's model loader ({type(err).__name__}: {str(err).splitlines()[0][:200]})", 3)
         return
     version = getattr(vllm, "__version__", "?")
     if version not in KNOWN_VLLM_VERSIONS:
-        _say(f"vLLM {version} is not a version this plugin knows ({', '.join(KNOWN_VLLM_VERSIONS)}); "
-             f"wrapping {Runner.__name__}.load_model anyway - check that the guard's startup line appears")
-    original = Runner.load_model
+        _say(f"vLLM {version} is not a version this plugin knows ({', '.join(KNOWN_VLLM_VERSIONS)}); wrapping "
+             "base_loader.process_weights_after_loading anyway - check that the guard's start-up line appears")
+    original = getattr(base_loader, "process_weights_after_loading", None)
+    if original is None:
+        _refuse(f"vLLM {version} has no base_loader.process_weights_after_loading: the loaded weights cannot be "
+                "verified", 3)
+        return
     if getattr(original, "_achilles_guard", False):
         return
 
-    def load_model(self, *args, **kwargs):
-        import vllm.model_executor.model_loader.base_loader as base_loader
-
-        guard = _new_guard(self)
-        if guard is None:  # fail-open on a settings error: serve unguarded, and say so on /metrics
-            from prometheus_client import CollectorRegistry
-
-            from achilles_guard.monitor.metrics import MonitorMetrics
-
-            name = os.environ.get(_ENV + "MODEL_NAME") or "model"
-            _guards.append(MonitorMetrics(CollectorRegistry(), model=name))
-            _guards[-1].integrity_ok.set(0)
-            return original(self, *args, **kwargs)
-        process = base_loader.process_weights_after_loading
-
-        def before_processing(model, *a, **kw):
-            # the weights exactly as vLLM loaded them, before it repacks them into its kernels' formats
-            _run(guard.verify_loaded, model)
-            return process(model, *a, **kw)
-
-        base_loader.process_weights_after_loading = before_processing
-        try:
-            result = original(self, *args, **kwargs)
-        finally:
-            base_loader.process_weights_after_loading = process
-        _run(guard.start, self.model)
+    def process_weights_after_loading(model, model_config, *args, **kwargs):
+        # every model runner (V1 and V2, CPU and GPU) loads through BaseModelLoader.load_model, which calls this
+        # once the checkpoint's tensors are in `model` and before vLLM repacks them into its kernels' formats
+        guard = None if _guards else _new_guard(model_config)
+        if guard is None:
+            return original(model, model_config, *args, **kwargs)
+        _run(guard.verify_loaded, model)
+        result = original(model, model_config, *args, **kwargs)
+        _run(guard.start, model)
         return result
 
-    load_model._achilles_guard = True  # type: ignore[attr-defined]
-    load_model.__wrapped__ = original  # type: ignore[attr-defined]
-    Runner.load_model = load_model
+    process_weights_after_loading._achilles_guard = True  # type: ignore[attr-defined]
+    process_weights_after_loading.__wrapped__ = original  # type: ignore[attr-defined]
+    base_loader.process_weights_after_loading = process_weights_after_loading
 
 
 def _join_lineage() -> None:
@@ -210,13 +193,21 @@ def _refuse(message: str, code: int) -> None:
 _guards: list = []  # keeps the running guard (and its thread) alive
 
 
-def _new_guard(runner):
+def _new_guard(model_config):
+    """The guard of the first model this process loads (a draft model loaded later is not this fingerprint's)."""
     from achilles_guard.errors import GuardError, first_line
 
     try:
-        guard = _Guard(runner, Settings.from_env())
+        guard = _Guard(model_config, Settings.from_env())
     except GuardError as err:
-        _refuse(first_line(err), err.exit_code)
+        _refuse(first_line(err), err.exit_code)  # fail-open: serve unguarded, and say so on /metrics
+        from prometheus_client import CollectorRegistry
+
+        from achilles_guard.monitor.metrics import MonitorMetrics
+
+        metrics = MonitorMetrics(CollectorRegistry(), model=os.environ.get(_ENV + "MODEL_NAME") or "model")
+        metrics.integrity_ok.set(0)
+        _guards.append(metrics)
         return None
     _guards.append(guard)
     return guard
@@ -240,8 +231,8 @@ def _run(step, model) -> None:
 
 
 class _Guard:
-    def __init__(self, runner, settings: Settings):
-        self.runner = runner
+    def __init__(self, model_config, settings: Settings):
+        self.model_config = model_config
         self.settings = settings
         self._full_ok = True
         self._full_bad = 0
@@ -261,7 +252,7 @@ class _Guard:
 
         s = self.settings
         self.t0 = time.perf_counter()
-        mc = getattr(self.runner, "model_config", None)
+        mc = self.model_config
         model_path = str(getattr(mc, "model", "") or "")
         fp = load_fingerprint(s.fingerprint, verify_key=read_key(s.verify_key) if s.verify_key else None)
         if model_path and os.path.isfile(os.path.join(model_path, "config.json")):
@@ -304,7 +295,8 @@ class _Guard:
             MonitorMetrics(CollectorRegistry(), model=self.settings.model_name or "model").integrity_ok.set(0)
             raise InputError("the weights vLLM loaded were not verified (the fingerprint could not be used, or this "
                              "vLLM's loader did not pass them through process_weights_after_loading)")
-        s, fp_live, mc = self.settings, self.fp_live, getattr(self.runner, "model_config", None)
+        self.model = model
+        s, fp_live, mc = self.settings, self.fp_live, self.model_config
         model_path = str(getattr(mc, "model", "") or "")
         # what is still a tensor after vLLM's processing is re-checked in the background; what it repacked is not
         params = dict(model.named_parameters(remove_duplicate=False))
@@ -487,7 +479,7 @@ class _Guard:
         if rec is None:
             _say("TEST SWITCH: the critical slice was repacked by vLLM (ACHILLES_GUARD_PACKED=1); nothing flipped")
             return
-        param = dict(self.runner.model.named_parameters(remove_duplicate=False))[rec.param]
+        param = dict(self.model.named_parameters(remove_duplicate=False))[rec.param]
         with torch.no_grad():
             param.data.select(rec.axis, rec.index)[0].neg_()
         _say(f"TEST SWITCH: negated {rec.param}[{rec.index}, 0] in memory (slice {rec.key})")
