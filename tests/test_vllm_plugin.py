@@ -1,10 +1,11 @@
 """The guard plugin inside the real vLLM OpenAI server, on SmolLM2, over real HTTP on 127.0.0.1 (issue 24).
 
 Marker `vllm`: deselected by default; CI's last step runs these in the venv of ci/vllm-venv.sh
-(`python -m pytest -q -p no:cacheprovider -m vllm tests/test_vllm_plugin.py`). Three server starts
-(30-80 s each on 2 cores): intact (completions, /metrics, promtool, 30 prompts without a false alarm,
+(`python -m pytest -q -p no:cacheprovider -m vllm tests/test_vllm_plugin.py`). Server starts
+(30-80 s each on 2 cores, four in all): intact (completions, /metrics, promtool, 30 prompts without a false alarm,
 a bit flipped in memory while serving), tampered fail closed (refuses, one line), tampered fail open
-(serves; the integrity and activation alerts fire on the scraped values, promtool rule test).
+(serves; the integrity and activation alerts fire on the scraped values, promtool rule test), intact in
+bfloat16 (vLLM's other model runner).
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def _free_port() -> int:
 class Server:
     """`python -m vllm.entrypoints.openai.api_server` as a subprocess of this test (own session, own metrics dir)."""
 
-    def __init__(self, model: Path, tmp: Path, **env: str):
+    def __init__(self, model: Path, tmp: Path, dtype: str = "float32", **env: str):
         self.port = _free_port()
         self.log = tmp / f"vllm-{self.port}.log"
         prom = tmp / f"prom-{self.port}"
@@ -97,7 +98,7 @@ class Server:
         self.env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(prom), "VLLM_CPU_KVCACHE_SPACE": "1", **env}
         self.cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
                     "--enforce-eager", "--host", "127.0.0.1", "--port", str(self.port), "--max-model-len", "512",
-                    "--dtype", "float32"]
+                    "--dtype", dtype]
         self.model = str(model)
         self.proc: subprocess.Popen | None = None
         self.started_s: float | None = None
@@ -283,6 +284,20 @@ def test_tampered_copy_fail_open_serves_unhealthy_and_the_alerts_fire(tampered, 
     proc = subprocess.run([PROMTOOL, "test", "rules", path.name], capture_output=True, text=True, timeout=60,
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_bfloat16_load_is_guarded_too(smol, fingerprint, tmp_path):
+    """vLLM 0.32 serves bfloat16 through its V2 CPU model runner (float32: V1): the guard must start on both,
+    with the float32 fingerprint judged through the row sketch within bf16 rounding."""
+    with Server(smol, tmp_path, dtype="bfloat16", ACHILLES_GUARD_FINGERPRINT=str(fingerprint)) as srv:
+        assert srv.started_s is not None, srv.output[-3000:]
+        assert "achilles-guard: watching 64 neuron(s)" in srv.output, srv.output[-3000:]
+        for prompt in PROMPTS[:4]:
+            srv.complete(prompt, max_tokens=16)
+        m = srv.guard_metrics()
+        assert _value(m, "guard_forward_passes_total") >= 4 * 2
+        assert _value(m, "guard_weight_integrity_ok") == 1
+        assert _value(m, "guard_activation_anomalies_total") == 0
 
 
 def test_unconfigured_plugin_leaves_vllm_alone(monkeypatch):
