@@ -131,7 +131,8 @@ class ActivationMonitor:
     """
 
     def __init__(self, model, fingerprint, *, registry, tokenizer=None, config: MonitorConfig | None = None,
-                 model_name: str = "model", config_sha256: str | None = None, lock=None, guard=None):
+                 model_name: str = "model", config_sha256: str | None = None, lock=None, guard=None,
+                 positions=None):
         self.config = (config or MonitorConfig()).validated()
         if config_sha256 is not None and config_sha256 != fingerprint.config_sha256:
             raise InputError(
@@ -161,6 +162,10 @@ class ActivationMonitor:
         self._stack: ExitStack | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # `positions(T)` -> the positions the scoring counts for a forward whose watched tensor has T rows. A
+        # serving engine that flattens its batch into tokens (vLLM: (num_tokens, C)) passes one that says 1 for
+        # a decode step however many sequences it batches, so prefill-only checks do not run on decode steps.
+        self._positions = positions
         self.guard = guard
         if guard is not None:
             for module in guard.profiles:
@@ -284,6 +289,8 @@ class ActivationMonitor:
             torch.stack([watched.mean(0, dtype=torch.float32), watched.amax(0).float()]).cpu().double().numpy()
         )  # (2, K)
         positions = parts[0].shape[-2] if parts[0].dim() >= 2 else 1
+        if self._positions is not None:
+            positions = self._positions(positions)
         reading = _score(table, stats[0], stats[1], positions, math.log10(self.config.drift_factor))
         m = self.metrics
         m.forward_passes.inc()

@@ -1,0 +1,109 @@
+"""vLLM with and without the guard plugin, in one run: start-up time and throughput (issue 24).
+
+Three configurations, each a fresh `python -m vllm.entrypoints.openai.api_server` on 127.0.0.1:
+
+  bare     no ACHILLES_GUARD_FINGERPRINT: the plugin is installed but does nothing
+  guard    the plugin's default: weights verified as loaded, kept as plain tensors (re-checkable), hooks
+  packed   ACHILLES_GUARD_PACKED=1: verified as loaded, vLLM repacks the linears (oneDNN), hooks
+
+Per configuration: seconds from the process start to /health 200, then throughput: --rounds rounds of
+4 concurrent prompts x 64 tokens (ignore_eos), tokens/s of the best round, and the median latency of one
+64-token completion alone. Run in the vLLM venv (ci/vllm-venv.sh):
+
+    .venv-vllm/bin/python benchmarks/vllm_overhead.py --model DIR --fingerprint FP [--dtype float32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+PROMPTS = ["The history of the city begins", "Write a short story about a robot", "def quicksort(xs):",
+           "The main causes of the First World War were"]
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, model: str, prompt: str, tokens: int) -> int:
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0, "ignore_eos": True})
+    req = urllib.request.Request(url, body.encode(), {"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=300) as r:
+        return json.loads(r.read())["usage"]["completion_tokens"]
+
+
+def run(name: str, args, env_extra: dict) -> dict:
+    port = _port()
+    prom = tempfile.mkdtemp(prefix="prom-")
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": prom, "VLLM_CPU_KVCACHE_SPACE": "1", **env_extra}
+    if name == "bare":
+        env.pop("ACHILLES_GUARD_FINGERPRINT", None)
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.model, "--enforce-eager",
+           "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "512", "--dtype", args.dtype]
+    log = open(os.path.join(prom, "server.log"), "wb")
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise SystemExit(f"{name}: vLLM exited {proc.returncode}; see {log.name}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        start = time.monotonic() - t0
+        url = f"http://127.0.0.1:{port}/v1/completions"
+        _post(url, args.model, "warm up", 8)
+        rates = []
+        for _ in range(args.rounds):
+            t = time.perf_counter()
+            with ThreadPoolExecutor(4) as pool:
+                tokens = sum(pool.map(lambda p: _post(url, args.model, p, 64), PROMPTS))
+            rates.append(tokens / (time.perf_counter() - t))
+        single = []
+        for p in PROMPTS:
+            t = time.perf_counter()
+            _post(url, args.model, p, 64)
+            single.append(time.perf_counter() - t)
+        return {"config": name, "startup_s": round(start, 1), "tokens_per_s": round(max(rates), 1),
+                "rates": [round(r, 1) for r in rates], "latency_64_s": round(statistics.median(single), 3)}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+        log.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--fingerprint", required=True)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--configs", default="bare,guard,packed")
+    args = ap.parse_args()
+    envs = {"bare": {}, "guard": {"ACHILLES_GUARD_FINGERPRINT": args.fingerprint},
+            "packed": {"ACHILLES_GUARD_FINGERPRINT": args.fingerprint, "ACHILLES_GUARD_PACKED": "1"}}
+    rows = [run(name, args, envs[name]) for name in args.configs.split(",")]
+    base = rows[0]
+    for r in rows:
+        r["throughput_vs_first"] = f"{100 * (r['tokens_per_s'] / base['tokens_per_s'] - 1):+.1f} %"
+        r["startup_vs_first"] = f"{100 * (r['startup_s'] / base['startup_s'] - 1):+.1f} %"
+        print(json.dumps(r))
+
+
+if __name__ == "__main__":
+    main()
