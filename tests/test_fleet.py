@@ -61,6 +61,15 @@ def published(out: Path) -> list[Path]:
                   and (p / "fleet-model.json").is_file()) if out.is_dir() else []
 
 
+def finished_rows(out: Path) -> int:
+    """How many rows fleet.json records as done (0 while it is absent; it is only ever renamed in whole)."""
+    try:
+        doc = json.loads((out / "fleet.json").read_text())
+    except (OSError, ValueError):
+        return 0
+    return sum(r["verdict"] != "pending" for r in doc["models"])
+
+
 def rows(out: Path) -> dict:
     doc = json.loads((out / "fleet.json").read_text())
     assert doc["schema"] == "achilles-guard/fleet/v1"
@@ -78,8 +87,11 @@ def fleet(tmp_path_factory):
                             start_new_session=True)
     try:
         deadline = time.monotonic() + 120
-        while not published(out) and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.05)
+        # kill once the first model is published AND fleet.json records it (the fleet publishes, then
+        # rewrites fleet.json: a kill between the two leaves the result on disk and the row pending)
+        while not (published(out) and finished_rows(out) >= 1) and time.monotonic() < deadline \
+                and proc.poll() is None:
+            time.sleep(0.02)
         first = published(out)
         assert len(first) == 1, f"the first model was not published before the deadline: {first}"
         os.killpg(proc.pid, signal.SIGKILL)  # the fleet process and its worker: a lost job, no clean-up
@@ -164,6 +176,12 @@ def test_scan_verdicts_files_and_exit_code(fleet):
 
 def test_unchanged_rerun_is_cached_and_force_reruns(fleet, tmp_path):
     root, models, out, _, _ = fleet
+    # the state a kill between publishing a model and rewriting fleet.json leaves: results on disk, every
+    # row pending; the cache is each model's own published folder, so nothing finished is lost or re-run
+    summary = json.loads((out / "fleet.json").read_text())
+    for r in summary["models"]:
+        r["verdict"] = "pending"
+    (out / "fleet.json").write_text(json.dumps(summary))
     again = run_guard(["fleet", "scan", str(root), "--out", str(out), *SCAN_OPTS, "--format", "json"])
     assert again.returncode == 2, again.stderr
     doc = json.loads(again.stdout)
