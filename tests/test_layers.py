@@ -156,3 +156,18 @@ def test_the_checker_sees_a_violation(tmp_path):
     path.write_text("def f():\n    from achilles_guard.cli.scan import scan\n")
     modules = {**_modules(), "achilles_guard.formats.x": path}
     assert _imports("achilles_guard.formats.x", path, modules) == {"achilles_guard.cli.scan"}
+
+
+def test_starting_guard_loads_no_torch():
+    """`guard --help`, `guard fleet ...` and every bad-option line start in a fraction of a second: the
+    command modules import torch and transformers inside the commands that need them, not at start."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom achilles_guard.cli import main\n"
+            "assert main(['fleet', 'scan', '--help']) == 0\n"
+            "heavy = sorted(m for m in ('torch', 'transformers', 'safetensors.torch') if m in sys.modules)\n"
+            "print('HEAVY', heavy)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PACKAGE.parent)
+    assert out.returncode == 0, out.stderr
+    assert "HEAVY []" in out.stdout, out.stdout[-300:]

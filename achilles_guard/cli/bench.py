@@ -20,7 +20,6 @@ from achilles_guard.cli.common import (
     stdout,
 )
 from achilles_guard.errors import UsageError
-from achilles_guard.research.harness import require_lm_eval, run_harness
 
 __all__ = ["bench_command"]
 
@@ -47,6 +46,7 @@ def bench_command(
     from achilles_guard.formats.load import load_model
     from achilles_guard.report.documents import dumps, write_json
     from achilles_guard.research.evaluation import ReportRanking, parse_levels
+    from achilles_guard.research.harness import require_lm_eval, run_harness
 
     require_lm_eval()
     if include_path is not None and not include_path.is_dir():

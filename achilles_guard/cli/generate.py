@@ -20,8 +20,6 @@ from achilles_guard.cli.common import (
     stdout,
 )
 from achilles_guard.errors import UsageError
-from achilles_guard.formats.load import load_model
-from achilles_guard.research.generation import greedy, topk_levels
 
 __all__ = ["generate_command"]
 
@@ -50,8 +48,10 @@ def generate_command(
 ) -> None:
     """Answers before and after masking the critical set, and top-k next-token probabilities per level."""
     from achilles_guard.engine.masking import MaskPlan
+    from achilles_guard.formats.load import load_model
     from achilles_guard.report.documents import atomic_write_bytes, dumps, write_json
     from achilles_guard.research.evaluation import ReportRanking
+    from achilles_guard.research.generation import greedy, topk_levels
 
     if max_new_tokens < 1 or top_k < 1:
         raise UsageError("--max-new-tokens and --top-k must be >= 1")

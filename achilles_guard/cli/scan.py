@@ -22,11 +22,8 @@ from achilles_guard.cli.common import (
     stdout,
 )
 from achilles_guard.engine.paper import PAPER
-from achilles_guard.engine.scan import ScanParams, read_probe_texts, run_scan, tokenize_probe
 from achilles_guard.errors import EXIT_FINDING, EXIT_OK, InputError, UsageError
 from achilles_guard.formats.staging import publish_files
-from achilles_guard.integrity.fingerprint import fingerprint_bytes, read_key
-from achilles_guard.report.documents import dumps, scan_report, scan_sarif
 
 __all__ = ["scan_command"]
 
@@ -93,7 +90,11 @@ def scan_command(
     Writes OUT/report.json (schema achilles-guard/scan/v1) and OUT/fingerprint.safetensors
     atomically; stdout carries only the result. Exit 0 ok, 1 gate failed (--fail-under), 2 bad input, 3 runtime failure.
     """
+    # torch and transformers load here, not when `guard` starts (`guard fleet` and --help never need them)
+    from achilles_guard.engine.scan import ScanParams, read_probe_texts, run_scan, tokenize_probe
     from achilles_guard.formats.load import load_model
+    from achilles_guard.integrity.fingerprint import fingerprint_bytes, read_key
+    from achilles_guard.report.documents import dumps, scan_report, scan_sarif
 
     if demo == (model_dir is not None):
         raise UsageError("give either MODEL_DIR or --demo (exactly one)")

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from achilles_guard.cli.app import app
 from achilles_guard.cli.common import guarded, stderr, stdout
-from achilles_guard.integrity.tamper import (
+from achilles_guard.integrity.tamper_options import (
     BANNER,
     TamperKind,
     check_kind_options,

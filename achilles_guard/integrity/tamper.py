@@ -12,16 +12,15 @@ renamed into place; the shard layout and `model.safetensors.index.json` are kept
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 
 import torch
 
 from achilles_guard.engine.neurons import Neuron, parse_neuron
 from achilles_guard.errors import InputError, UsageError, first_line
+from achilles_guard.integrity.tamper_options import BANNER, TamperKind, check_kind_options, check_out
 
 __all__ = [
     "TamperKind",
@@ -36,16 +35,6 @@ __all__ = [
 ]
 
 MARKER = "TAMPERED_BY_GUARD.json"
-BANNER = (
-    "RED-TEAM TOOL: this writes a deliberately SABOTAGED copy of the checkpoint, for testing gates. Never deploy it."
-)
-
-
-class TamperKind(str, Enum):
-    zero = "zero"  # slice := its null value (the paper's attack)
-    scale = "scale"  # slice := β · slice (the paper's β study; `scaled_slice`)
-    sign_flip = "sign-flip"  # slice := -slice
-    noise = "noise"  # slice += Gaussian noise with ||noise|| = rel · ||slice||
 
 
 @dataclass(frozen=True)
@@ -70,16 +59,6 @@ def scaled_slice(value: torch.Tensor, factor: float, null_value: float = 0.0) ->
     if null_value == 0:
         return (wide * factor).to(value.dtype)  # exactly factor · value, -0.0 included
     return (null_value + factor * (wide - null_value)).to(value.dtype)
-
-
-def check_kind_options(kind: TamperKind, scale: float, noise: float) -> None:
-    """UsageError for a `--scale` that changes nothing or a `--noise` that is not a positive size."""
-    if kind is TamperKind.scale and (not math.isfinite(scale) or scale == 1.0):
-        raise UsageError(
-            f"--scale {scale}: must be a finite factor other than 1.0 (1.0 changes nothing; nothing was written)"
-        )
-    if kind is TamperKind.noise and not (math.isfinite(noise) and noise > 0):
-        raise UsageError(f"--noise {noise}: must be a finite number > 0 (nothing was written)")
 
 
 def select_targets(src: Path, source: Path | None, explicit: list[str], top: int | None) -> list[TamperTarget]:
@@ -208,19 +187,6 @@ def tamper_checkpoint(
             + "\n"
         )
     return out
-
-
-def check_out(src: Path, out: Path) -> None:
-    """Refuse an --out that exists (the input included), sits inside the input, or has no parent."""
-    src, out = Path(src), Path(out)
-    if out.exists() or out.resolve() == src.resolve():
-        raise InputError(
-            f"--out {out}: already exists; guard tamper refuses to write over anything (its input included)"
-        )
-    if src.resolve() in out.resolve().parents:
-        raise InputError(f"--out {out}: is inside the input checkpoint; guard tamper refuses to write into its input")
-    if not out.parent.is_dir():
-        raise InputError(f"--out {out}: parent directory {out.parent} does not exist")
 
 
 def _tampered(

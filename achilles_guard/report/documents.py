@@ -15,12 +15,13 @@ import os
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from achilles_guard import __version__
-from achilles_guard.engine.neurons import Neuron
-from achilles_guard.engine.perplexity import log10_ppl
 from achilles_guard.errors import InputError
+
+if TYPE_CHECKING:  # annotations only: writing a document never needs torch
+    from achilles_guard.engine.neurons import Neuron
 
 __all__ = [
     "SCAN_SCHEMA",
@@ -145,6 +146,8 @@ def strongest_record(s, by_name: dict) -> dict | None:
 
 
 def _text_record(scan, by_name: dict, keep: int) -> dict:
+    from achilles_guard.engine.perplexity import log10_ppl  # a scan result in hand: torch is loaded
+
     res, ranking = scan.result, scan.ranking
     top = ranking.top(min(keep, len(ranking)))
     importance = ranking.importance[: len(top)].tolist()
