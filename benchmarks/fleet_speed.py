@@ -6,7 +6,7 @@ time of one `guard fleet scan --force` per backend: local `--jobs 1`, local `--j
 with 2 CPUs (`--ray local --jobs 2`, Ray's own start included) when Ray is installed.
 
 Part 2: the fleet machinery's cost over a bare `guard scan` on a model whose scan takes >= 10 s
-(a Llama of hidden 256, 4 layers, `--overhead-samples` noise samples, PCICN, 64 masks): best of
+(a Llama of hidden 512, 4 layers, `--overhead-samples` noise samples, PCICN, `--overhead-masks` masks): best of
 `--repeat` wall times of the bare command (with `--format sarif`, which writes what the fleet keeps),
 of a fleet of that one model (the bare scan plus the fleet's fixed start), and of a fleet of
 `--copies` copies of it (`--jobs 1`): what each model after the first adds over its bare scan is
@@ -89,12 +89,13 @@ def part1(args, work: Path) -> None:
 
 
 def part2(args, work: Path) -> None:
-    heavy = quiet_save(tiny_model("llama", hidden=256, layers=4, intermediate=512), work / "heavy" / "model")
+    heavy = quiet_save(tiny_model("llama", hidden=512, layers=4, intermediate=1024), work / "heavy" / "model")
     for i in range(1, args.copies):
         shutil.copytree(heavy, work / "heavy" / f"copy{i}")
     one = work / "one.txt"
     one.write_text(f"{heavy}\n")
-    opts = ["--samples", str(args.overhead_samples), "--max-neurons", "64", "--attacks", "pcicn", "--text", PROBE]
+    opts = ["--samples", str(args.overhead_samples), "--max-neurons", str(args.overhead_masks), "--attacks", "pcicn",
+            "--text", PROBE]
     bare = best(args.repeat, "scan", str(heavy), "--out", str(work / "bare"), "--format", "sarif", *opts)
     fleet1 = best(args.repeat, "fleet", "scan", str(one), "--out", str(work / "f1"), *opts, "--force")
     cached = best(args.repeat, "fleet", "scan", str(one), "--out", str(work / "f1"), *opts)
@@ -103,8 +104,8 @@ def part2(args, work: Path) -> None:
     # the fleet's cost splits in two: a fixed start per fleet run (one more `guard` process, discovery, the
     # summary) and what each further model adds over its bare scan (spawn, hashing, publish, fleet.json)
     wall_pm, cpu_pm = ((fleetk[i] - fleet1[i]) / (k - 1) - bare[i] for i in (0, 1))
-    print(f"\npart 2: fleet machinery over a bare `guard scan` (hidden 256, 4 layers, --samples "
-          f"{args.overhead_samples}, pcicn, 64 masks), best of {args.repeat}")
+    print(f"\npart 2: fleet machinery over a bare `guard scan` (hidden 512, 4 layers, --samples "
+          f"{args.overhead_samples}, pcicn, {args.overhead_masks} masks), best of {args.repeat}")
     print(f"  {'':<38} {'wall s':>7}   {'CPU s':>7}")
     print(f"  {'bare guard scan --format sarif':<38} {bare[0]:7.2f}   {bare[1]:7.2f}")
     print(f"  {'fleet scan of that 1 model':<38} {fleet1[0]:7.2f}   {fleet1[1]:7.2f}   "
@@ -123,6 +124,7 @@ def main() -> None:
     ap.add_argument("--copies", type=int, default=3)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--overhead-samples", type=int, default=150)
+    ap.add_argument("--overhead-masks", type=int, default=192, help="part 2's stage-2 budget (a scan of >= 10 s here)")
     ap.add_argument("--skip-ray", action="store_true")
     ap.add_argument("--tmp", type=Path, default=Path(tempfile.gettempdir()))
     args = ap.parse_args()

@@ -34,7 +34,9 @@ def _normalised(doc):
 def _same(a, b, where: str = "$") -> None:
     if isinstance(a, float) or isinstance(b, float):
         assert isinstance(a, (int, float)) and isinstance(b, (int, float)), (where, a, b)
-        assert (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-9), (where, a, b)
+        # 1e-4 relative, and 1e-5 absolute for numbers near 0: a difference of two float32 losses (a Δ of
+        # 1.26e-4 on one CPU was 1.26e-4 + 4e-7 on another: same torch, other SIMD reduction order)
+        assert (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-5), (where, a, b)
     elif isinstance(a, dict):
         assert isinstance(b, dict), (where, b)
         assert sorted(a) == sorted(b), (where, sorted(a), sorted(b))

@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from achilles_guard.engine.paper import PAPER
 from achilles_guard.errors import EXIT_RUNTIME, GuardError, InputError, UsageError
 
 __all__ = [
@@ -22,6 +23,18 @@ __all__ = [
     "DeviceOption",
     "TrustRemoteCodeOption",
     "AllowPickleOption",
+    "TextOption",
+    "TextFileOption",
+    "AlphaOption",
+    "SamplesOption",
+    "SeedOption",
+    "EpsilonOption",
+    "MaxNeuronsOption",
+    "ComponentsOption",
+    "AttacksOption",
+    "AllowShortOption",
+    "FingerprintTopOption",
+    "SignKeyOption",
     "Format",
     "stdout",
     "stderr",
@@ -56,6 +69,57 @@ def TrustRemoteCodeOption():
 
 def AllowPickleOption():
     return typer.Option(False, "--allow-pickle", help="Allow pickle weights (*.bin), which can run code when loaded.")
+
+
+# The scan options `guard scan` and `guard fleet scan` share (the fleet hands them to each model's scan).
+def TextOption():
+    return typer.Option([], "--text", help="Probe text (repeatable). Default: the packaged texts.")
+
+
+def TextFileOption():
+    return typer.Option([], "--text-file", help="File holding a probe text (repeatable).")
+
+
+def AlphaOption():
+    return typer.Option(PAPER.alpha, help="Noise scale α of stage 1.")
+
+
+def SamplesOption():
+    return typer.Option(PAPER.samples, help="Monte-Carlo samples K of stage 1.")
+
+
+def SeedOption():
+    return typer.Option(PAPER.seed, help="Seed of the noise generator.")
+
+
+def EpsilonOption():
+    return typer.Option(PAPER.epsilon, help="Collapse threshold ε, in orders of magnitude of perplexity.")
+
+
+def MaxNeuronsOption():
+    return typer.Option(PAPER.max_neurons, help="Search budget: give up (converged: false) past this many neurons.")
+
+
+def ComponentsOption():
+    return typer.Option("all", help="Candidate modules: all, mlp-out, mlp, attention, norms, paper, or a regex.")
+
+
+def AttacksOption():
+    return typer.Option(
+        "all", "--attacks", help="Attack portfolio, comma separated: pcicn, activation, gradient, greedy, or all."
+    )
+
+
+def AllowShortOption():
+    return typer.Option(False, "--allow-short", help="Accept probe texts under 10 tokens.")
+
+
+def FingerprintTopOption():
+    return typer.Option(64, help="Also fingerprint the weights of the top-R ranked neurons.")
+
+
+def SignKeyOption():
+    return typer.Option(None, help="Sign the fingerprint with HMAC-SHA256: a key file path or env:VAR.")
 
 
 class Format(str, Enum):

@@ -15,8 +15,30 @@ from rich.table import Table
 from rich.text import Text
 
 from achilles_guard.cli.app import app
-from achilles_guard.cli.common import Format, guarded, info, prepare_out_dir, rows_progress, stderr, stdout
-from achilles_guard.engine.paper import PAPER
+from achilles_guard.cli.common import (
+    AllowPickleOption,
+    AllowShortOption,
+    AlphaOption,
+    AttacksOption,
+    ComponentsOption,
+    DtypeOption,
+    EpsilonOption,
+    FingerprintTopOption,
+    Format,
+    MaxNeuronsOption,
+    SamplesOption,
+    SeedOption,
+    SignKeyOption,
+    TextFileOption,
+    TextOption,
+    TrustRemoteCodeOption,
+    guarded,
+    info,
+    prepare_out_dir,
+    rows_progress,
+    stderr,
+    stdout,
+)
 from achilles_guard.errors import EXIT_OK, InputError, UsageError
 
 __all__ = ["fleet_app", "fleet_scan_command", "fleet_verify_command"]
@@ -159,28 +181,25 @@ def fleet_scan_command(
     source: Path = typer.Argument(..., help=_SOURCE_HELP, show_default=False),
     out: Path = typer.Option(Path("guard-fleet"), "--out", help="OUT: OUT/<model id>/ per model, fleet.json, "
                              "fleet.sarif."),
-    text: List[str] = typer.Option([], "--text", help="Probe text (repeatable). Default: the packaged texts."),
-    text_file: List[Path] = typer.Option([], "--text-file", help="File holding a probe text (repeatable)."),
-    alpha: float = typer.Option(PAPER.alpha, help="Noise scale α of stage 1."),
-    samples: int = typer.Option(PAPER.samples, help="Monte-Carlo samples K of stage 1."),
-    seed: int = typer.Option(PAPER.seed, help="Seed of the noise generator."),
-    epsilon: float = typer.Option(PAPER.epsilon, help="Collapse threshold ε, in orders of magnitude of perplexity."),
-    max_neurons: int = typer.Option(PAPER.max_neurons, help="Search budget per model."),
-    components: str = typer.Option("all", help="Candidate modules: all, mlp-out, mlp, attention, norms, paper, or "
-                                   "a regex."),
-    attacks: str = typer.Option("all", "--attacks", help="Attack portfolio: pcicn, activation, gradient, greedy, "
-                                "or all."),
-    allow_short: bool = typer.Option(False, "--allow-short", help="Accept probe texts under 10 tokens."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto, float16, bfloat16, float32, float64."),
+    text: List[str] = TextOption(),
+    text_file: List[Path] = TextFileOption(),
+    alpha: float = AlphaOption(),
+    samples: int = SamplesOption(),
+    seed: int = SeedOption(),
+    epsilon: float = EpsilonOption(),
+    max_neurons: int = MaxNeuronsOption(),
+    components: str = ComponentsOption(),
+    attacks: str = AttacksOption(),
+    allow_short: bool = AllowShortOption(),
+    dtype: str = DtypeOption(),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N (with --ray: cuda asks one GPU "
                                "per task)."),
     fail_under: Optional[int] = typer.Option(None, help="Gate: a model fails (exit 1) when a critical set has <= "
                                              "N neurons.", show_default=False),
-    fingerprint_top: int = typer.Option(64, help="Also fingerprint the weights of the top-R ranked neurons."),
-    sign_key: Optional[str] = typer.Option(None, help="Sign every fingerprint with HMAC-SHA256: a key file path or "
-                                           "env:VAR.", show_default=False),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow models' own Python code."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle weights (*.bin)."),
+    fingerprint_top: int = FingerprintTopOption(),
+    sign_key: Optional[str] = SignKeyOption(),
+    trust_remote_code: bool = TrustRemoteCodeOption(),
+    allow_pickle: bool = AllowPickleOption(),
     jobs: int = _O["jobs"], ray: Optional[str] = _O["ray"], force: bool = _O["force"],
     model_timeout: Optional[float] = _O["model_timeout"], pushgateway: Optional[str] = _O["pushgateway"],
     format: Format = _O["format"],

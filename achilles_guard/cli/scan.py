@@ -11,9 +11,21 @@ import typer
 from achilles_guard.cli.app import app
 from achilles_guard.cli.common import (
     AllowPickleOption,
+    AllowShortOption,
+    AlphaOption,
+    AttacksOption,
+    ComponentsOption,
     DeviceOption,
     DtypeOption,
+    EpsilonOption,
+    FingerprintTopOption,
     Format,
+    MaxNeuronsOption,
+    SamplesOption,
+    SeedOption,
+    SignKeyOption,
+    TextFileOption,
+    TextOption,
     TrustRemoteCodeOption,
     guarded,
     info,
@@ -50,38 +62,30 @@ def scan_command(
     demo: bool = typer.Option(
         False, "--demo", help="Scan the built-in synthetic demonstration model (built once into the cache)."
     ),
-    text: List[str] = typer.Option([], "--text", help="Probe text (repeatable). Default: the packaged texts."),
-    text_file: List[Path] = typer.Option([], "--text-file", help="File holding a probe text (repeatable)."),
-    alpha: float = typer.Option(PAPER.alpha, help="Noise scale α of stage 1."),
-    samples: int = typer.Option(PAPER.samples, help="Monte-Carlo samples K of stage 1."),
-    seed: int = typer.Option(PAPER.seed, help="Seed of the noise generator."),
-    epsilon: float = typer.Option(PAPER.epsilon, help="Collapse threshold ε, in orders of magnitude of perplexity."),
+    text: List[str] = TextOption(),
+    text_file: List[Path] = TextFileOption(),
+    alpha: float = AlphaOption(),
+    samples: int = SamplesOption(),
+    seed: int = SeedOption(),
+    epsilon: float = EpsilonOption(),
     step: int = typer.Option(PAPER.step, help="Search step Δn."),
-    max_neurons: int = typer.Option(
-        PAPER.max_neurons, help="Search budget: give up (converged: false) past this many neurons."
-    ),
-    components: str = typer.Option(
-        "all", help="Candidate modules: all, mlp-out, mlp, attention, norms, paper, or a regex."
-    ),
+    max_neurons: int = MaxNeuronsOption(),
+    components: str = ComponentsOption(),
     ranking: str = typer.Option("pcicn", help="Stage-1 ranking: pcicn, activation, gradient or random."),
     mask_scale: float = typer.Option(PAPER.mask_scale, help="β: a masked neuron's output becomes β × its value."),
     keep: int = typer.Option(1000, help="How many top-ranked neurons report.json lists."),
-    attacks: str = typer.Option(
-        "all", "--attacks", help="Attack portfolio, comma separated: pcicn, activation, gradient, greedy, or all."
-    ),
+    attacks: str = AttacksOption(),
     greedy_pool: Optional[int] = typer.Option(
         None, "--greedy-pool", help="Greedy's pool: the top-M of each ranking (default 64).", show_default=False
     ),
-    allow_short: bool = typer.Option(False, "--allow-short", help="Accept probe texts under 10 tokens."),
+    allow_short: bool = AllowShortOption(),
     dtype: str = DtypeOption(),
     device: str = DeviceOption(),
     out: Path = typer.Option(Path("guard-out"), help="Directory for report.json (and the fingerprint, SARIF)."),
     format: Format = typer.Option(Format.table, "--format", help="What stdout carries: table, json or sarif."),
     fail_under: Optional[int] = typer.Option(None, help="Gate: exit 1 when a critical set has <= N neurons."),
-    fingerprint_top: int = typer.Option(64, help="Also fingerprint the weights of the top-R ranked neurons."),
-    sign_key: Optional[str] = typer.Option(
-        None, help="Sign the fingerprint with HMAC-SHA256: a key file path or env:VAR."
-    ),
+    fingerprint_top: int = FingerprintTopOption(),
+    sign_key: Optional[str] = SignKeyOption(),
     trust_remote_code: bool = TrustRemoteCodeOption(),
     allow_pickle: bool = AllowPickleOption(),
 ) -> None:
