@@ -113,7 +113,7 @@ def test_a_trickled_request_is_cut_at_the_request_deadline(serve, where):
     if where == "headers":
         first, drip = b"GET /metrics HTTP/1.1\r\n", b"X-Slow: " + b"a" * 100
     else:
-        first, drip = b"POST /v1/completions HTTP/1.1\r\nContent-Length: 100\r\n\r\n", b"{" + b" " * 99
+        first, drip = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n", b"{" + b" " * 99
     raw, took = trickle(srv.port, first, drip, every_s=0.25, limit_s=6.0)
     status, headers, doc = parse(raw)
     assert status == 408 and headers["content-type"] == "application/json" and doc["error"]["type"] == "timeout_error"
@@ -193,18 +193,19 @@ def test_aborted_clients_cost_one_line_each_and_no_traceback(serve, capsys):
     capsys.readouterr()
     # 1: reset in the middle of the body
     s1 = socket.create_connection((HOST, srv.port), timeout=5)
-    s1.sendall(b"POST /v1/completions HTTP/1.1\r\nContent-Length: 1000\r\n\r\n{\"prompt\"")
+    s1.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"prompt\"")
     time.sleep(0.2)
     _rst(s1)
     # 2: half the body, then a clean close
     s2 = socket.create_connection((HOST, srv.port), timeout=5)
-    s2.sendall(b"POST /v1/completions HTTP/1.1\r\nContent-Length: 1000\r\n\r\n{\"prompt\"")
+    s2.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"prompt\"")
     time.sleep(0.2)
     s2.close()
     # 3: reset while its completion is being computed: the answer has nowhere to go
     with srv.monitor.lock:
         s3 = socket.create_connection((HOST, srv.port), timeout=5)
-        s3.sendall(b'POST /v1/completions HTTP/1.1\r\nContent-Length: 33\r\n\r\n{"prompt": "hi", "max_tokens": 2}')
+        s3.sendall(b'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 33\r\n\r\n'
+                   b'{"prompt": "hi", "max_tokens": 2}')
         deadline = time.monotonic() + 10
         while srv.in_flight() < 1 and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -249,10 +250,11 @@ def raw_exchange(port: int, payload: bytes) -> tuple[int, dict, dict]:
 
 @pytest.mark.parametrize(("payload", "expected"), [
     (b"BREW /pot HTTP/1.1\r\nHost: x\r\n\r\n", 501),
-    (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", 414),
-    (b"GET /metrics HTTP/1.1\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(120)) + b"\r\n", 431),
-    (b"GET /metrics HTTP/1.1\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n", 431),
-    (b"GET /metrics HTTP/9.9\r\n\r\n", 505),
+    (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
+    (b"GET /metrics HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(120)) + b"\r\n", 431),
+    (b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n", 431),
+    (b"GET /metrics HTTP/9.9\r\nHost: x\r\n\r\n", 505),
+    (b"GET /metrics HTTP/1.1\r\n\r\n", 400),  # HTTP/1.1 without Host (RFC 9112: 400)
     (b"GET /metrics HTTP/1.1 extra\r\n\r\n", 400),
 ])
 def test_stdlib_errors_are_json(serve, payload, expected):
