@@ -182,31 +182,33 @@ class MonitorApp:
     async def _completions(self, request: Request, ctx) -> Response:
         limits = ctx.limits
         params = completion_params(await self._read_json(request, ctx), limits.max_new_tokens)
-        tok = ctx.lm.tokenizer
-        ids = await anyio.to_thread.run_sync(lambda: tok(params["prompt"], return_tensors="pt")["input_ids"])  # (1, T)
-        n_prompt = int(ids.shape[1])
-        if n_prompt == 0:
-            raise RequestError(400, "'prompt' tokenizes to nothing")
-        if n_prompt > limits.max_prompt_tokens:
-            raise RequestError(400, f"prompt has {n_prompt} tokens; the limit is {limits.max_prompt_tokens}")
-        if ctx.context_length and n_prompt + params["max_tokens"] > ctx.context_length:
-            raise RequestError(400, f"prompt ({n_prompt} tokens) + max_tokens ({params['max_tokens']}) exceeds the "
-                                    f"context length {ctx.context_length}")
-        if not ctx.slots.acquire(blocking=False):
+        if not ctx.slots.acquire(blocking=False):  # before tokenizing: that work is bounded by the slots too
             raise RequestError(429, f"{limits.max_in_flight} requests already in flight; retry later",
                                "rate_limit_error")
         metrics = ctx.monitor.metrics
         metrics.in_flight.inc()
+        tok = ctx.lm.tokenizer
 
-        def forward():
+        def work():  # one worker thread: tokenize, check, forward
+            ids = tok(params["prompt"], return_tensors="pt")["input_ids"]  # (1, T)
+            n_prompt = int(ids.shape[1])
+            if n_prompt == 0:
+                raise RequestError(400, "'prompt' tokenizes to nothing")
+            if n_prompt > limits.max_prompt_tokens:
+                raise RequestError(400, f"prompt has {n_prompt} tokens; the limit is {limits.max_prompt_tokens}")
+            if ctx.context_length and n_prompt + params["max_tokens"] > ctx.context_length:
+                raise RequestError(400, f"prompt ({n_prompt} tokens) + max_tokens ({params['max_tokens']}) exceeds "
+                                        f"the context length {ctx.context_length}")
             with ctx.monitor.lock:
-                return complete(ctx.lm.model, ids.to(ctx.lm.input_device), max_new_tokens=params["max_tokens"],
-                                temperature=params["temperature"], eos_token_id=tok.eos_token_id, seed=params["seed"])
+                return n_prompt, complete(ctx.lm.model, ids.to(ctx.lm.input_device),
+                                          max_new_tokens=params["max_tokens"], temperature=params["temperature"],
+                                          eos_token_id=tok.eos_token_id, seed=params["seed"])
 
         try:
             if self._forward_limiter is None:
                 self._forward_limiter = anyio.CapacityLimiter(limits.max_in_flight)
-            result = await anyio.to_thread.run_sync(forward, limiter=self._forward_limiter, abandon_on_cancel=True)
+            n_prompt, result = await anyio.to_thread.run_sync(work, limiter=self._forward_limiter,
+                                                              abandon_on_cancel=True)
         finally:
             metrics.in_flight.dec()
             ctx.slots.release()
