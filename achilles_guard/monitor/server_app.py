@@ -212,6 +212,8 @@ class MonitorApp:
         finally:
             metrics.in_flight.dec()
             ctx.slots.release()
+        if await request.is_disconnected():  # reset while computing: counted as 499, the answer goes nowhere
+            raise _ClientGone()
         metrics.prompt_tokens.inc(n_prompt)
         metrics.completion_tokens.inc(len(result.token_ids))
         state = ctx.monitor.state()
