@@ -235,3 +235,24 @@ def test_sigterm_stops_cleanly(server):
     code, log = server.stop(signal.SIGTERM)
     assert code == 0, log
     assert "guard monitor: stopped" in log and "Traceback" not in log
+
+
+def test_ctrl_c_stops_cleanly_with_connections_open(planted, planted_fp):
+    srv = Server([str(planted[0]), "--fingerprint", str(planted_fp), "--serve", "--integrity-interval", "0",
+                  "--canary-interval", "0", "--request-timeout", "30"])
+    try:
+        idle = socket.create_connection((srv.host, srv.port), timeout=5)
+        partial = socket.create_connection((srv.host, srv.port), timeout=5)
+        partial.sendall(b"GET /metrics HTTP/1.1\r\n")  # a head that never ends
+        assert srv.request("GET", "/healthz")[0] == 200
+        t0 = time.monotonic()
+        code, log = srv.stop(signal.SIGINT)
+        assert time.monotonic() - t0 < 10  # not the 30 s request deadline
+        assert code == 0, log
+        assert "guard monitor: stopped" in log and "Traceback" not in log
+        idle.close()
+        partial.close()
+    finally:
+        if srv.proc.poll() is None:
+            srv.proc.kill()
+            srv.proc.communicate()

@@ -113,7 +113,7 @@ def test_a_trickled_request_is_cut_at_the_request_deadline(serve, where):
     if where == "headers":
         first, drip = b"GET /metrics HTTP/1.1\r\n", b"X-Slow: " + b"a" * 100
     else:
-        first, drip = b"POST /v1/completions HTTP/1.1\r\nContent-Length: 100\r\n\r\n", b"{" + b" " * 99
+        first, drip = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n", b"{" + b" " * 99
     raw, took = trickle(srv.port, first, drip, every_s=0.25, limit_s=6.0)
     status, headers, doc = parse(raw)
     assert status == 408 and headers["content-type"] == "application/json" and doc["error"]["type"] == "timeout_error"
@@ -193,18 +193,19 @@ def test_aborted_clients_cost_one_line_each_and_no_traceback(serve, capsys):
     capsys.readouterr()
     # 1: reset in the middle of the body
     s1 = socket.create_connection((HOST, srv.port), timeout=5)
-    s1.sendall(b"POST /v1/completions HTTP/1.1\r\nContent-Length: 1000\r\n\r\n{\"prompt\"")
+    s1.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"prompt\"")
     time.sleep(0.2)
     _rst(s1)
     # 2: half the body, then a clean close
     s2 = socket.create_connection((HOST, srv.port), timeout=5)
-    s2.sendall(b"POST /v1/completions HTTP/1.1\r\nContent-Length: 1000\r\n\r\n{\"prompt\"")
+    s2.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"prompt\"")
     time.sleep(0.2)
     s2.close()
     # 3: reset while its completion is being computed: the answer has nowhere to go
     with srv.monitor.lock:
         s3 = socket.create_connection((HOST, srv.port), timeout=5)
-        s3.sendall(b'POST /v1/completions HTTP/1.1\r\nContent-Length: 33\r\n\r\n{"prompt": "hi", "max_tokens": 2}')
+        s3.sendall(b'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 33\r\n\r\n'
+                   b'{"prompt": "hi", "max_tokens": 2}')
         deadline = time.monotonic() + 10
         while srv.in_flight() < 1 and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -249,10 +250,11 @@ def raw_exchange(port: int, payload: bytes) -> tuple[int, dict, dict]:
 
 @pytest.mark.parametrize(("payload", "expected"), [
     (b"BREW /pot HTTP/1.1\r\nHost: x\r\n\r\n", 501),
-    (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", 414),
-    (b"GET /metrics HTTP/1.1\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(120)) + b"\r\n", 431),
-    (b"GET /metrics HTTP/1.1\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n", 431),
-    (b"GET /metrics HTTP/9.9\r\n\r\n", 505),
+    (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
+    (b"GET /metrics HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(120)) + b"\r\n", 431),
+    (b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n", 431),
+    (b"GET /metrics HTTP/9.9\r\nHost: x\r\n\r\n", 505),
+    (b"GET /metrics HTTP/1.1\r\n\r\n", 400),  # HTTP/1.1 without Host (RFC 9112: 400)
     (b"GET /metrics HTTP/1.1 extra\r\n\r\n", 400),
 ])
 def test_stdlib_errors_are_json(serve, payload, expected):
@@ -274,3 +276,53 @@ def test_bad_server_options_exit_2_with_one_line(planted, planted_fp, option, va
     assert proc.returncode == 2, proc.stderr
     assert option in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(("head", "expected"), [
+    (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
+    (b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n", 431),
+])
+def test_a_head_over_the_limit_sent_in_pieces_is_refused_too(serve, head, expected):
+    """h11 bounds a head that arrives in pieces (uvicorn's h11_max_incomplete_event_size); the app one read brings."""
+    srv = serve()
+    with socket.create_connection((HOST, srv.port), timeout=5) as sock:
+        for i in range(0, len(head), 8192):
+            try:
+                sock.sendall(head[i:i + 8192])
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            time.sleep(0.01)
+        status, headers, doc = parse(read_response(sock, 5.0))
+    assert status == expected and headers["content-type"] == "application/json" and doc["error"]["message"]
+    assert request(srv.port, "GET", "/metrics")[0] == 200
+
+
+def test_a_request_trickled_after_a_keep_alive_answer_is_cut_too(serve):
+    """uvicorn's keep-alive timer stops at the first byte of the next request; the request deadline does not."""
+    srv = serve(request_timeout_s=1.0)
+    with socket.create_connection((HOST, srv.port), timeout=5) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = b""
+        while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
+            data += sock.recv(65536)
+        assert data.startswith(b"HTTP/1.1 200")
+        t0 = time.monotonic()
+        sock.sendall(b"GET /metrics HTTP/1.1\r\n")
+        for b in b"X-Slow: " + b"a" * 40:
+            if select.select([sock], [], [], 0.25)[0]:
+                break
+            sock.sendall(bytes([b]))
+        status, _, doc = parse(read_response(sock, 5.0))
+        took = time.monotonic() - t0
+    assert status == 408 and doc["error"]["type"] == "timeout_error"
+    assert took < 3.0
+
+
+def test_router_errors_are_json(serve):
+    srv = serve()
+    status, ctype, body = request(srv.port, "POST", "/metrics", b"{}")
+    assert status == 405 and ctype == "application/json" and json.loads(body)["error"]["message"]
+    status, ctype, body = request(srv.port, "DELETE", "/v1/completions")
+    assert status == 501 and ctype == "application/json"
+    status, ctype, body = request(srv.port, "GET", "/v1/completions/x")
+    assert status == 404 and ctype == "application/json"

@@ -1,4 +1,4 @@
-"""`guard monitor`: watch a model's critical neurons live; `--serve` adds an HTTP server.
+"""`guard monitor`: watch a model's critical neurons live; `--serve` adds an HTTP server (Starlette on uvicorn).
 
     guard monitor MODEL_DIR --fingerprint guard-out/fingerprint.safetensors --serve --port 9464
     curl localhost:9464/metrics; curl localhost:9464/healthz
