@@ -252,7 +252,7 @@ def test_pickle_model_scan_refused_before_writing(planted, tmp_path):
 
 def test_scan_outputs_published_together_or_not_at_all(planted, tmp_path, monkeypatch):
     """A fault while producing the fingerprint leaves the old pair untouched."""
-    import achilles_guard.cli.scan as scan_cli
+    import achilles_guard.integrity.fingerprint as fingerprint  # `guard scan` imports it when it runs
 
     model, _ = planted
     out = tmp_path / "out"
@@ -263,7 +263,7 @@ def test_scan_outputs_published_together_or_not_at_all(planted, tmp_path, monkey
     def boom(*a, **k):
         raise OSError("disk fault while building the fingerprint")
 
-    monkeypatch.setattr(scan_cli, "fingerprint_bytes", boom)
+    monkeypatch.setattr(fingerprint, "fingerprint_bytes", boom)
     result = guard("scan", model, "--text", PROBE_TEXT, "--samples", "2", "--out", out, "--device", "cpu")
     assert result.exit_code != 0
     assert (out / "report.json").read_text() == "old report"
