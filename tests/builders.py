@@ -114,6 +114,30 @@ def run_guard(args: list[str], *, timeout: float = 300, env: dict | None = None,
                           timeout=timeout, env=full_env, **kw)
 
 
+def run_guard_all(commands: list[list[str]], *, timeout: float = 300, env: dict | None = None
+                  ) -> list[subprocess.CompletedProcess]:
+    """Run several independent `guard` commands at once (real subprocesses, as `run_guard`), results in order.
+
+    Each one spends seconds importing torch and transformers on one core; side by side they overlap.
+    OMP_NUM_THREADS=1 each, so that their torch threads do not spin against each other on a small machine.
+    """
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+                **(env or {})}
+    procs = [subprocess.Popen([sys.executable, "-m", "achilles_guard", *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=full_env) for args in commands]
+    done = []
+    try:
+        for args, proc in zip(commands, procs):
+            out, err = proc.communicate(timeout=timeout)
+            done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return done
+
+
 def scanned(model_dir: Path, out: Path, *, text: str = PROBE, **params) -> Path:
     """Scan `model_dir` through the library (report.json + fingerprint.safetensors in `out`); returns out."""
     from achilles_guard.engine.scan import ScanParams, run_scan, tokenize_probe

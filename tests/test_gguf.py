@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.builders import run_guard, scanned, tiny_gguf
+from tests.builders import run_guard, run_guard_all, scanned, tiny_gguf
 
 TYPES = ["F32", "F16", "Q8_0", "Q4_0", "Q4_1"]
 TEXT = "The heat is a test of the system and the heat is on today, as the team said."
@@ -209,8 +209,7 @@ def test_bad_gguf_input_is_one_line_exit_2(ggufs, gguf_scan, tmp_path):
         (["scan", str(alien), "--samples", "2", "--out", str(tmp_path / "o")], "rwkv6"),
         (["verify-checkpoint", str(alien), "--fingerprint", fp], "architecture differs"),
     ]
-    for args, needle in cases:
-        done = run_guard(args, timeout=120)
+    for (args, needle), done in zip(cases, run_guard_all([args for args, _ in cases], timeout=120)):
         lines = [line for line in done.stderr.splitlines() if line.strip()]
         assert done.returncode == 2 and len(lines) == 1 and needle in lines[0], (args, done.stderr)
     assert not (tmp_path / "o").exists()
@@ -456,3 +455,34 @@ def test_hardened_gguf_is_saved_in_its_float_type_else_float32(ggufs):
 
     expected = {"F32": torch.float32, "F16": torch.float16, "Q8_0": torch.float32, "Q4_0": torch.float32}
     assert {q: stored_dtype(ggufs[q]) for q in expected} == expected
+
+
+def test_one_parse_per_load_gives_the_same_model(ggufs, monkeypatch):
+    """The load parses the file once (transformers alone would build three readers) and the model,
+    tokenizer and config are exactly those of the uncached path."""
+    from contextlib import nullcontext
+
+    import gguf
+
+    import achilles_guard.formats.load as load
+
+    built = []
+    real_reader = gguf.GGUFReader
+
+    class Counting(real_reader):
+        def __init__(self, *args, **kwargs):
+            built.append(args[0])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", Counting)
+    once = load.load_model(ggufs["Q4_1"], dtype="float32", device="cpu")
+    assert len(built) == 1 and gguf.GGUFReader is Counting  # one parse, and the module is put back
+    monkeypatch.setattr(load, "_parse_once", nullcontext)
+    built.clear()
+    plain = load.load_model(ggufs["Q4_1"], dtype="float32", device="cpu")
+    assert len(built) >= 2  # what transformers does by itself (so the count above can fail)
+    a, b = once.model.state_dict(), plain.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert once.model.config.to_dict() == plain.model.config.to_dict()
+    text = "The lighthouse keeper wrote in his log"
+    assert once.tokenizer(text)["input_ids"] == plain.tokenizer(text)["input_ids"]

@@ -413,10 +413,47 @@ def _quiet_dequantize():
         gguf_utils.tqdm = original
 
 
+@contextmanager
+def _parse_once():
+    """One parse of the GGUF file per load, not three, and one tensor-name map, not one per tensor.
+
+    transformers' GGUF path builds a new `gguf.GGUFReader` (a Python walk over every metadata field:
+    3.9 s for SmolLM2's 49 k-token vocabulary) for the config, again for the weights and again for the
+    tokenizer, and calls `gguf.get_tensor_name_map(arch, n)` (14 ms) once per tensor. Both are pure
+    functions of their arguments and read-only afterwards, so within one load they are built once and
+    handed out again: the same objects, the same model (tests/test_gguf.py checks it). Both names are
+    imported from `gguf` inside transformers' functions, so replacing the module attributes for the
+    length of the load is what they see; they are put back after it.
+    """
+    import gguf
+
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict = {}
+    maps: dict = {}
+
+    def one_reader(path, mode="r", *args, **kwargs):
+        if args or kwargs or mode != "r":
+            return reader(path, mode, *args, **kwargs)
+        key = str(path)
+        if key not in readers:
+            readers[key] = reader(path, mode)
+        return readers[key]
+
+    def one_map(arch, n_blocks):
+        if (arch, n_blocks) not in maps:
+            maps[arch, n_blocks] = name_map(arch, n_blocks)
+        return maps[arch, n_blocks]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = one_reader, one_map
+    try:
+        yield readers
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
+
+
 def load_gguf_model(path: str | Path, *, dtype: str = "auto", device: str = "auto"):
     """A LoadedModel from a GGUF file (see module docstring); `directory` is the file itself."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
 
     path = Path(path)
     with check_gguf(path) as layout:
@@ -427,11 +464,11 @@ def load_gguf_model(path: str | Path, *, dtype: str = "auto", device: str = "aut
     quiet_transformers()
     folder, name = str(path.parent), path.name
     try:
-        with _quiet_dequantize():
+        with _quiet_dequantize(), _parse_once():
             model = AutoModelForCausalLM.from_pretrained(
                 folder, gguf_file=name, dtype=torch_dtype, local_files_only=True
             )
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
     except torch.cuda.OutOfMemoryError:
         raise
     except (
