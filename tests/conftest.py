@@ -8,6 +8,15 @@ import pytest
 
 from tests.builders import PROBE, planted_model, save_model, tiny_model, tokenizer
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `pytest -n 2` (the README's command): two workers on CI's two cores, one torch thread each, and the
+    # same for the `guard` subprocesses they start; two processes of two OpenMP threads each on two cores
+    # spin against each other (measured here: a SmolLM2 stage 1 of 0.48 s took 13.6 s beside another one)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
