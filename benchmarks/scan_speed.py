@@ -10,9 +10,10 @@ inputs) and one full forward per candidate n tried in stage 2 (plus the clean lo
 
 `--short`: the fixed cost per forward. A tiny planted Llama (hidden 96, 3 layers, FFN 256, vocab 512)
 and a 16-token probe, where a bare forward takes about a millisecond on a CPU: stage 1 and stage 2
-against the same forwards run bare, both one at a time and batched as the scan batches them (the
-compute floor), best of `--repeats`, then a cProfile of one scan: where the time that is not a
-module's forward goes.
+against the same forwards run bare, both one at a time (stage 2: one forward per n up to n*) and
+batched exactly as the scan batches them (the compute floor; stage 2: the same chunks of 8, 16, ...
+masks, the last one evaluated whole), best of `--repeats`, then a cProfile of one scan: where the
+time that is not a module's forward goes.
 
 Prints times, the ratio scan / bare, and peak memory of stage 1 (CUDA: max allocated; CPU: the peak
 of torch's CPU allocator as seen by the profiler) next to what K copies of the activations would take.
@@ -124,11 +125,14 @@ def short_case(repeats: int, samples: int) -> None:
         result = pcicn.search(model, ids, ranking, epsilon=1.0, max_neurons=1000)
         t2 = time.perf_counter()
         n_tried = len(result.curve)
-        chunks, left, chunk = [], n_tried, 8
-        while left > 0:
-            chunks.append(min(chunk, left))
-            left -= chunks[-1]
-            chunk *= 2
+        # the batches search() ran: chunks of 8, 16, 32... masks (capped at its batch size and at what is left of
+        # the budget), up to the chunk in which Δ reached ε, which it evaluates whole (n* = 3: one batch of 8)
+        limit, max_batch = min(1000, len(ranking)), pcicn.search_batch_size(model, T)
+        chunks, done, chunk = [], 0, min(8, max_batch)
+        while done < n_tried:
+            chunks.append(min(chunk, limit - done))
+            done += chunks[-1]
+            chunk = min(chunk * 2, max_batch)
         seq1, seq2 = bare(model, ids, samples, n_tried, "cpu")
         bat1, bat2 = bare_batched(samples + 1, chunks)
         rows.append((t1 - t0, t2 - t1, seq1, seq2, bat1, bat2))
