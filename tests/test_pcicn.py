@@ -259,3 +259,29 @@ def test_noise_in_one_draw_equals_one_draw_per_sample(T, d):
     g = torch.Generator().manual_seed(42)
     one = torch.stack([torch.randn(T, d, generator=g) for _ in range(5)])
     assert torch.equal(pcicn._noise(torch.Generator().manual_seed(42), 5, T, d), one)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_token_nll_in_chunks_equals_one_row_at_a_time(dtype, monkeypatch):
+    """The batched (chunked) next-token NLL is bit-identical to the row-by-row form it replaced, in every
+    chunking: one chunk, several, and one row per chunk."""
+    import torch.nn.functional as F
+
+    from achilles_guard.engine import perplexity
+
+    g = torch.Generator().manual_seed(3)
+    logits = (torch.randn(13, 21, 517, generator=g) * 7).to(dtype)
+    ids = torch.randint(0, 517, (13, 21), generator=g)
+
+    def by_row(logits, ids):
+        rows = []
+        for b in range(logits.shape[0]):
+            lp = F.log_softmax(logits[b, :-1].float(), dim=-1)
+            rows.append(-lp.gather(-1, ids[b if ids.shape[0] > 1 else 0, 1:, None]).squeeze(-1))
+        return torch.stack(rows)
+
+    want = by_row(logits, ids)
+    for budget in (perplexity.UPCAST_BYTES, 5 * 20 * 517 * 4, 1):
+        monkeypatch.setattr(perplexity, "UPCAST_BYTES", budget)
+        assert torch.equal(perplexity.token_nll(logits, ids), want), budget
+        assert torch.equal(perplexity.token_nll(logits, ids[:1]), by_row(logits, ids[:1])), budget

@@ -15,21 +15,25 @@ import torch.nn.functional as F
 __all__ = ["LN10", "token_nll", "row_losses", "delta_log10", "log10_ppl"]
 
 LN10 = math.log(10.0)
+UPCAST_BYTES = 256 << 20  # the largest float32 copy of logits token_nll makes at once
 
 
 def token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """Next-token NLL of every label, float32, shape (B, T-1).
 
     logits (B, T, V) in any dtype; input_ids (B, T) or (1, T) (labels = the inputs, shifted).
-    Each row is upcast on its own so a (B, T, V) float32 copy never exists at once.
+    Rows are upcast in chunks of at most UPCAST_BYTES, so a (B, T, V) float32 copy of a large batch never
+    exists at once; log_softmax works on each (position) vector alone, so the chunking does not change a bit
+    (tests/test_pcicn.py checks it against one row at a time).
     """
-    labels = input_ids[:, 1:].to(logits.device)  # (B or 1, T-1)
-    rows = []
-    for b in range(logits.shape[0]):
-        row_labels = labels[b if labels.shape[0] > 1 else 0]
-        log_probs = F.log_softmax(logits[b, :-1].float(), dim=-1)  # (T-1, V)
-        rows.append(-log_probs.gather(-1, row_labels[:, None]).squeeze(-1))  # (T-1,)
-    return torch.stack(rows)
+    B, T, V = logits.shape
+    labels = input_ids[:, 1:].to(logits.device).expand(B, -1)  # (B, T-1)
+    per = max(1, UPCAST_BYTES // max(1, (T - 1) * V * 4))  # rows per chunk: a bounded float32 copy
+    parts = []
+    for start in range(0, B, per):  # one chunk for every batch guard runs but the largest vocabularies
+        log_probs = F.log_softmax(logits[start : start + per, :-1].float(), dim=-1)  # (b, T-1, V)
+        parts.append(-log_probs.gather(-1, labels[start : start + per, :, None]).squeeze(-1))  # (b, T-1)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def row_losses(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
