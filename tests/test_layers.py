@@ -160,12 +160,15 @@ def test_the_checker_sees_a_violation(tmp_path):
 
 def test_starting_guard_loads_no_torch():
     """`guard --help`, `guard fleet ...` and every bad-option line start in a fraction of a second: the
-    command modules import torch and transformers inside the commands that need them, not at start."""
+    command modules import torch and transformers inside the commands that need them, not at start, and
+    `guard fleet scan` checks its options (engine/params.py, integrity/keys.py) without them."""
     import subprocess
     import sys
 
-    code = ("import sys\nfrom achilles_guard.cli import main\n"
+    code = ("import sys, tempfile\nfrom achilles_guard.cli import main\n"
             "assert main(['fleet', 'scan', '--help']) == 0\n"
+            "empty = tempfile.mkdtemp()\n"  # options validated, texts read, the registry walked: no model found
+            "assert main(['fleet', 'scan', empty, '--out', empty + '/out', '--samples', '4']) == 2\n"
             "heavy = sorted(m for m in ('torch', 'transformers', 'safetensors.torch') if m in sys.modules)\n"
             "print('HEAVY', heavy)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PACKAGE.parent)

@@ -210,9 +210,9 @@ def fleet_scan_command(
     report.sarif) plus fleet-model.json (the file digests and options it was made from); a model
     whose files and options are unchanged is skipped as cached unless --force.
     """
-    from achilles_guard.engine.scan import ScanParams, read_probe_texts
+    from achilles_guard.engine.params import ScanParams, read_probe_texts
     from achilles_guard.fleet.worker import Job
-    from achilles_guard.integrity.fingerprint import read_key
+    from achilles_guard.integrity.keys import read_key
 
     ScanParams(alpha=alpha, samples=samples, seed=seed, epsilon=epsilon, max_neurons=max_neurons,
                components=components, attacks=attacks).validated()
@@ -267,7 +267,7 @@ def fleet_verify_command(
     (the same document as `--format sarif` renders it), plus fleet-model.json.
     """
     from achilles_guard.fleet.worker import Job
-    from achilles_guard.integrity.fingerprint import read_key
+    from achilles_guard.integrity.keys import read_key
 
     if not fingerprints.is_dir():
         raise InputError(f"--fingerprints {fingerprints}: not a directory (give the OUT of guard fleet scan)")

@@ -10,15 +10,15 @@ block, `channel` an index into the last dimension of its output (docs/design.md,
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Iterable
 
 import torch
 from torch import nn
 
-from achilles_guard.engine.adapters import PAPER_NAME_RE, PRESETS, adapter_for
+from achilles_guard.engine.adapters import adapter_for
 from achilles_guard.engine.masking import hooks
+from achilles_guard.engine.params import parse_components
 from achilles_guard.errors import UsageError
 
 __all__ = [
@@ -130,25 +130,6 @@ class CandidateSet:
 
     def neuron(self, global_index: int) -> Neuron:
         return self.neurons([global_index])[0]
-
-
-def parse_components(spec: str) -> tuple[str, object]:
-    """`("preset", labels)`, `("paper", regex)` or `("regex", compiled)`; UsageError otherwise."""
-    if spec in PRESETS:
-        return "preset", PRESETS[spec]
-    if spec == "paper":
-        return "paper", PAPER_NAME_RE
-    if spec.startswith("re:") or any(ch in spec for ch in ".*+?[]()|^$\\"):
-        pattern = spec[3:] if spec.startswith("re:") else spec
-        try:
-            return "regex", re.compile(pattern)
-        except re.error as err:
-            raise UsageError(f"--components: bad regular expression {pattern!r}: {err}") from None
-    known = ", ".join([*PRESETS, "paper"])
-    raise UsageError(
-        f"--components: unknown preset {spec!r}; use one of {known}, or a regular expression "
-        "(prefix it with 're:' if it has no special characters)"
-    )
 
 
 def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:

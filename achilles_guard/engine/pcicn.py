@@ -24,6 +24,7 @@ from achilles_guard.engine.copies import first_positions
 from achilles_guard.engine.masking import MaskPlan, hooks
 from achilles_guard.engine.neurons import CandidateSet, Neuron
 from achilles_guard.engine.paper import PAPER
+from achilles_guard.engine.params import RANKINGS
 from achilles_guard.engine.perplexity import delta_log10, row_losses
 from achilles_guard.engine.prefix import masked_logits
 from achilles_guard.errors import RuntimeFailure, UsageError
@@ -40,7 +41,6 @@ __all__ = [
     "search_batch_size",
 ]
 
-RANKINGS = ("pcicn", "activation", "gradient", "random")
 
 # progress(stage, done, total): stage is "rank" or "search"
 Progress = Callable[[str, int, int], None]

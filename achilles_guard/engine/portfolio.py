@@ -37,6 +37,7 @@ import torch
 from achilles_guard.engine.copies import first_positions
 from achilles_guard.engine.masking import MaskPlan
 from achilles_guard.engine.neurons import CandidateSet, Neuron
+from achilles_guard.engine.params import ATTACKS, parse_attacks
 from achilles_guard.engine.pcicn import Ranking, SearchResult, clean_loss, search, search_batch_size
 from achilles_guard.engine.perplexity import row_losses
 from achilles_guard.engine.prefix import masked_logits
@@ -59,7 +60,6 @@ __all__ = [
     "strongest_of",
 ]
 
-ATTACKS = ("pcicn", "activation", "gradient", "greedy")
 KNOWN = "known"  # not chosen with --attacks: it runs whenever known sets are given
 RANKED_ATTACKS = ("pcicn", "activation", "gradient")
 DEFAULT_GREEDY_POOL = 64
@@ -101,19 +101,6 @@ class Portfolio:
     def neurons(self) -> list[Neuron]:
         """The union of every attack's set, in attack order."""
         return list(dict.fromkeys(n for a in self.attacks for n in a.critical_set))
-
-
-def parse_attacks(spec: str) -> tuple[str, ...]:
-    """`all` or a comma-separated list of ATTACKS, in canonical order; UsageError otherwise."""
-    names = [s.strip() for s in (spec or "").split(",") if s.strip()]
-    if not names:
-        raise UsageError(f"--attacks {spec!r}: give all or a comma-separated list of {', '.join(ATTACKS)}")
-    if names == ["all"]:
-        return ATTACKS
-    unknown = [n for n in names if n not in ATTACKS]
-    if unknown:
-        raise UsageError(f"--attacks: unknown attack {unknown[0]!r}; use all or some of {', '.join(ATTACKS)}")
-    return tuple(a for a in ATTACKS if a in names)
 
 
 # --- batched evaluation of arbitrary sets ------------------------------------------------------

@@ -11,27 +11,25 @@ from __future__ import annotations
 
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from functools import cached_property
-from pathlib import Path
 from typing import Callable
 
 import torch
 
 from achilles_guard.engine.copies import copy_groups, has_copies
-from achilles_guard.engine.neurons import CandidateSet, Neuron, discover, parse_components
-from achilles_guard.engine.paper import PAPER
-from achilles_guard.engine.pcicn import RANKINGS, Progress, Ranking, SearchResult, rank, search
+from achilles_guard.engine.neurons import CandidateSet, Neuron, discover
+from achilles_guard.engine.params import ScanParams, read_probe_texts
+from achilles_guard.engine.pcicn import Progress, Ranking, SearchResult, rank, search
 from achilles_guard.engine.portfolio import (
     DEFAULT_GREEDY_POOL,
     RANKED_ATTACKS,
     Portfolio,
     Strongest,
-    parse_attacks,
     run_portfolio,
 )
 from achilles_guard.engine.prefix import PrefixStats, clean_prefix
-from achilles_guard.errors import InputError, TextError, UsageError
+from achilles_guard.errors import TextError, UsageError
 from achilles_guard.formats.load import LoadedModel
 
 __all__ = [
@@ -46,51 +44,6 @@ __all__ = [
 ]
 
 MIN_TOKENS = 10  # the paper's minimum probe length
-
-
-@dataclass(frozen=True)
-class ScanParams:
-    """Every knob of a scan, with the paper's defaults."""
-
-    alpha: float = PAPER.alpha
-    samples: int = PAPER.samples
-    seed: int = PAPER.seed
-    epsilon: float = PAPER.epsilon
-    step: int = PAPER.step
-    max_neurons: int = PAPER.max_neurons
-    components: str = "all"
-    ranking: str = "pcicn"
-    mask_scale: float = PAPER.mask_scale
-    keep: int = 1000
-    attacks: str = "all"  # the portfolio (portfolio.ATTACKS); the paper's result is always computed
-    greedy_pool: int | None = None  # top-M of each ranking form greedy's pool; None: 64 (capped at the candidates)
-
-    def validated(self) -> "ScanParams":
-        """Self, or a UsageError naming the first bad option."""
-        checks = [
-            (0 < self.alpha < float("inf"), f"--alpha must be > 0 and finite (got {self.alpha})"),
-            (self.samples >= 1, f"--samples must be >= 1 (got {self.samples})"),
-            (0 < self.epsilon < float("inf"), f"--epsilon must be > 0 and finite (got {self.epsilon})"),
-            (self.step >= 1, f"--step must be >= 1 (got {self.step})"),
-            (self.max_neurons >= 1, f"--max-neurons must be >= 1 (got {self.max_neurons})"),
-            (self.keep >= 0, f"--keep must be >= 0 (got {self.keep})"),
-            (self.ranking in RANKINGS, f"--ranking {self.ranking!r}: use one of {', '.join(RANKINGS)}"),
-            (torch.isfinite(torch.tensor(self.mask_scale)).item(), "--mask-scale must be a finite number"),
-            (self.greedy_pool is None or self.greedy_pool >= 1, f"--greedy-pool must be >= 1 (got {self.greedy_pool})"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UsageError(message)
-        parse_components(self.components)
-        parse_attacks(self.attacks)
-        return self
-
-    @property
-    def attack_list(self) -> tuple[str, ...]:
-        return parse_attacks(self.attacks)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -164,26 +117,6 @@ class ScanResult:
 
     def with_load_time(self, load_s: float) -> "ScanResult":
         return replace(self, load_s=load_s)
-
-
-def read_probe_texts(texts: list[str], text_files: list[Path]) -> list[tuple[str, str]]:
-    """`[(name, text)]` from --text / --text-file, else the packaged default texts."""
-    probes = [(f"text-{i + 1}", t) for i, t in enumerate(texts)]
-    for path in text_files:
-        if not path.is_file():
-            raise InputError(f"--text-file {path}: no such file")
-        try:
-            content = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as err:
-            raise InputError(f"--text-file {path}: cannot read it as UTF-8 text ({err})") from None
-        if not content.strip():
-            raise InputError(f"--text-file {path}: the file is empty")
-        probes.append((path.stem, content.strip()))
-    if not probes:
-        from achilles_guard.engine.texts import default_texts
-
-        probes = default_texts()
-    return probes
 
 
 def tokenize_probe(lm: LoadedModel, name: str, text: str, *, allow_short: bool = False) -> ProbeText:

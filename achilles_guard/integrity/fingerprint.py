@@ -26,7 +26,6 @@ import hashlib
 import hmac
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -38,6 +37,7 @@ from achilles_guard.engine.neurons import Neuron, producing_slices
 from achilles_guard.engine.perplexity import log10_ppl
 from achilles_guard.errors import EXIT_FINDING, GuardError, InputError, UsageError, first_line
 from achilles_guard.formats.checkpoint import Checkpoint, resolve_key, tensor_sha256
+from achilles_guard.integrity.keys import read_key
 from achilles_guard.integrity.records import SKETCH_TENSOR, TensorRecords
 from achilles_guard.report.documents import json_number
 
@@ -147,26 +147,6 @@ class Fingerprint:
     @property
     def critical_records(self) -> tuple[NeuronRecord, ...]:
         return tuple(r for r in self.neurons if r.critical)
-
-
-MIN_KEY_BYTES = 16
-
-
-def read_key(spec: str) -> bytes:
-    """A signing key from `env:VAR` or a file path (never the secret itself on the command line)."""
-    if spec.startswith("env:"):
-        value = os.environ.get(spec[4:])
-        if not value:
-            raise UsageError(f"signing key: environment variable {spec[4:]} is not set or empty")
-        key = value.encode().strip()
-    else:
-        path = Path(spec)
-        if not path.is_file():
-            raise UsageError(f"signing key {spec!r}: give a key file path (a regular file) or env:VARIABLE")
-        key = path.read_bytes().strip()
-    if len(key) < MIN_KEY_BYTES:  # one rule for env: keys and key files
-        raise UsageError(f"signing key {spec}: too short ({len(key)} bytes); use at least {MIN_KEY_BYTES} random bytes")
-    return key
 
 
 def activation_baselines(model, neurons: list[Neuron], probes: list[torch.Tensor]) -> dict[Neuron, ActivationBaseline]:
