@@ -81,3 +81,29 @@ def test_exact_rule_restores_any_row_tamper_on_unseen_inputs_and_never_fires_unt
             for c, p in zip(clean, prompts):
                 assert torch.allclose(model(input_ids=p).logits, c, rtol=1e-4, atol=1e-4)
     assert guard.restorations > 0
+
+
+def test_a_tuple_output_and_flattened_tokens_are_guarded_as_vllm_returns_them(planted, tmp_path):
+    """vLLM's parallel linears return (output, bias) and see a batch flattened to (tokens, channels): the guard
+    restores a zeroed critical row there exactly as on the (batch, positions, channels) tensor, bias untouched."""
+
+    path, critical = planted
+    fp = load_fingerprint(scanned(path, tmp_path / "scan") / "fingerprint.safetensors")
+    lm = load_model(path)
+    guard = PinGuard.from_fingerprint(fp)
+    neuron = sorted(critical, key=str)[0]
+    module = lm.model.get_submodule(neuron.module)
+    x = torch.randn(2, 7, module.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = module(x)  # intact
+        module.weight[neuron.channel].zero_()  # the tamper
+        got = {}
+        with guard.installed(lm.model):
+            got["tensor"] = module(x)
+            pin = module._forward_hooks[next(reversed(module._forward_hooks))]
+            flat = x.reshape(-1, x.shape[-1])
+            out, bias = pin(module, (flat,), (module.forward(flat), None))  # forward(): the bare, tampered output
+    assert bias is None and out.shape == flat.shape[:1] + (module.out_features,)
+    assert torch.allclose(got["tensor"], want, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(out, want.reshape(out.shape), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(module.forward(flat)[:, neuron.channel], want.reshape(out.shape)[:, neuron.channel])

@@ -5,7 +5,7 @@ Every `import` and `from ... import` of the package is read from the source (fun
 since a deferred import is still a dependency), resolved to the module it names, and checked:
 
 - a module imports only modules of its own layer or of lower ones (LAYERS, bottom first);
-- `defenses/` and `monitor/` share a layer and do not import each other;
+- `monitor/` sits above `defenses/`: it may protect with a defence (the pin guard), never the reverse;
 - the module graph has no cycle;
 - the package's top level holds only the stage folders and the three files every layer shares.
 """
@@ -24,7 +24,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("achilles_guard.engine",),  # neurons, masking, PCICN, portfolio, scan, the demo model
     ("achilles_guard.report",),  # JSON and SARIF documents, tables
     ("achilles_guard.integrity",),  # fingerprint, tensor records, verify, tamper, repair
-    ("achilles_guard.defenses", "achilles_guard.monitor"),  # siblings: neither imports the other
+    ("achilles_guard.defenses",),  # hardening and the runtime pin guard, each behind defenses.base
+    ("achilles_guard.monitor",),  # the runtime watch; it protects with the pin guard (--protect, vLLM PROTECT)
     ("achilles_guard.research",),  # evaluation, studies, plots, generation, harness
     ("achilles_guard.fleet",),  # many models: inventory, the per-model worker subprocess, backends, summary
     ("achilles_guard.cli", "achilles_guard.__main__"),

@@ -81,6 +81,11 @@ def tampered(smol, fingerprint, tmp_path_factory) -> Path:
     return out
 
 
+INTACT: dict[str, str] = {}  # prompt -> the intact model's greedy answer (filled by the first server test)
+UNPROTECTED: dict[str, str] = {}  # prompt -> the tampered copy's answer, served fail-open without protection
+PROTECTED_PROMPTS = 6
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -184,6 +189,7 @@ def test_intact_smollm2_serves_watched_with_live_metrics_and_catches_a_flip(smol
         t0 = time.perf_counter()
         answers = [srv.complete(p)["choices"][0]["text"] for p in PROMPTS]
         print(f"30 completions x 8 tokens in {time.perf_counter() - t0:.1f} s")
+        INTACT.update(zip(PROMPTS, answers))  # what the protected tampered copy must answer (below)
         assert len(answers) == 30 and all(isinstance(a, str) for a in answers)
         m = srv.guard_metrics()
         assert _value(m, "guard_forward_passes_total") >= 30 * 2  # a prefill and decode steps per prompt
@@ -238,6 +244,7 @@ def test_tampered_copy_fail_open_serves_unhealthy_and_the_alerts_fire(tampered, 
         assert srv.started_s is not None, srv.output[-3000:]
         assert "achilles-guard: FAIL-OPEN, serving anyway:" in srv.output and CRITICAL_TENSOR in srv.output
         srv.complete("A brand new prompt about lighthouses and the sea at night,", max_tokens=1)  # one prefill
+        UNPROTECTED.update((p, srv.complete(p)["choices"][0]["text"]) for p in PROMPTS[:PROTECTED_PROMPTS])
         m = srv.guard_metrics()
         assert _value(m, "guard_weight_integrity_ok") == 0
         assert _value(m, "guard_weight_slices_mismatched") >= 1
@@ -284,6 +291,29 @@ def test_tampered_copy_fail_open_serves_unhealthy_and_the_alerts_fire(tampered, 
     proc = subprocess.run([PROMTOOL, "test", "rules", path.name], capture_output=True, text=True, timeout=60,
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_protect_serves_the_intact_answers_from_the_tampered_copy(smol, tampered, fingerprint, tmp_path):
+    """ACHILLES_GUARD_PROTECT=1 (with fail-open, on the copy whose critical neuron is zeroed): the pin guard
+    recomputes the fingerprinted neurons from the fingerprint's weights inside vLLM, so greedy answers are the
+    intact model's, while the integrity alarm still says the weights are not the fingerprinted ones."""
+    prompts = PROMPTS[:PROTECTED_PROMPTS]
+    if not all(p in INTACT for p in prompts):
+        with Server(smol, tmp_path, ACHILLES_GUARD_FINGERPRINT=str(fingerprint)) as srv:
+            assert srv.started_s is not None, srv.output[-3000:]
+            INTACT.update((p, srv.complete(p)["choices"][0]["text"]) for p in prompts)
+    with Server(tampered, tmp_path, ACHILLES_GUARD_FINGERPRINT=str(fingerprint), ACHILLES_GUARD_FAIL_OPEN="1",
+                ACHILLES_GUARD_PROTECT="1") as srv:
+        assert srv.started_s is not None, srv.output[-3000:]
+        assert "Traceback" not in srv.output, srv.output[-3000:]
+        answers = {p: srv.complete(p)["choices"][0]["text"] for p in prompts}
+        m = srv.guard_metrics()
+    assert answers == {p: INTACT[p] for p in prompts}
+    if UNPROTECTED:  # the same copy without protection answers otherwise: the guard did the work
+        assert any(UNPROTECTED[p] != INTACT[p] for p in prompts if p in UNPROTECTED), UNPROTECTED
+    assert _value(m, "guard_protection_enabled") == 1
+    assert _value(m, "guard_pin_interventions_total", action="restore") > 0
+    assert _value(m, "guard_weight_integrity_ok") == 0  # protection never hides the alarm
 
 
 def test_bfloat16_load_is_guarded_too(smol, fingerprint, tmp_path):

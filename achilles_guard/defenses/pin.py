@@ -263,7 +263,14 @@ class PinGuard:
         cache: dict = {}
 
         @reads_input
-        def pin(output: torch.Tensor, inputs: torch.Tensor | None, module: nn.Module) -> torch.Tensor:
+        def pin(output, inputs: torch.Tensor | None, module: nn.Module):
+            if isinstance(output, tuple):  # a serving engine's module: vLLM's linears return (output, bias), its
+                # norms (output, residual) after adding the residual, which is not their first input: a norm's
+                # value is then not recomputable from what the hook sees, and only its profile rules apply
+                return (restore(output[0], inputs, module, fused=True), *output[1:])
+            return restore(output, inputs, module)
+
+        def restore(output: torch.Tensor, inputs: torch.Tensor | None, module: nn.Module, fused: bool = False):
             key = (output.device, output.dtype, output.shape[-1])
             if key not in cache:
                 cache[key] = self._prepare(profile, output)
@@ -275,7 +282,9 @@ class PinGuard:
                 fixed, hit, vanished = self._profile_rules(output, *profiled)
                 output[..., profiled[0]] = fixed
                 counts += [hit.sum(), vanished.sum()]
-            recomputed = None if rule is None else _recompute(rule, exact_channels, inputs, module, output)
+            recomputed = None
+            if rule is not None and not (fused and rule.kind != "linear"):
+                recomputed = _recompute(rule, exact_channels, inputs, module, output)
             if recomputed is not None:
                 expected, tolerance = recomputed
                 got = output if whole else output[..., exact_channels]

@@ -18,7 +18,11 @@ vLLM repacks it. In the worker (docs/monitor.md "Production path: the vLLM plugi
    at position 0, read from the rotary embedding's input);
 3. re-checks in a background thread: the slices every ACHILLES_GUARD_INTEGRITY_INTERVAL seconds, the
    whole model every ACHILLES_GUARD_FULL_INTERVAL seconds;
-4. exports the guard's metric families through prometheus-client's multiprocess mode: with
+4. with ACHILLES_GUARD_PROTECT=1, protects: the pin guard (defenses.pin) recomputes every fingerprinted
+   neuron with stored weights from the fingerprint's own weights and the module's input, on vLLM's
+   flattened (tokens, channels) batches, so a zeroed or flipped critical weight serves the intact
+   values while the integrity and activation alarms still fire (guard_pin_interventions_total counts);
+5. exports the guard's metric families through prometheus-client's multiprocess mode: with
    PROMETHEUS_MULTIPROC_DIR exported before vLLM starts, they appear on vLLM's own /metrics.
 """
 
@@ -73,6 +77,7 @@ class Settings:
     massive_factor: float = 20.0
     model_name: str | None = None
     packed: bool = False  # let vLLM repack linear weights (faster; those are then verified at load only)
+    protect: bool = False  # the pin guard: fingerprinted neurons recomputed from their fingerprinted weights
     test_flip_file: str | None = None  # TEST ONLY: negate one critical weight in memory once this file exists
 
     @staticmethod
@@ -90,6 +95,7 @@ class Settings:
             massive_factor=_seconds("MASSIVE_FACTOR", d.massive_factor),
             model_name=os.environ.get(_ENV + "MODEL_NAME") or None,
             packed=_flag("PACKED"),
+            protect=_flag("PROTECT"),
             test_flip_file=os.environ.get(_ENV + "TEST_FLIP_FILE") or None,
         )
 
@@ -238,6 +244,8 @@ class _Guard:
         self._full_bad = 0
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self.monitor = None
+        self._pins = None  # (restore child, clamp child, counts exported so far) once protection runs
 
     # -- start-up --------------------------------------------------------------------------
 
@@ -313,8 +321,13 @@ class _Guard:
                                integrity_interval_s=0.0, canary_interval_s=0.0).validated()
         self._positions_seen = None
         self.fp_watch = fp_live
+        guard = None
+        if s.protect:  # from the whole remapped fingerprint: its weights are the fingerprint's, not the live ones
+            from achilles_guard.defenses.pin import PinGuard
+
+            guard = PinGuard.from_fingerprint(self.fp_live)
         self.monitor = ActivationMonitor(model, fp_live, registry=CollectorRegistry(), config=config,
-                                         model_name=str(name or "model"), positions=self._positions)
+                                         model_name=str(name or "model"), positions=self._positions, guard=guard)
         self._export_build_info(str(name or "model"))
         m = self.monitor.metrics
         m.integrity_checks.inc()
@@ -332,6 +345,8 @@ class _Guard:
              + f" in {time.perf_counter() - self.t0:.1f} s; re-checked every {s.integrity_interval_s:g} s (slices) / "
              + f"{s.full_interval_s:g} s (all)"
              + (f", {self.repacked} tensor(s) repacked by vLLM not re-checked" if self.repacked else "")
+             + (f"; protecting {len(guard.exact)} neuron(s) exactly from their fingerprinted weights"
+                if guard is not None else "")
              + "; metrics "
              + ("on vLLM's /metrics" if os.environ.get("PROMETHEUS_MULTIPROC_DIR") else
                 "NOT exported: export PROMETHEUS_MULTIPROC_DIR before starting vLLM"))
@@ -434,7 +449,7 @@ class _Guard:
 
     def _start_thread(self) -> None:
         s = self.settings
-        if not (s.integrity_interval_s or s.full_interval_s or s.test_flip_file):
+        if not (s.integrity_interval_s or s.full_interval_s or s.test_flip_file or s.protect):
             return
         self._thread = threading.Thread(target=self._loop, name="achilles-guard", daemon=True)
         self._thread.start()
@@ -449,6 +464,7 @@ class _Guard:
             _say(f"TEST SWITCH {_ENV}TEST_FLIP_FILE is set: a critical weight will be negated in memory when "
                  f"{flip} appears. Never in production.")
         while True:
+            self._export_pins()
             wait = min(next_slices, next_full) - time.monotonic()
             if wait > 0 and not (flip and os.path.exists(flip)):
                 time.sleep(min(wait, 0.5))
@@ -468,6 +484,31 @@ class _Guard:
                 _say(f"background check failed: {type(err).__name__}: {err}")
                 self.monitor.metrics.integrity_ok.set(0)
                 time.sleep(1.0)
+
+    def _export_pins(self) -> None:
+        """guard_pin_interventions_total across processes: the monitor's own family is read from the guard at
+        scrape time, which only works in the process that holds the guard; vLLM's /metrics is served by
+        another one, so the worker moves the counts into a file-backed counter here (every 0.5 s at most)."""
+        guard = self.monitor.guard if self.monitor is not None else None
+        if guard is None or not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            return
+        if self._pins is None:
+            from prometheus_client import CollectorRegistry, Counter
+
+            family = Counter("guard_pin_interventions", "Activation values (positions x neurons) the pin guard "
+                             "restored or clamped.", ("model", "action"), registry=CollectorRegistry())
+            model = self.monitor.metrics.model
+            self._pins = (family.labels(model, "restore"), family.labels(model, "clamp"), [0, 0])
+            self._pins[0].inc(0)
+            self._pins[1].inc(0)
+        restore, clamp, seen = self._pins
+        total, restored = guard.counts()
+        clamped = total - restored
+        if restored > seen[0]:
+            restore.inc(restored - seen[0])
+        if clamped > seen[1]:
+            clamp.inc(clamped - seen[1])
+        seen[:] = [restored, clamped]
 
     def _test_flip(self) -> None:
         import torch
