@@ -244,14 +244,14 @@ def test_tampered_copy_fail_open_serves_unhealthy_and_the_alerts_fire(tampered, 
         assert srv.started_s is not None, srv.output[-3000:]
         assert "achilles-guard: FAIL-OPEN, serving anyway:" in srv.output and CRITICAL_TENSOR in srv.output
         srv.complete("A brand new prompt about lighthouses and the sea at night,", max_tokens=1)  # one prefill
-        UNPROTECTED.update((p, srv.complete(p)["choices"][0]["text"]) for p in PROMPTS[:PROTECTED_PROMPTS])
-        m = srv.guard_metrics()
+        m = srv.guard_metrics()  # the score is the last batch's: read it right after that one prefill
         assert _value(m, "guard_weight_integrity_ok") == 0
         assert _value(m, "guard_weight_slices_mismatched") >= 1
         score = _value(m, "guard_anomaly_score")
         missing = _value(m, "guard_activation_anomalies_total", kind="massive_missing")
         assert score > 0 and missing >= 1, m
         model = m["guard_weight_integrity_ok"][0][0]["model"]
+        UNPROTECTED.update((p, srv.complete(p)["choices"][0]["text"]) for p in PROMPTS[:PROTECTED_PROMPTS])
     if not PROMTOOL:
         pytest.skip("promtool not on PATH: the rule test on the scraped values did not run")
     import yaml  # a vLLM dependency
