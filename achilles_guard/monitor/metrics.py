@@ -156,6 +156,7 @@ class MonitorMetrics:
             multiprocess_mode="livemax", **kw
         )
         self._pins = _PinCounts(model)
+        self._pin_files = None  # export_pins: (restore child, clamp child, counts exported so far)
         registry.register(self._pins)
         # Bound children: one label value each, so hot paths skip the label lookup.
         self.forward_passes = self._forward_passes.labels(model)
@@ -184,6 +185,25 @@ class MonitorMetrics:
         self._pins.guard = guard
         self.protection.set(1)
 
+    def export_pins(self) -> None:
+        """Move the pin guard's counts into a file-backed counter of the same family (prometheus-client's
+        multiprocess mode): the scrape-time family below only reaches a /metrics served by the process that
+        holds the guard, and vLLM's is served by another one. Call it from time to time; it adds the deltas."""
+        guard = self._pins.guard
+        if guard is None:
+            return
+        if self._pin_files is None:
+            family = Counter(PIN_FAMILY, PIN_HELP, ("model", "action"), registry=CollectorRegistry())
+            self._pin_files = (family.labels(self.model, "restore"), family.labels(self.model, "clamp"), [0, 0])
+            for child in self._pin_files[:2]:
+                child.inc(0)
+        restore, clamp, seen = self._pin_files
+        total, restored = guard.counts()
+        clamped = total - restored
+        restore.inc(max(0, restored - seen[0]))
+        clamp.inc(max(0, clamped - seen[1]))
+        seen[:] = [restored, clamped]
+
     def ratio(self, neuron: str):
         """The ratio gauge of one critical neuron (labels bounded by the fingerprint's critical set)."""
         return self._ratio.labels(self.model, neuron)
@@ -192,6 +212,10 @@ class MonitorMetrics:
         endpoint = endpoint if endpoint in ENDPOINTS else "other"
         self._requests.labels(self.model, endpoint, str(code)).inc()
         self._duration.labels(self.model, endpoint).observe(seconds)
+
+
+PIN_FAMILY = "guard_pin_interventions"
+PIN_HELP = "Activation values (positions x neurons) the pin guard restored or clamped."
 
 
 class _PinCounts(Collector):
@@ -206,10 +230,7 @@ class _PinCounts(Collector):
         self.guard = None
 
     def collect(self):
-        family = CounterMetricFamily(
-            "guard_pin_interventions", "Activation values (positions x neurons) the pin guard restored or clamped.",
-            labels=("model", "action"),
-        )
+        family = CounterMetricFamily(PIN_FAMILY, PIN_HELP, labels=("model", "action"))
         total, restored = self.guard.counts() if self.guard is not None else (0, 0)
         family.add_metric((self.model, "restore"), restored)
         family.add_metric((self.model, "clamp"), total - restored)

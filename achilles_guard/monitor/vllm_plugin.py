@@ -245,7 +245,6 @@ class _Guard:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self.monitor = None
-        self._pins = None  # (restore child, clamp child, counts exported so far) once protection runs
 
     # -- start-up --------------------------------------------------------------------------
 
@@ -486,29 +485,9 @@ class _Guard:
                 time.sleep(1.0)
 
     def _export_pins(self) -> None:
-        """guard_pin_interventions_total across processes: the monitor's own family is read from the guard at
-        scrape time, which only works in the process that holds the guard; vLLM's /metrics is served by
-        another one, so the worker moves the counts into a file-backed counter here (every 0.5 s at most)."""
-        guard = self.monitor.guard if self.monitor is not None else None
-        if guard is None or not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-            return
-        if self._pins is None:
-            from prometheus_client import CollectorRegistry, Counter
-
-            family = Counter("guard_pin_interventions", "Activation values (positions x neurons) the pin guard "
-                             "restored or clamped.", ("model", "action"), registry=CollectorRegistry())
-            model = self.monitor.metrics.model
-            self._pins = (family.labels(model, "restore"), family.labels(model, "clamp"), [0, 0])
-            self._pins[0].inc(0)
-            self._pins[1].inc(0)
-        restore, clamp, seen = self._pins
-        total, restored = guard.counts()
-        clamped = total - restored
-        if restored > seen[0]:
-            restore.inc(restored - seen[0])
-        if clamped > seen[1]:
-            clamp.inc(clamped - seen[1])
-        seen[:] = [restored, clamped]
+        """guard_pin_interventions_total on vLLM's /metrics (served by another process): see export_pins."""
+        if self.monitor is not None and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            self.monitor.metrics.export_pins()
 
     def _test_flip(self) -> None:
         import torch
