@@ -1,10 +1,13 @@
 """vLLM with and without the guard plugin, in one run: start-up time and throughput (issue 24).
 
-Three configurations, each a fresh `python -m vllm.entrypoints.openai.api_server` on 127.0.0.1:
+Configurations, each a fresh `python -m vllm.entrypoints.openai.api_server` on 127.0.0.1:
 
   bare     no ACHILLES_GUARD_FINGERPRINT: the plugin is installed but does nothing
-  guard    the plugin's default: weights verified as loaded, kept as plain tensors (re-checkable), hooks
-  packed   ACHILLES_GUARD_PACKED=1: verified as loaded, vLLM repacks the linears (oneDNN), hooks
+  guard    the plugin's default: weights verified as loaded, vLLM's kernels read back at start and re-checked
+           in the background (slices every 30 s, all every 300 s), the activation hooks
+  busy     the same with re-checks far more often than the defaults (slices every 1 s, all every 10 s), so
+           that read-backs run during the measurement
+  protect  the default plus ACHILLES_GUARD_PROTECT=1 (the pin guard recomputes the fingerprinted neurons)
 
 Per configuration: seconds from the process start to /health 200, then throughput: --rounds rounds of
 4 concurrent prompts x 64 tokens (ignore_eos), tokens/s of the best round, and the median latency of one
@@ -79,8 +82,12 @@ def run(name: str, args, env_extra: dict) -> dict:
             t = time.perf_counter()
             _post(url, args.model, p, 64)
             single.append(time.perf_counter() - t)
+        log.flush()
+        with open(log.name, encoding="utf-8", errors="replace") as f:
+            said = [line.strip() for line in f if line.startswith("achilles-guard: ")]
         return {"config": name, "startup_s": round(start, 1), "tokens_per_s": round(max(rates), 1),
-                "rates": [round(r, 1) for r in rates], "latency_64_s": round(statistics.median(single), 3)}
+                "rates": [round(r, 1) for r in rates], "latency_64_s": round(statistics.median(single), 3),
+                "guard": said[0][:400] if said else None}
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=60)
@@ -93,10 +100,12 @@ def main() -> None:
     ap.add_argument("--fingerprint", required=True)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--configs", default="bare,guard,packed")
+    ap.add_argument("--configs", default="bare,guard,busy,protect")
     args = ap.parse_args()
-    envs = {"bare": {}, "guard": {"ACHILLES_GUARD_FINGERPRINT": args.fingerprint},
-            "packed": {"ACHILLES_GUARD_FINGERPRINT": args.fingerprint, "ACHILLES_GUARD_PACKED": "1"}}
+    guard = {"ACHILLES_GUARD_FINGERPRINT": args.fingerprint}
+    envs = {"bare": {}, "guard": guard,
+            "busy": {**guard, "ACHILLES_GUARD_INTEGRITY_INTERVAL": "1", "ACHILLES_GUARD_FULL_INTERVAL": "10"},
+            "protect": {**guard, "ACHILLES_GUARD_PROTECT": "1"}}
     rows = [run(name, args, envs[name]) for name in args.configs.split(",")]
     base = rows[0]
     for r in rows:

@@ -115,12 +115,17 @@ def served(sd: dict, layers=2, sizes_attr=True, dtype=torch.float32) -> TinyVllm
     return m.to(dtype)
 
 
+def checkpoint_records(folder) -> tuple[dict, object]:
+    """(the checkpoint's tensors, the fingerprint's records of them written to folder/model.safetensors)."""
+    sd = checkpoint()
+    save_file(sd, str(folder / "model.safetensors"))
+    with SafetensorsSource.open(folder) as src:
+        return sd, build_records(src)
+
+
 @pytest.fixture()
 def records(tmp_path):
-    sd = checkpoint()
-    save_file(sd, str(tmp_path / "model.safetensors"))
-    with SafetensorsSource.open(tmp_path) as src:
-        return sd, build_records(src)
+    return checkpoint_records(tmp_path)
 
 
 def test_layout_from_packed_modules_mapping_and_module_sizes():

@@ -453,7 +453,7 @@ def _first_position(records, *, steady: float, sink_ratio: float, floor: float) 
 
 def _starts_at_zero(kwargs: dict) -> bool:
     """From the cache's length (a host-side int: no device sync); cache_position only without a cache."""
-    past = kwargs.get("past_key_values")
+    past = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5.x names it `cache`
     if past is not None:
         length = getattr(past, "get_seq_length", None)
         return (length() == 0) if length is not None else len(past) == 0

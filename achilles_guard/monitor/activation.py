@@ -127,12 +127,13 @@ class ActivationMonitor:
 
     `registry` is where the metrics live (a fresh `CollectorRegistry()` in tests, never the global
     one by default). `lock` serialises the monitor's own forwards (canary) with the caller's;
-    serving code should hold `monitor.lock` around its model calls.
+    serving code should hold `monitor.lock` around its model calls. `served` (monitor.served.ServedWeights):
+    the parameters a serving engine repacked into its kernels, which the integrity check reads back through them.
     """
 
     def __init__(self, model, fingerprint, *, registry, tokenizer=None, config: MonitorConfig | None = None,
                  model_name: str = "model", config_sha256: str | None = None, lock=None, guard=None,
-                 positions=None):
+                 positions=None, served=None):
         self.config = (config or MonitorConfig()).validated()
         if config_sha256 is not None and config_sha256 != fingerprint.config_sha256:
             raise InputError(
@@ -151,7 +152,7 @@ class ActivationMonitor:
         self.metrics = MonitorMetrics(registry, model=model_name)
         self.lock = lock or threading.RLock()
         self._table = _NeuronTable(fingerprint, self.config)
-        self._integrity = RuntimeIntegrityChecker(model, fingerprint)
+        self._integrity = RuntimeIntegrityChecker(model, fingerprint, served)
         self._canary = Canary(model, tokenizer, fingerprint) if tokenizer is not None else None
         self._local = threading.local()
         self._state_lock = threading.Lock()

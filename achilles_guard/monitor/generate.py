@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -28,13 +29,14 @@ def complete(model, prompt_ids: torch.Tensor, *, max_new_tokens: int, temperatur
         generator = torch.Generator(device=prompt_ids.device)
         generator.manual_seed(seed if seed is not None else int(torch.seed() % 2**63))
     tokens: list[int] = []
+    key = cache_argument(model)
     past = None
     step_ids = prompt_ids  # (1, T) on the first forward, then (1, 1)
     finish = "length"
     with torch.no_grad():
         for _ in range(max_new_tokens):
-            out = model(input_ids=step_ids, past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            out = model(input_ids=step_ids, use_cache=True, **{key: past})
+            past = out.get(key)
             logits = out.logits[:, -1, :].float()  # (1, V)
             if generator is None:
                 next_id = logits.argmax(-1)  # (1,)
@@ -51,3 +53,13 @@ def complete(model, prompt_ids: torch.Tensor, *, max_new_tokens: int, temperatur
                 break
             step_ids = next_id[:, None]  # (1, 1)
     return Completion(tuple(tokens), finish, len(tokens))
+
+
+def cache_argument(model) -> str:
+    """The forward's KV-cache argument (and output field): `cache` from transformers 5.x (which deprecates
+    `past_key_values`, to be removed in 5.40), `past_key_values` before."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"

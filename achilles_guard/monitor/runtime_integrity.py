@@ -7,11 +7,15 @@ cast the loader applies) and the live bytes must hash to that — exact up to th
 
     checker = RuntimeIntegrityChecker(model, fingerprint)
     result = checker.check()          # RuntimeIntegrityResult(ok, checked, skipped, mismatched, ...)
+
+A parameter a serving engine repacked into its kernels (its `weight` left empty) is read back
+through the kernel when `served` (monitor.served.ServedWeights) holds it.
 """
 
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +39,8 @@ class RuntimeIntegrityResult:
 @dataclass(frozen=True)
 class _LiveSlice:
     key: str
-    param: torch.nn.Parameter
+    param: torch.nn.Parameter | None  # None: read back through `served`
+    name: str
     axis: int
     index: int
     expected_sha256: str
@@ -44,25 +49,30 @@ class _LiveSlice:
 class RuntimeIntegrityChecker:
     """Hashes the live producing slices of every fingerprinted neuron against the fingerprint."""
 
-    def __init__(self, model, fingerprint):
+    def __init__(self, model, fingerprint, served=None):
         params = dict(model.named_parameters(remove_duplicate=False))
+        self._served = served
         live = []
         for key, record in fingerprint.slices.items():
             param = params.get(record.param)
-            if param is None:
+            if served is not None and record.param in served:
+                shape, dtype, param = served.shape(record.param), served.dtype(record.param), None
+            elif param is not None:
+                shape, dtype = tuple(param.shape), param.dtype
+            else:
                 raise InputError(
                     f"fingerprint {fingerprint.path}: parameter {record.param} is not in this model; "
                     "the fingerprint belongs to another model (run guard scan on this one)"
                 )
-            if tuple(param.shape) != tuple(record.shape):
+            if shape != tuple(record.shape):
                 raise InputError(
-                    f"fingerprint {fingerprint.path}: {record.param} has shape {tuple(param.shape)} here but "
+                    f"fingerprint {fingerprint.path}: {record.param} has shape {shape} here but "
                     f"{tuple(record.shape)} in the fingerprint; it belongs to another model"
                 )
             stored = fingerprint.tensors[key]
-            expected = record.sha256 if stored.dtype == param.dtype else tensor_sha256(stored.to(param.dtype))
-            live.append(_LiveSlice(key, param, record.axis, record.index, expected))
-        self._slices = tuple(live)
+            expected = record.sha256 if stored.dtype == dtype else tensor_sha256(stored.to(dtype))
+            live.append(_LiveSlice(key, param, record.param, record.axis, record.index, expected))
+        self._slices = tuple(sorted(live, key=lambda s: s.name))  # a read-back layer's slices one after another
 
     @property
     def size(self) -> int:
@@ -72,12 +82,14 @@ class RuntimeIntegrityChecker:
         """Hash every live slice now (a few KB per neuron; safe while forwards run: read only)."""
         t0 = time.perf_counter()
         bad, checked, skipped = [], 0, 0
-        with torch.no_grad():
+        served = self._served
+        with torch.no_grad(), (served.session() if served is not None else nullcontext()):
             for s in self._slices:
-                if s.param.device.type == "meta":  # offloaded by accelerate: nothing in memory to check
+                if s.param is not None and s.param.device.type == "meta":  # offloaded by accelerate: not in memory
                     skipped += 1
                     continue
                 checked += 1
-                if tensor_sha256(s.param.detach().select(s.axis, s.index)) != s.expected_sha256:
+                weight = s.param.detach() if s.param is not None else served.read(s.name)
+                if tensor_sha256(weight.select(s.axis, s.index)) != s.expected_sha256:
                     bad.append(s.key)
         return RuntimeIntegrityResult(not bad, checked, skipped, tuple(bad), time.perf_counter() - t0, time.time())

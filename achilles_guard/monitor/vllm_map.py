@@ -22,6 +22,7 @@ Their producing slices are still checked.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -118,24 +119,32 @@ def packed_layout(model: torch.nn.Module, config=None) -> Layout:
     return Layout(parts, by_fused, vocab)
 
 
-def live_tensors(model: torch.nn.Module, layout: Layout, recorded: set[str] | frozenset = frozenset()) -> dict:
+def live_tensors(model: torch.nn.Module, layout: Layout, recorded: set[str] | frozenset = frozenset(),
+                 served=None) -> dict:
     """Checkpoint tensor name -> the live tensor (a view: it follows any later change in memory).
 
     A fused parameter is split into its parts' rows; a padded vocabulary is cut to the checkpoint's rows. A
     tensor the engine ties under two names (lm_head = embed_tokens) is listed once, under the name the
-    fingerprint records (or the first)."""
+    fingerprint records (or the first). A parameter `served` (monitor.served.ServedWeights) holds is a
+    ServedTensor, read back through the engine's kernel when judged; one the engine emptied otherwise is left out."""
     out: dict[str, torch.Tensor] = {}
     seen: dict[tuple, str] = {}
     for pname, param in model.named_parameters(remove_duplicate=False):
         module, _, leaf = pname.rpartition(".")
-        data = param.detach()
+        if served is not None and pname in served:
+            data = served.tensor(pname)
+        elif param.numel() == 0 and param.dim() == 1:
+            continue  # repacked into a kernel guard cannot read back
+        else:
+            data = param.detach()
         if module in layout.vocab_rows and data.dim() >= 1:
             data = data.narrow(0, 0, layout.vocab_rows[module])
         group = layout.by_fused.get(module)
         pieces = ([(f"{p.name}.{leaf}", data.narrow(0, p.offset, p.size)) for p in group] if group and data.dim() >= 1
                   else [(pname, data)])
         for name, tensor in pieces:
-            ident = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
+            ident = ((tensor.data_ptr(),) if isinstance(tensor, torch.Tensor) else (tensor.param, tensor.start)) + (
+                tuple(tensor.shape), tensor.dtype)
             first = seen.get(ident)
             if first is not None:  # an alias of a tensor already listed (tied weights)
                 if name in recorded and first not in recorded:
@@ -149,7 +158,8 @@ def live_tensors(model: torch.nn.Module, layout: Layout, recorded: set[str] | fr
 
 class LiveSource:
     """The formats.source interface (entries, raw, rows, has_values) over tensors in memory, so
-    records.check_tensors judges the served weights exactly as verify-checkpoint judges a file."""
+    records.check_tensors judges the served weights exactly as verify-checkpoint judges a file. A value
+    that is not a tensor (a ServedTensor) is read when an entry is judged."""
 
     kind = "safetensors"
 
@@ -162,15 +172,16 @@ class LiveSource:
             dtype = ST_DTYPE.get(t.dtype)
             if dtype is None:
                 raise InputError(f"{name}: dtype {t.dtype} in memory, which no fingerprint records")
-            t = t.detach()
-            if t.device.type != "cpu":
-                t = t.cpu()
+            if isinstance(t, torch.Tensor):
+                t = t.detach()
+                if t.device.type != "cpu":
+                    t = t.cpu()
             self._tensors[name] = t
             self.entries.append(TensorEntry(name, dtype, tuple(t.shape), file_of.get(name, "<memory>"), 0,
-                                            t.numel() * t.element_size()))
+                                            math.prod(t.shape) * t.dtype.itemsize))
 
     def _bytes(self, entry: TensorEntry) -> np.ndarray:
-        t = self._tensors[entry.name].reshape(-1)
+        t = self._tensor(entry.name).reshape(-1)
         return t.contiguous().view(torch.uint8).numpy() if t.numel() else np.zeros(0, np.uint8)
 
     def raw(self, entry: TensorEntry) -> memoryview:
@@ -183,8 +194,12 @@ class LiveSource:
         """(stop - start, c1 - c0) float64 values of rows [start, stop), columns [c0, c1) of the row view."""
         width = width_of(entry.shape)
         c1 = width if c1 is None else c1
-        view = self._tensors[entry.name].reshape(-1, width)
+        view = self._tensor(entry.name).reshape(-1, width)
         return view[start:stop, c0:c1].to(torch.float64).numpy()
+
+    def _tensor(self, name: str) -> torch.Tensor:
+        t = self._tensors[name]
+        return t if isinstance(t, torch.Tensor) else t.read()
 
     def close(self) -> None:
         self._tensors = {}

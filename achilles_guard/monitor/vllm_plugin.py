@@ -17,7 +17,10 @@ vLLM repacks it. In the worker (docs/monitor.md "Production path: the vLLM plugi
    thresholds and anomaly score as `guard monitor`; a batch counts as a prefill when it holds a token
    at position 0, read from the rotary embedding's input);
 3. re-checks in a background thread: the slices every ACHILLES_GUARD_INTEGRITY_INTERVAL seconds, the
-   whole model every ACHILLES_GUARD_FULL_INTERVAL seconds;
+   whole model every ACHILLES_GUARD_FULL_INTERVAL seconds. vLLM packs the linear weights into its
+   kernels (oneDNN on a CPU) and leaves `weight` empty; those are read back through the kernels
+   themselves (monitor.served: the identity through a linear kernel returns its weights bit for bit),
+   so the bytes that are served are the bytes re-checked, at vLLM's full speed;
 4. with ACHILLES_GUARD_PROTECT=1, protects: the pin guard (defenses.pin) recomputes every fingerprinted
    neuron with stored weights from the fingerprint's own weights and the module's input, on vLLM's
    flattened (tokens, channels) batches, so a zeroed or flipped critical weight serves the intact
@@ -28,6 +31,7 @@ vLLM repacks it. In the worker (docs/monitor.md "Production path: the vLLM plugi
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -76,7 +80,6 @@ class Settings:
     drift_factor: float = 10.0
     massive_factor: float = 20.0
     model_name: str | None = None
-    packed: bool = False  # let vLLM repack linear weights (faster; those are then verified at load only)
     protect: bool = False  # the pin guard: fingerprinted neurons recomputed from their fingerprinted weights
     test_flip_file: str | None = None  # TEST ONLY: negate one critical weight in memory once this file exists
 
@@ -94,7 +97,6 @@ class Settings:
             drift_factor=_seconds("DRIFT_FACTOR", d.drift_factor),
             massive_factor=_seconds("MASSIVE_FACTOR", d.massive_factor),
             model_name=os.environ.get(_ENV + "MODEL_NAME") or None,
-            packed=_flag("PACKED"),
             protect=_flag("PROTECT"),
             test_flip_file=os.environ.get(_ENV + "TEST_FLIP_FILE") or None,
         )
@@ -132,7 +134,9 @@ def register() -> None:
         if guard is None:
             return original(model, model_config, *args, **kwargs)
         _run(guard.verify_loaded, model)
+        t = time.perf_counter()
         result = original(model, model_config, *args, **kwargs)
+        guard.vllm_s = time.perf_counter() - t  # vLLM's own processing: not the guard's time
         _run(guard.start, model)
         return result
 
@@ -251,6 +255,8 @@ class _Guard:
     def verify_loaded(self, model) -> str | None:
         """The weights as vLLM loaded them (before it packs them): every tensor and every fingerprinted slice.
         The finding's one line, or None when they are the fingerprinted ones."""
+        import torch
+
         from achilles_guard.errors import InputError
         from achilles_guard.formats.load import config_sha256
         from achilles_guard.integrity.fingerprint import load_fingerprint, read_key
@@ -277,13 +283,12 @@ class _Guard:
                 self.critical_rows.setdefault(rec.checkpoint_key, set()).add(rec.index)
         self.full = self.check_full()
         self.slices = RuntimeIntegrityChecker(model, self.fp_live).check()
-        if not s.packed:
-            # keep every linear layer's weight as the tensor it computes with (vLLM's plain F.linear path), so the
-            # background re-check reads the bytes that are served; vLLM would otherwise repack them into oneDNN
-            # buffers guard cannot read and leave an empty `weight`
-            for module in model.modules():
-                if getattr(module, "quant_method", None) is not None and hasattr(module, "weight"):
-                    module._cpu_skip_gemm_dispatch = True
+        # the linear weights as verified, before vLLM packs them into its kernels (which leave `weight` empty): the
+        # read-back through each kernel is compared with them at start, and re-checked against the fingerprint after
+        self._before = {name: module.weight.detach() for name, module in model.named_modules()
+                        if getattr(module, "quant_method", None) is not None
+                        and isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2}
+        self.layout = layout
         self._finding = self._finding_line(self.full, self.slices)
         return self._finding
 
@@ -291,10 +296,13 @@ class _Guard:
         """After vLLM processed the weights: attach the monitor and start the background re-checks."""
         from dataclasses import replace
 
+        import torch
         from prometheus_client import CollectorRegistry
 
         from achilles_guard.errors import InputError
         from achilles_guard.monitor.activation import ActivationMonitor, MonitorConfig
+        from achilles_guard.monitor.served import ServedWeights
+        from achilles_guard.monitor.vllm_map import live_tensors
 
         if not hasattr(self, "fp_live"):
             from achilles_guard.monitor.metrics import MonitorMetrics
@@ -305,13 +313,19 @@ class _Guard:
         self.model = model
         s, fp_live, mc = self.settings, self.fp_live, self.model_config
         model_path = str(getattr(mc, "model", "") or "")
-        # what is still a tensor after vLLM's processing is re-checked in the background; what it repacked is not
+        # what is still the verified tensor after vLLM's processing is re-checked in memory; what vLLM packed into
+        # its kernels is read back through them (monitor.served); anything else it repacked is not re-checked
+        before, self._before = self._before, None
+        self.served = ServedWeights(model, before)
+        del before
+        recorded = {r.name for r in self.fp.records.records} if self.fp.records else frozenset()
+        ptrs = {n: t.data_ptr() for n, t in self.live.items()}
+        after = live_tensors(model, self.layout, recorded, served=self.served)
+        self.live = {n: t for n, t in after.items() if not isinstance(t, torch.Tensor) or ptrs.get(n) == t.data_ptr()}
+        self.repacked = len(set(ptrs) - set(self.live))
         params = dict(model.named_parameters(remove_duplicate=False))
-        kept = {k: r for k, r in fp_live.slices.items()
-                if r.param in params and tuple(params[r.param].shape) == tuple(r.shape)}
-        before = {n: (t.data_ptr(), t.shape) for n, t in self.live.items()}
-        self.live = {n: t for n, t in self.live.items() if _same_storage(t, params)}
-        self.repacked = len(before) - len(self.live)
+        kept = {k: r for k, r in fp_live.slices.items() if r.param in self.served
+                or (r.param in params and tuple(params[r.param].shape) == tuple(r.shape))}
         fp_live = replace(fp_live, slices=kept)
         name = s.model_name or getattr(mc, "served_model_name", None) or os.path.basename(model_path.rstrip("/"))
         name = name[0] if isinstance(name, (list, tuple)) else name
@@ -326,7 +340,8 @@ class _Guard:
 
             guard = PinGuard.from_fingerprint(self.fp_live)
         self.monitor = ActivationMonitor(model, fp_live, registry=CollectorRegistry(), config=config,
-                                         model_name=str(name or "model"), positions=self._positions, guard=guard)
+                                         model_name=str(name or "model"), positions=self._positions, guard=guard,
+                                         served=self.served)
         self._export_build_info(str(name or "model"))
         m = self.monitor.metrics
         m.integrity_checks.inc()
@@ -334,15 +349,20 @@ class _Guard:
         self._publish(self.slices)
         self._attach_positions(model)
         self.monitor.attach()
+        self._forward_hooks = self.served.guard_forwards(model) if len(self.served) else ()
         full, slices, dropped = self.full, self.slices, self.dropped
+        spent = time.perf_counter() - self.t0 - getattr(self, "vllm_s", 0.0)  # the guard's own start-up time
         _say(f"{'UNHEALTHY, ' if self._finding else ''}watching {len(fp_live.neurons)} neuron(s) of {name} "
              f"({len(fp_live.critical_set)} critical"
              + (f"; {len(dropped)} not watchable in vLLM: {dropped[0][1]}" if dropped else "")
              + f"); {slices.checked} slice(s) and "
              + (f"{full.tensors} tensor(s) verified as loaded" if full is not None else
                 "no tensor records (fingerprint older than whole-model records: slices only)")
-             + f" in {time.perf_counter() - self.t0:.1f} s; re-checked every {s.integrity_interval_s:g} s (slices) / "
+             + f" in {spent:.1f} s; re-checked every {s.integrity_interval_s:g} s (slices) / "
              + f"{s.full_interval_s:g} s (all)"
+             + (f"; {len(self.served)} linear weight(s) read back through vLLM's kernels" if len(self.served) else "")
+             + (f" ({len(self.served.inexact)} whose kernel does not return the verified weights bit for bit, "
+                f"e.g. {self.served.inexact[0]}: not re-checked)" if self.served.inexact else "")
              + (f", {self.repacked} tensor(s) repacked by vLLM not re-checked" if self.repacked else "")
              + (f"; protecting {len(guard.exact)} neuron(s) exactly from their fingerprinted weights"
                 if guard is not None else "")
@@ -412,7 +432,9 @@ class _Guard:
         files = {r.name: r.file for r in fp.records.records}
         src = LiveSource(self.live, fp.records.files, files)
         key = read_key(self.settings.verify_key) if self.settings.verify_key else None
-        check = check_tensors(src, fp.records, sign_key=key, critical_rows=self.critical_rows)
+        served = getattr(self, "served", None)
+        with served.session() if served is not None else contextlib.nullcontext():
+            check = check_tensors(src, fp.records, sign_key=key, critical_rows=self.critical_rows)
         with self._lock:
             self._full_ok = check.ok
             self._full_bad = len(check.findings)
@@ -497,17 +519,19 @@ class _Guard:
         record = next((r for r in fp_live.neurons if str(r.neuron) in critical), None) or fp_live.neurons[0]
         rec = fp_live.slices.get(record.slices[0])
         if rec is None:
-            _say("TEST SWITCH: the critical slice was repacked by vLLM (ACHILLES_GUARD_PACKED=1); nothing flipped")
+            _say("TEST SWITCH: the critical slice is not re-checkable in this vLLM; nothing flipped")
             return
-        param = dict(self.model.named_parameters(remove_duplicate=False))[rec.param]
-        with torch.no_grad():
-            param.data.select(rec.axis, rec.index)[0].neg_()
+        if rec.param in self.served:  # in vLLM's kernel: repack the read-back weight with the one value negated
+            from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+            module = self.served.module(rec.param)
+            weight = self.served.read(rec.param)
+            weight.select(rec.axis, rec.index)[0].neg_()
+            with self.served.lock:
+                module.weight = torch.nn.Parameter(weight, requires_grad=False)
+                dispatch_cpu_unquantized_gemm(module, remove_weight=True)
+        else:
+            param = dict(self.model.named_parameters(remove_duplicate=False))[rec.param]
+            with torch.no_grad():
+                param.data.select(rec.axis, rec.index)[0].neg_()
         _say(f"TEST SWITCH: negated {rec.param}[{rec.index}, 0] in memory (slice {rec.key})")
-
-
-def _same_storage(t, params: dict) -> bool:
-    """A live view still points into a parameter vLLM computes with (not one it replaced by a packed copy)."""
-    ptr = t.data_ptr()
-    return t.numel() > 0 and any(
-        p.numel() and p.data_ptr() <= ptr < p.data_ptr() + p.numel() * p.element_size() for p in params.values()
-    )
