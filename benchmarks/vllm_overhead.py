@@ -13,7 +13,7 @@ Per configuration: seconds from the process start to /health 200, then throughpu
 4 concurrent prompts x 64 tokens (ignore_eos), tokens/s of the best round, and the median latency of one
 64-token completion alone. Run in the vLLM venv (ci/vllm-venv.sh):
 
-    .venv-vllm/bin/python benchmarks/vllm_overhead.py --model DIR --fingerprint FP [--dtype float32]
+    .venv-vllm/bin/python benchmarks/vllm_overhead.py --model DIR --fingerprint FP [--dtype float32] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -101,17 +101,27 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--configs", default="bare,guard,busy,protect")
+    ap.add_argument("--repeat", type=int, default=1, help="rounds of all configurations, in alternation")
     args = ap.parse_args()
     guard = {"ACHILLES_GUARD_FINGERPRINT": args.fingerprint}
     envs = {"bare": {}, "guard": guard,
             "busy": {**guard, "ACHILLES_GUARD_INTEGRITY_INTERVAL": "1", "ACHILLES_GUARD_FULL_INTERVAL": "10"},
             "protect": {**guard, "ACHILLES_GUARD_PROTECT": "1"}}
-    rows = [run(name, args, envs[name]) for name in args.configs.split(",")]
-    base = rows[0]
-    for r in rows:
-        r["throughput_vs_first"] = f"{100 * (r['tokens_per_s'] / base['tokens_per_s'] - 1):+.1f} %"
-        r["startup_vs_first"] = f"{100 * (r['startup_s'] / base['startup_s'] - 1):+.1f} %"
-        print(json.dumps(r))
+    names = args.configs.split(",")
+    rounds = []  # the configurations one after another, --repeat times: each compared with the first of its round
+    for _ in range(args.repeat):
+        rows = [run(name, args, envs[name]) for name in names]
+        for r in rows:
+            r["throughput_vs_first"] = f"{100 * (r['tokens_per_s'] / rows[0]['tokens_per_s'] - 1):+.1f} %"
+            r["startup_vs_first"] = f"{100 * (r['startup_s'] / rows[0]['startup_s'] - 1):+.1f} %"
+            print(json.dumps(r), flush=True)
+        rounds.append(rows)
+    if args.repeat > 1:  # the machine drifts between starts: the median of each round's own ratio
+        for i, name in enumerate(names[1:], 1):
+            tput = statistics.median(r[i]["tokens_per_s"] / r[0]["tokens_per_s"] - 1 for r in rounds)
+            start = statistics.median(r[i]["startup_s"] / r[0]["startup_s"] - 1 for r in rounds)
+            print(f"{name} vs {names[0]}, median of {args.repeat} rounds: throughput {100 * tput:+.1f} %, "
+                  f"start-up {100 * start:+.1f} %")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 Marker `vllm`: deselected by default; CI's last step runs these in the venv of ci/vllm-venv.sh
 (`python -m pytest -q -p no:cacheprovider -m vllm tests/test_vllm_plugin.py`). Server starts
-(30-80 s each on 2 cores, four in all): intact (completions, /metrics, promtool, 30 prompts without a false alarm,
-a bit flipped in memory while serving), tampered fail closed (refuses, one line), tampered fail open
+(30-80 s each on 2 cores): intact (completions, /metrics, promtool, 30 prompts without a false alarm,
+a bit flipped in vLLM's packed kernel while serving), tampered fail closed (refuses, one line), a swapped
+tokenizer vocabulary fails closed, tampered fail open
 (serves; the integrity and activation alerts fire on the scraped values, promtool rule test), intact in
 bfloat16 (vLLM's other model runner).
 """
@@ -185,11 +186,16 @@ def test_intact_smollm2_serves_watched_with_live_metrics_and_catches_a_flip(smol
         print(f"vLLM + guard started in {srv.started_s:.1f} s")
         out = srv.output
         assert "achilles-guard: watching 64 neuron(s)" in out and "verified as loaded" in out, out[-3000:]
+        assert "tensor(s) and " in out and "loader file(s) verified as loaded" in out, out[-3000:]
+        assert "120 linear weight(s) in vLLM's kernels, read back through them" in out, out[-3000:]
+        assert "NOT checked" not in out, out[-3000:]
         assert "Traceback" not in out
         t0 = time.perf_counter()
         answers = [srv.complete(p)["choices"][0]["text"] for p in PROMPTS]
         print(f"30 completions x 8 tokens in {time.perf_counter() - t0:.1f} s")
         INTACT.update(zip(PROMPTS, answers))  # what the protected tampered copy must answer (below)
+        # the background thread's first read-back of vLLM's packed kernels, compared with the verified weights
+        assert "120 linear weight(s) compute with the verified weights bit for bit" in srv.output, srv.output[-3000:]
         assert len(answers) == 30 and all(isinstance(a, str) for a in answers)
         m = srv.guard_metrics()
         assert _value(m, "guard_forward_passes_total") >= 30 * 2  # a prefill and decode steps per prompt
@@ -236,6 +242,30 @@ def test_tampered_copy_fails_closed_with_one_line(tampered, fingerprint, tmp_pat
     assert CRITICAL_TENSOR in line and "rows 507" in line and "fingerprinted slice" in line, line
     assert "Traceback" not in out, out[-3000:]
     assert out.rstrip().splitlines()[-1] == line or line in out.rstrip().splitlines()[-6:]
+
+
+def test_swapped_tokenizer_vocabulary_fails_closed(smol, fingerprint, tmp_path):
+    """Two entries of tokenizer.json's vocabulary exchanged, not one weight touched: vLLM would serve other
+    words for the same ids. The worker compares the loader files with the fingerprint's record before serving."""
+    copy = tmp_path / "smol-tokswap"
+    copy.mkdir()
+    for item in smol.iterdir():  # the weights and the rest shared (hard links), tokenizer.json rewritten
+        if item.is_file() and item.name != "tokenizer.json":
+            os.link(item, copy / item.name)
+    tok = json.loads((smol / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = tok["model"]["vocab"]
+    a, b = [k for k, v in vocab.items() if v in (1000, 1001)]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (copy / "tokenizer.json").write_text(json.dumps(tok), encoding="utf-8")
+    with Server(copy, tmp_path, ACHILLES_GUARD_FINGERPRINT=str(fingerprint)) as srv:
+        assert srv.started_s is None, "the server started with a swapped vocabulary"
+        rc = srv.proc.wait(timeout=60)
+    out = srv.output
+    refusals = {line for line in out.splitlines() if line.startswith("achilles-guard: REFUSED")}
+    assert rc == 1 and len(refusals) == 1, out[-3000:]
+    line = refusals.pop()
+    assert "tokenizer.json (tokenizer) bytes differ from the fingerprinted file" in line, line
+    assert "Traceback" not in out, out[-3000:]
 
 
 def test_tampered_copy_fail_open_serves_unhealthy_and_the_alerts_fire(tampered, fingerprint, tmp_path):

@@ -9,7 +9,8 @@ cast the loader applies) and the live bytes must hash to that — exact up to th
     result = checker.check()          # RuntimeIntegrityResult(ok, checked, skipped, mismatched, ...)
 
 A parameter a serving engine repacked into its kernels (its `weight` left empty) is read back
-through the kernel when `served` (monitor.served.ServedWeights) holds it.
+through the kernel when `served` (monitor.served.ServedWeights) holds it and has confirmed that
+the kernel returns the verified weights; until then its slices count as skipped.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ __all__ = ["RuntimeIntegrityChecker", "RuntimeIntegrityResult"]
 class RuntimeIntegrityResult:
     ok: bool
     checked: int  # slices actually hashed
-    skipped: int  # slices offloaded by accelerate (on the meta device): nothing in memory, not checked
+    skipped: int  # slices not in memory (offloaded by accelerate) or in a kernel not (yet) confirmed: not checked
     mismatched: tuple[str, ...]  # SliceRecord keys whose live bytes differ
     seconds: float
     timestamp: float  # unix time of the check
@@ -86,6 +87,9 @@ class RuntimeIntegrityChecker:
         with torch.no_grad(), (served.session() if served is not None else nullcontext()):
             for s in self._slices:
                 if s.param is not None and s.param.device.type == "meta":  # offloaded by accelerate: not in memory
+                    skipped += 1
+                    continue
+                if s.param is None and not served.judged(s.name):  # not read back and confirmed (yet)
                     skipped += 1
                     continue
                 checked += 1

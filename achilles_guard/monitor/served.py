@@ -6,17 +6,22 @@ hash. They can still be read exactly. A linear kernel computes y = x Wᵀ; with 
 output element is one product w·1 plus exact zeros, so the kernel returns Wᵀ bit for bit, whatever
 its blocking or summation order (two exceptions: a -0.0 comes back as +0.0, and a kernel that
 flushes subnormals returns 0 for them). `ServedWeights` does this for every layer the engine
-repacked, a block of identity rows at a time, and checks at start that each read-back equals the
-weights that were verified just before the engine packed them. A layer that does not (its weights
-hold -0.0 or subnormals, or the kernel is not exact) is listed as not re-checkable, never judged.
+repacked, a block of identity rows at a time. `confirm()` (the first thing the background thread
+does once serving starts) checks that each read-back equals the weights that were verified just
+before the engine packed them, by a checksum taken then (holding the weights themselves would
+double the start's peak memory). A layer that does not (its weights hold -0.0 or subnormals, or
+the kernel is not exact) is listed as not re-checkable, never judged.
 
-    served = ServedWeights(model, before, lock)    # before: module -> its weight as verified, pre-packing
+    before = {name: Digest.of(m.weight) for ...}    # as verified, before the engine packs the weights
+    served = ServedWeights(model, before, lock)
+    served.confirm()                                 # the inexact layers' names
     served.guard_forwards(model)                    # forwards and read-backs never run at the same time
     with served.session():                          # one read-back per layer for the whole check
         w = served.read("model.layers.3.mlp.down_proj.weight")   # (N, K): what the kernel computes with
 
-Cost: one read-back is a GEMM of K identity rows, the work of a K-token forward through that layer
-(SmolLM2: 0.75 s for all 210 linears, fp32, 2 CPU cores). Read-backs take the same lock as the
+Cost: one read-back is a GEMM of K identity rows, the work of a K-token forward through that layer;
+all of them, about a forward of hidden-size tokens through the model (SmolLM2: 1.5-2 s for its 120
+linears, fp32, inside vLLM on 2 CPU cores). Read-backs take the same lock as the
 model's forward, one block at a time (≤ READ_ROWS rows), so they never run beside a forward (the
 engine's kernels keep caches that are not meant for two threads) and delay one by a few ms at most.
 """
@@ -30,9 +35,40 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ServedWeights", "ServedTensor", "READ_ROWS"]
+__all__ = ["ServedWeights", "ServedTensor", "Digest", "READ_ROWS"]
 
 READ_ROWS = 256  # identity rows per kernel call: bounds the probe's memory (256 x K) and each lock hold
+_SUM_ROWS = 1024  # rows per block of the checksum: bounds its int64 temporary
+
+
+@dataclass(frozen=True)
+class Digest:
+    """A weight's shape, dtype and a checksum of its bits: Σᵢ r[i]·(Σⱼ bits[i, j]·c[j] mod 2ʷ) mod 2⁶⁴, with
+    fixed odd r, c (w: the element's width in bits, 32 for float32, 16 for bfloat16).
+
+    An odd factor is invertible mod a power of two: a difference in any one element always changes the sum,
+    and so does exchanging two rows or columns (one pass over the bits at their own width: ~0.1 s a GB). It
+    compares a read-back with the weights verified moments before (nobody chooses what differs between the
+    two), so it need not resist a forger; the fingerprint's sha256 records judge the weights themselves."""
+
+    shape: tuple
+    dtype: torch.dtype
+    value: int
+
+    @staticmethod
+    def of(t: torch.Tensor) -> "Digest":
+        t = t.detach()
+        bits = _bits(t).reshape(t.shape[0], -1) if t.dim() else _bits(t).reshape(1, 1)
+        n, k = bits.shape
+        g = torch.Generator().manual_seed(0x5EED)
+        half = 2 ** (8 * bits.element_size() - 2)  # odd column factors in the bits' own width: products wrap
+        c = (torch.randint(-half, half, (k,), generator=g, dtype=torch.int64) * 2 + 1).to(bits.dtype).to(bits.device)
+        r = (torch.randint(-(2**62), 2**62, (n,), generator=g, dtype=torch.int64) * 2 + 1).to(bits.device)
+        total = torch.zeros((), dtype=torch.int64, device=bits.device)
+        for i in range(0, n, _SUM_ROWS):
+            rows = (bits[i: i + _SUM_ROWS] * c).sum(1, dtype=torch.int64)  # (rows,), products mod 2^width
+            total += (rows * r[i: i + _SUM_ROWS]).sum()  # mod 2^64
+        return Digest(tuple(t.shape), t.dtype, int(total))
 
 
 @dataclass(frozen=True)
@@ -60,31 +96,40 @@ class ServedTensor:
 class ServedWeights:
     """Parameters the engine moved into its kernels, read back through those kernels."""
 
-    def __init__(self, model: torch.nn.Module, before: Mapping[str, torch.Tensor], lock=None):
-        """`before`: module name -> its 2-D weight as it was verified, before the engine processed the weights."""
+    def __init__(self, model: torch.nn.Module, before: Mapping[str, Digest], lock=None):
+        """`before`: module name -> the Digest of its 2-D weight as verified, before the engine processed it.
+        Nothing is read yet: `confirm()` reads every layer back once and keeps the ones that match."""
         self.lock = lock or threading.Lock()
         self._modules: dict[str, torch.nn.Module] = {}
-        self._shapes: dict[str, tuple] = {}
-        self._dtypes: dict[str, torch.dtype] = {}
+        self._digests: dict[str, Digest] = {}
         self._cache: dict | None = None
-        inexact = []
+        self.confirmed = False
+        self.inexact: tuple[str, ...] = ()
         for name, module in model.named_modules():
-            weight = before.get(name)
-            if weight is None or not callable(getattr(module, "cpu_linear", None)):
+            digest = before.get(name)
+            if digest is None or not callable(getattr(module, "cpu_linear", None)):
                 continue
             now = getattr(module, "weight", None)
-            if isinstance(now, torch.Tensor) and now.numel() and now.data_ptr() == weight.data_ptr():
-                continue  # still the tensor it computes with: read directly
-            pname = f"{name}.weight"
-            self._modules[pname] = module
-            self._shapes[pname] = tuple(weight.shape)
-            self._dtypes[pname] = weight.dtype
+            if isinstance(now, torch.Tensor) and now.numel():
+                continue  # the engine still computes with the tensor (F.linear): read directly
+            self._modules[f"{name}.weight"] = module
+            self._digests[f"{name}.weight"] = digest
+
+    def confirm(self) -> tuple[str, ...]:
+        """Read every layer back once; keep those whose read-back is the verified weight bit for bit (the others
+        are `inexact`: never judged). From then on `judged` is true for the kept ones. The inexact names."""
+        inexact = []
+        for pname, digest in list(self._digests.items()):
             back = self.read(pname)
-            if back.dtype != weight.dtype or not torch.equal(_bits(back), _bits(weight.detach())):
+            if back.dtype != digest.dtype or Digest.of(back) != digest:
                 inexact.append(pname)
-        for pname in inexact:
-            del self._modules[pname], self._shapes[pname], self._dtypes[pname]
-        self.inexact = tuple(inexact)
+                del self._modules[pname], self._digests[pname]
+        self.inexact, self.confirmed = tuple(inexact), True
+        return self.inexact
+
+    def judged(self, pname: str) -> bool:
+        """True once `confirm` found the layer's kernel returns its verified weight bit for bit."""
+        return self.confirmed and pname in self._modules
 
     def __contains__(self, pname: object) -> bool:
         return pname in self._modules
@@ -93,13 +138,13 @@ class ServedWeights:
         return len(self._modules)
 
     def shape(self, pname: str) -> tuple:
-        return self._shapes[pname]
+        return self._digests[pname].shape
 
     def dtype(self, pname: str) -> torch.dtype:
-        return self._dtypes[pname]
+        return self._digests[pname].dtype
 
     def tensor(self, pname: str) -> ServedTensor:
-        return ServedTensor(self, pname, 0, self._shapes[pname], self._dtypes[pname])
+        return ServedTensor(self, pname, 0, self.shape(pname), self.dtype(pname))
 
     def module(self, pname: str) -> torch.nn.Module:
         return self._modules[pname]
@@ -119,8 +164,8 @@ class ServedWeights:
         if cache is not None and pname in cache:
             return cache[pname]
         module = self._modules[pname]
-        n, k = self._shapes[pname]
-        dtype = self._dtypes[pname]
+        n, k = self.shape(pname)
+        dtype = self.dtype(pname)
         out = torch.empty(n, k, dtype=dtype)
         with torch.no_grad():
             for i in range(0, k, READ_ROWS):

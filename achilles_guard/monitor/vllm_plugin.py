@@ -259,8 +259,10 @@ class _Guard:
 
         from achilles_guard.errors import InputError
         from achilles_guard.formats.load import config_sha256
+        from achilles_guard.integrity.files import check_loader_files
         from achilles_guard.integrity.fingerprint import load_fingerprint, read_key
         from achilles_guard.monitor.runtime_integrity import RuntimeIntegrityChecker
+        from achilles_guard.monitor.served import Digest
         from achilles_guard.monitor.vllm_map import live_tensors, packed_layout, remap_fingerprint
 
         s = self.settings
@@ -273,6 +275,9 @@ class _Guard:
             if here != fp.config_sha256:
                 raise InputError(f"fingerprint {s.fingerprint} was taken from another model (config sha256 "
                                  f"{fp.config_sha256[:12]}..., {model_path}: {here[:12]}...); run guard scan on it")
+        # what vLLM reads beside the weights: the tokenizer, chat template and generation config of the directory
+        self.files = check_loader_files(model_path, fp.files) if model_path and os.path.isdir(model_path) else None
+        self.elsewhere = _read_elsewhere(mc, model_path)
         layout = packed_layout(model, getattr(mc, "hf_config", None))
         self.fp = fp
         self.live = live_tensors(model, layout, {r.name for r in fp.records.records} if fp.records else frozenset())
@@ -283,9 +288,9 @@ class _Guard:
                 self.critical_rows.setdefault(rec.checkpoint_key, set()).add(rec.index)
         self.full = self.check_full()
         self.slices = RuntimeIntegrityChecker(model, self.fp_live).check()
-        # the linear weights as verified, before vLLM packs them into its kernels (which leave `weight` empty): the
-        # read-back through each kernel is compared with them at start, and re-checked against the fingerprint after
-        self._before = {name: module.weight.detach() for name, module in model.named_modules()
+        # the linear weights' checksums as verified, before vLLM packs them into its kernels (which leave `weight`
+        # empty): each read-back through a kernel must match at start; it is re-checked against the fingerprint after
+        self._before = {name: Digest.of(module.weight) for name, module in model.named_modules()
                         if getattr(module, "quant_method", None) is not None
                         and isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2}
         self.layout = layout
@@ -350,19 +355,15 @@ class _Guard:
         self._attach_positions(model)
         self.monitor.attach()
         self._forward_hooks = self.served.guard_forwards(model) if len(self.served) else ()
-        full, slices, dropped = self.full, self.slices, self.dropped
+        dropped = self.dropped
         spent = time.perf_counter() - self.t0 - getattr(self, "vllm_s", 0.0)  # the guard's own start-up time
         _say(f"{'UNHEALTHY, ' if self._finding else ''}watching {len(fp_live.neurons)} neuron(s) of {name} "
              f"({len(fp_live.critical_set)} critical"
              + (f"; {len(dropped)} not watchable in vLLM: {dropped[0][1]}" if dropped else "")
-             + f"); {slices.checked} slice(s) and "
-             + (f"{full.tensors} tensor(s) verified as loaded" if full is not None else
-                "no tensor records (fingerprint older than whole-model records: slices only)")
-             + f" in {spent:.1f} s; re-checked every {s.integrity_interval_s:g} s (slices) / "
+             + f"); {self._checked_said()} in {spent:.1f} s; re-checked every {s.integrity_interval_s:g} s (slices) / "
              + f"{s.full_interval_s:g} s (all)"
-             + (f"; {len(self.served)} linear weight(s) read back through vLLM's kernels" if len(self.served) else "")
-             + (f" ({len(self.served.inexact)} whose kernel does not return the verified weights bit for bit, "
-                f"e.g. {self.served.inexact[0]}: not re-checked)" if self.served.inexact else "")
+             + (f"; {len(self.served)} linear weight(s) in vLLM's kernels, read back through them" if len(self.served)
+                else "")
              + (f", {self.repacked} tensor(s) repacked by vLLM not re-checked" if self.repacked else "")
              + (f"; protecting {len(guard.exact)} neuron(s) exactly from their fingerprinted weights"
                 if guard is not None else "")
@@ -371,6 +372,24 @@ class _Guard:
                 "NOT exported: export PROMETHEUS_MULTIPROC_DIR before starting vLLM"))
         self._start_thread()
         return None
+
+    def _checked_said(self) -> str:
+        """What the start-up line says was verified as loaded, and what was not."""
+        full, files = self.full, self.files
+        checked = [f"{self.slices.checked} slice(s)"]
+        if full is not None:
+            checked.append(f"{full.tensors} tensor(s)")
+        if files is not None and files.recorded:
+            checked.append(f"{len(files.compared)} loader file(s)")
+        said = f"{', '.join(checked[:-1])} and {checked[-1]}" if len(checked) > 1 else checked[0]
+        said += " verified as loaded"
+        if full is None:
+            said += " (no tensor records: the fingerprint is older than whole-model records, slices only)"
+        if files is not None and not files.recorded:
+            said += f"; loader files NOT checked (the fingerprint has no record of them: {', '.join(files.unchecked)})"
+        if self.elsewhere:
+            said += "; NOT checked: " + ", ".join(self.elsewhere)
+        return said
 
     def _export_build_info(self, name: str) -> None:
         """guard_build_info as a gauge: prometheus-client's Info does not work in multiprocess mode."""
@@ -452,6 +471,11 @@ class _Guard:
 
     def _finding_line(self, full, slices) -> str | None:
         parts = []
+        files = getattr(self, "files", None)
+        if files is not None and files.findings:
+            f = files.findings[0]
+            more = len(files.findings) - 1
+            parts.append(f"{f.name} ({f.role}) {f.detail}" + (f"; {more} more loader file(s) differ" if more else ""))
         if full is not None and not full.ok:
             f = sorted(full.findings, key=lambda f: (not f.critical_hits, f.tensor))[0]
             where = f" (rows {', '.join(map(str, f.rows[:4]))}" if f.rows else ""
@@ -475,8 +499,23 @@ class _Guard:
         self._thread = threading.Thread(target=self._loop, name="achilles-guard", daemon=True)
         self._thread.start()
 
+    def _confirm_served(self) -> None:
+        """Read vLLM's kernels back once (after serving started: it costs about a forward of hidden-size tokens) and
+        keep re-checking only the layers whose kernel returns the weights verified before vLLM packed them."""
+        import torch
+
+        t = time.perf_counter()
+        inexact = set(self.served.confirm())
+        self.live = {n: v for n, v in self.live.items() if isinstance(v, torch.Tensor) or v.param not in inexact}
+        _say(f"vLLM's kernels read back in {time.perf_counter() - t:.1f} s: {len(self.served)} linear weight(s) "
+             "compute with the verified weights bit for bit"
+             + (f"; {len(inexact)} do not (e.g. {sorted(inexact)[0]}: a -0.0 or subnormal weight, or an inexact "
+                "kernel) and are not re-checked" if inexact else ""))
+
     def _loop(self) -> None:
         s = self.settings
+        if len(self.served):
+            self._confirm_served()
         now = time.monotonic()
         next_slices = now + s.integrity_interval_s if s.integrity_interval_s else math.inf
         next_full = now + s.full_interval_s if s.full_interval_s else math.inf
@@ -535,3 +574,16 @@ class _Guard:
             with torch.no_grad():
                 param.data.select(rec.axis, rec.index)[0].neg_()
         _say(f"TEST SWITCH: negated {rec.param}[{rec.index}, 0] in memory (slice {rec.key})")
+
+
+def _read_elsewhere(model_config, model_path: str) -> list[str]:
+    """What vLLM was told to read from outside the fingerprinted directory (--tokenizer, --generation-config)."""
+    out = []
+    here = os.path.realpath(model_path) if model_path else None
+    tokenizer = str(getattr(model_config, "tokenizer", "") or "")
+    if tokenizer and os.path.realpath(tokenizer) != here:
+        out.append(f"the tokenizer from {tokenizer}")
+    generation = str(getattr(model_config, "generation_config", "") or "")
+    if generation not in ("", "auto", "vllm") and os.path.realpath(generation) != here:
+        out.append(f"the generation config from {generation}")
+    return out
