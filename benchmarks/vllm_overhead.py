@@ -9,9 +9,10 @@ Configurations, each a fresh `python -m vllm.entrypoints.openai.api_server` on 1
            that read-backs run during the measurement
   protect  the default plus ACHILLES_GUARD_PROTECT=1 (the pin guard recomputes the fingerprinted neurons)
 
-Per configuration: seconds from the process start to /health 200, then throughput: --rounds rounds of
-4 concurrent prompts x 64 tokens (ignore_eos), tokens/s of the best round, and the median latency of one
-64-token completion alone. Run in the vLLM venv (ci/vllm-venv.sh):
+Per configuration: seconds from the process start to /health 200, then (guard configurations) the wait
+for the guard's one-time read-back of vLLM's kernels, which it prints with its duration, then throughput:
+--rounds rounds of 4 concurrent prompts x 64 tokens (ignore_eos), tokens/s of the best round, and the
+median latency of one 64-token completion alone. Run in the vLLM venv (ci/vllm-venv.sh):
 
     .venv-vllm/bin/python benchmarks/vllm_overhead.py --model DIR --fingerprint FP [--dtype float32] [--repeat 3]
 """
@@ -71,6 +72,14 @@ def run(name: str, args, env_extra: dict) -> dict:
         start = time.monotonic() - t0
         url = f"http://127.0.0.1:{port}/v1/completions"
         _post(url, args.model, "warm up", 8)
+        confirmed = None  # the guard's one-time read-back of vLLM's kernels: waited for, so that what follows is
+        if name != "bare":  # the steady state (its cost is the seconds it prints, once per start)
+            while confirmed is None and time.monotonic() - t0 < 600:
+                log.flush()
+                with open(log.name, encoding="utf-8", errors="replace") as f:
+                    confirmed = next((line.strip() for line in f if "kernels read back" in line), None)
+                if confirmed is None:
+                    time.sleep(0.5)
         rates = []
         for _ in range(args.rounds):
             t = time.perf_counter()
@@ -87,11 +96,26 @@ def run(name: str, args, env_extra: dict) -> dict:
             said = [line.strip() for line in f if line.startswith("achilles-guard: ")]
         return {"config": name, "startup_s": round(start, 1), "tokens_per_s": round(max(rates), 1),
                 "rates": [round(r, 1) for r in rates], "latency_64_s": round(statistics.median(single), 3),
-                "guard": said[0][:400] if said else None}
+                "guard": said[0][:400] if said else None, "read_back": confirmed}
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=60)
         log.close()
+        _wait_gone(proc.pid)  # the engine and worker processes too: the next start must not share the cores
+
+
+def _wait_gone(pgid: int, timeout: float = 60.0) -> None:
+    """Until no process of the server's process group is left (then SIGKILL), and a moment for the memory."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        os.killpg(pgid, signal.SIGKILL)
+    time.sleep(2.0)
 
 
 def main() -> None:
@@ -108,9 +132,11 @@ def main() -> None:
             "busy": {**guard, "ACHILLES_GUARD_INTEGRITY_INTERVAL": "1", "ACHILLES_GUARD_FULL_INTERVAL": "10"},
             "protect": {**guard, "ACHILLES_GUARD_PROTECT": "1"}}
     names = args.configs.split(",")
-    rounds = []  # the configurations one after another, --repeat times: each compared with the first of its round
-    for _ in range(args.repeat):
-        rows = [run(name, args, envs[name]) for name in names]
+    rounds = []  # all configurations per round, in a rotating order; each compared with the first name in its round
+    for i in range(args.repeat):
+        order = names[i % len(names):] + names[:i % len(names)]  # each round starts with the next configuration
+        got = {name: run(name, args, envs[name]) for name in order}
+        rows = [got[name] for name in names]
         for r in rows:
             r["throughput_vs_first"] = f"{100 * (r['tokens_per_s'] / rows[0]['tokens_per_s'] - 1):+.1f} %"
             r["startup_vs_first"] = f"{100 * (r['startup_s'] / rows[0]['startup_s'] - 1):+.1f} %"
