@@ -6,9 +6,10 @@ without any hook, the forwards the scan needs: K + 1 forwards of the base model 
 inputs) and one full forward per candidate n tried in stage 2 (plus the clean loss).
 
     PYTHONPATH=. python benchmarks/scan_speed.py [--samples 100] [--device cpu|cuda] [--dtype float32|float16]
-    PYTHONPATH=. python benchmarks/scan_speed.py --short [--repeats 5]
+    PYTHONPATH=. python benchmarks/scan_speed.py --short [--repeats 5] [--hidden 96,192,384]
 
-`--short`: the fixed cost per forward. A tiny planted Llama (hidden 96, 3 layers, FFN 256, vocab 512)
+`--short`: the fixed cost per forward. A tiny planted Llama (hidden 96, 3 layers, FFN 256, vocab 512;
+`--hidden` sets other widths, the FFN 8/3 of it, and prints one block each, without the profile)
 and a 16-token probe, where a bare forward takes about a millisecond on a CPU: stage 1 and stage 2
 against the same forwards run bare, both one at a time (stage 2: one forward per n up to n*) and
 batched exactly as the scan batches them (the compute floor; stage 2: the same chunks of 8, 16, ...
@@ -77,7 +78,7 @@ def bare(model, ids, samples, n_tried, device):
     return t1 - t0, time.perf_counter() - t1
 
 
-def short_case(repeats: int, samples: int) -> None:
+def short_case(repeats: int, samples: int, hidden: int = 96, profile_it: bool = True) -> None:
     """Scan / bare on a forward of about a millisecond (see the module docstring)."""
     import cProfile
     import io
@@ -86,7 +87,7 @@ def short_case(repeats: int, samples: int) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = build_tokenizer()
-    config = LlamaConfig(vocab_size=512, hidden_size=96, intermediate_size=256, num_hidden_layers=3,
+    config = LlamaConfig(vocab_size=512, hidden_size=hidden, intermediate_size=hidden * 8 // 3, num_hidden_layers=3,
                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
                          tie_word_embeddings=False)
     torch.manual_seed(0)
@@ -147,6 +148,8 @@ def short_case(repeats: int, samples: int) -> None:
           f"bare batched {f2 * 1e3:8.1f} ms ({s2 / f2:5.2f}x)")
     print(f"total           : scan {(s1 + s2) * 1e3:8.1f} ms | bare batched {(f1 + f2) * 1e3:8.1f} ms "
           f"({(s1 + s2) / (f1 + f2):5.2f}x; goal <= 1.2x)")
+    if not profile_it:
+        return
     profile = cProfile.Profile()
     profile.enable()
     ranking = pcicn.rank(model, ids, cands, samples=samples, seed=42)
@@ -165,9 +168,13 @@ def main():
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--short", action="store_true", help="the short-forward case (module docstring)")
+    parser.add_argument("--hidden", default="96", help="--short: hidden size(s), comma-separated (FFN 8/3 of it)")
     args = parser.parse_args()
     if args.short:
-        return short_case(max(args.repeats, 3), args.samples)
+        sizes = [int(h) for h in args.hidden.split(",")]
+        for h in sizes:
+            short_case(max(args.repeats, 3), args.samples, h, profile_it=len(sizes) == 1)
+        return
     device, dtype = args.device, getattr(torch, args.dtype)
     model, ids, critical = build(device, dtype)
     cands = discover(model, "all")
