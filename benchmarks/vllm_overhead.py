@@ -91,17 +91,39 @@ def run(name: str, args, env_extra: dict) -> dict:
             t = time.perf_counter()
             _post(url, args.model, p, 64)
             single.append(time.perf_counter() - t)
+        hooks_ms = _hook_share(port) if name != "bare" else None
         log.flush()
         with open(log.name, encoding="utf-8", errors="replace") as f:
             said = [line.strip() for line in f if line.startswith("achilles-guard: ")]
         return {"config": name, "startup_s": round(start, 1), "tokens_per_s": round(max(rates), 1),
                 "rates": [round(r, 1) for r in rates], "latency_64_s": round(statistics.median(single), 3),
-                "guard": said[0][:400] if said else None, "read_back": confirmed}
+                "guard": said[0][:400] if said else None, "read_back": confirmed, "hooks": hooks_ms}
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=60)
         log.close()
         _wait_gone(proc.pid)  # the engine and worker processes too: the next start must not share the cores
+
+
+def _hook_share(port: int) -> str | None:
+    """The guard's own time per forward (guard_monitor_overhead_seconds, measured inside the worker) against
+    vLLM's mean inter-token latency over the same run: an overhead figure the machine's drift does not blur."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
+        text = r.read().decode()
+    sums = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in ("guard_monitor_overhead_seconds_sum", "guard_monitor_overhead_seconds_count",
+                               "vllm:inter_token_latency_seconds_sum", "vllm:inter_token_latency_seconds_count"):
+                sums[sample.name] = sums.get(sample.name, 0.0) + sample.value
+    try:
+        hook = sums["guard_monitor_overhead_seconds_sum"] / sums["guard_monitor_overhead_seconds_count"]
+        step = sums["vllm:inter_token_latency_seconds_sum"] / sums["vllm:inter_token_latency_seconds_count"]
+    except (KeyError, ZeroDivisionError):
+        return None
+    return f"{hook * 1e3:.2f} ms per forward, {100 * hook / step:.1f} % of a {step * 1e3:.0f} ms inter-token latency"
 
 
 def _wait_gone(pgid: int, timeout: float = 60.0) -> None:
