@@ -228,6 +228,23 @@ def test_intact_smollm2_serves_watched_with_live_metrics_and_catches_a_flip(smol
         assert "TEST SWITCH: negated model.layers.11.mlp.down_proj.weight[507, 0]" in srv.output
 
 
+def test_read_backs_every_tenth_of_a_second_never_disturb_serving(smol, fingerprint, tmp_path):
+    """The read-backs of vLLM's kernels run in the guard's thread while vLLM serves: they must never run beside one
+    of its kernels. Measured before the lock covered the LM head (vLLM calls it outside the model's forward): the
+    worker died within two completions at these intervals."""
+    with Server(smol, tmp_path, ACHILLES_GUARD_FINGERPRINT=str(fingerprint), ACHILLES_GUARD_INTEGRITY_INTERVAL="0.1",
+                ACHILLES_GUARD_FULL_INTERVAL="3") as srv:
+        assert srv.started_s is not None, srv.output[-3000:]
+        answers = [srv.complete(p)["choices"][0]["text"] for p in PROMPTS[:12]]
+        m = srv.guard_metrics()
+        assert len(answers) == 12
+        assert _value(m, "guard_weight_integrity_ok") == 1 and _value(m, "guard_activation_anomalies_total") == 0, m
+        assert _value(m, "guard_integrity_checks_total") >= 10
+        if all(p in INTACT for p in PROMPTS[:12]):  # the same greedy answers as without the read-backs
+            assert answers == [INTACT[p] for p in PROMPTS[:12]]
+        assert "Traceback" not in srv.output, srv.output[-3000:]
+
+
 def test_tampered_copy_fails_closed_with_one_line(tampered, fingerprint, tmp_path):
     t0 = time.monotonic()
     with Server(tampered, tmp_path, ACHILLES_GUARD_FINGERPRINT=str(fingerprint)) as srv:

@@ -19,6 +19,10 @@ the kernel is not exact) is listed as not re-checkable, never judged.
     with served.session():                          # one read-back per layer for the whole check
         w = served.read("model.layers.3.mlp.down_proj.weight")   # (N, K): what the kernel computes with
 
+The lock matters: measured in vLLM 0.32, a read-back that ran beside the logits processor (the LM head is
+a oneDNN kernel too, called outside the model's forward) killed the worker within seconds under
+frequent re-checks; with both held (`guard_forwards(model, model.logits_processor)`), none did.
+
 Cost: one read-back is a GEMM of K identity rows, the work of a K-token forward through that layer;
 all of them, about a forward of hidden-size tokens through the model (SmolLM2: 1.5-2 s for its 120
 linears, fp32, inside vLLM on 2 CPU cores). Read-backs take the same lock as the
@@ -99,7 +103,7 @@ class ServedWeights:
     def __init__(self, model: torch.nn.Module, before: Mapping[str, Digest], lock=None):
         """`before`: module name -> the Digest of its 2-D weight as verified, before the engine processed it.
         Nothing is read yet: `confirm()` reads every layer back once and keeps the ones that match."""
-        self.lock = lock or threading.Lock()
+        self.lock = lock or threading.RLock()
         self._modules: dict[str, torch.nn.Module] = {}
         self._digests: dict[str, Digest] = {}
         self._cache: dict | None = None
@@ -180,8 +184,10 @@ class ServedWeights:
             cache[pname] = out
         return out
 
-    def guard_forwards(self, model: torch.nn.Module) -> tuple:
-        """Hold `lock` for the whole of each forward of `model` (released even when it raises); the handles."""
+    def guard_forwards(self, *modules: torch.nn.Module) -> tuple:
+        """Hold `lock` for the whole of each forward of every one of `modules` (the model, and what the engine
+        calls outside the model's forward that runs one of its kernels: vLLM's logits processor); released even
+        when a forward raises; re-entrant, so one may run inside another. The hook handles."""
 
         def enter(module, args):
             self.lock.acquire()
@@ -189,7 +195,8 @@ class ServedWeights:
         def leave(module, args, output):
             self.lock.release()
 
-        return (model.register_forward_pre_hook(enter), model.register_forward_hook(leave, always_call=True))
+        return tuple(h for m in modules for h in (m.register_forward_pre_hook(enter),
+                                                   m.register_forward_hook(leave, always_call=True)))
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

@@ -354,7 +354,9 @@ class _Guard:
         self._publish(self.slices)
         self._attach_positions(model)
         self.monitor.attach()
-        self._forward_hooks = self.served.guard_forwards(model) if len(self.served) else ()
+        # no read-back beside any of vLLM's kernels: the model's forward, and the LM head, which vLLM runs outside it
+        logits = [m for n, m in model.named_modules() if n.rpartition(".")[2] == "logits_processor"]
+        self._forward_hooks = self.served.guard_forwards(model, *logits) if len(self.served) else ()
         dropped = self.dropped
         spent = time.perf_counter() - self.t0 - getattr(self, "vllm_s", 0.0)  # the guard's own start-up time
         _say(f"{'UNHEALTHY, ' if self._finding else ''}watching {len(fp_live.neurons)} neuron(s) of {name} "
