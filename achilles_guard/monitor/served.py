@@ -19,9 +19,10 @@ the kernel is not exact) is listed as not re-checkable, never judged.
     with served.session():                          # one read-back per layer for the whole check
         w = served.read("model.layers.3.mlp.down_proj.weight")   # (N, K): what the kernel computes with
 
-The lock matters: measured in vLLM 0.32, a read-back that ran beside the logits processor (the LM head is
-a oneDNN kernel too, called outside the model's forward) killed the worker within seconds under
-frequent re-checks; with both held (`guard_forwards(model, model.logits_processor)`), none did.
+Concurrency matters: measured in vLLM 0.32, read-backs from another thread beside vLLM's step killed
+the worker (even with the model's forward and its logits processor under `lock`), so the vLLM plugin
+runs them in vLLM's own thread after a forward, and from its own thread (block by block under `lock`)
+only when the server is idle.
 
 Cost: one read-back is a GEMM of K identity rows, the work of a K-token forward through that layer;
 all of them, about a forward of hidden-size tokens through the model (SmolLM2: 1.5-2 s for its 120

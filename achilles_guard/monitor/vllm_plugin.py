@@ -356,7 +356,10 @@ class _Guard:
         self.monitor.attach()
         # no read-back beside any of vLLM's kernels: the model's forward, and the LM head, which vLLM runs outside it
         logits = [m for n, m in model.named_modules() if n.rpartition(".")[2] == "logits_processor"]
+        self._job, self._job_lock = None, threading.Lock()
         self._forward_hooks = self.served.guard_forwards(model, *logits) if len(self.served) else ()
+        if len(self.served):  # after the lock's own post-hook: runs with the lock released, in vLLM's thread
+            self._forward_hooks += (model.register_forward_hook(self._after_forward),)
         dropped = self.dropped
         spent = time.perf_counter() - self.t0 - getattr(self, "vllm_s", 0.0)  # the guard's own start-up time
         _say(f"{'UNHEALTHY, ' if self._finding else ''}watching {len(fp_live.neurons)} neuron(s) of {name} "
@@ -541,20 +544,57 @@ class _Guard:
             try:
                 if confirm:
                     confirm = False
-                    self._confirm_served()
+                    self._in_serving_thread(self._confirm_served)
                 if flip and os.path.exists(flip):
-                    self._test_flip()
+                    self._in_serving_thread(self._test_flip)
                     flip = None
                 if now >= next_full:
-                    self.check_full()
+                    self._in_serving_thread(self.check_full)
                     next_full = now + s.full_interval_s
                 if now >= next_slices or not self._full_ok:
-                    self._publish(self.monitor.check_integrity())
+                    self._publish(self._in_serving_thread(self.monitor.check_integrity))
                     next_slices = now + s.integrity_interval_s if s.integrity_interval_s else math.inf
             except Exception as err:  # the thread must not die silently
                 _say(f"background check failed: {type(err).__name__}: {err}")
                 self.monitor.metrics.integrity_ok.set(0)
                 time.sleep(1.0)
+
+    def _in_serving_thread(self, fn):
+        """Run a check that reads vLLM's kernels back in vLLM's own thread, right after a forward (so that nothing
+        of vLLM runs beside it: measured, read-backs from this thread beside vLLM's step killed the worker); when
+        no forward comes within a second (an idle server), here, holding the lock forwards take."""
+        if not len(self.served):
+            return fn()
+        done, box = threading.Event(), {}
+
+        def job():
+            try:
+                box["result"] = fn()
+            except BaseException as err:
+                box["error"] = err
+            finally:
+                done.set()
+
+        self._job = job
+        if not done.wait(1.0):
+            with self._job_lock:
+                mine = self._job is job  # no forward took it: the server is idle
+                if mine:
+                    self._job = None
+            if mine:
+                job()  # kernel calls still take the lock block by block (check_tensors hashes in a thread pool)
+            done.wait()
+        if "error" in box:
+            raise box["error"]
+        return box.get("result")
+
+    def _after_forward(self, module, args, output):
+        if self._job is None:
+            return
+        with self._job_lock:  # taken once, here or by the background thread
+            job, self._job = self._job, None
+        if job is not None:
+            job()
 
     def _export_pins(self) -> None:
         """guard_pin_interventions_total on vLLM's /metrics (served by another process): see export_pins."""
