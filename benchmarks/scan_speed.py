@@ -148,6 +148,14 @@ def short_case(repeats: int, samples: int, hidden: int = 96, profile_it: bool = 
           f"bare batched {f2 * 1e3:8.1f} ms ({s2 / f2:5.2f}x)")
     print(f"total           : scan {(s1 + s2) * 1e3:8.1f} ms | bare batched {(f1 + f2) * 1e3:8.1f} ms "
           f"({(s1 + s2) / (f1 + f2):5.2f}x; goal <= 1.2x)")
+    s1, fw_s, fixed_s, hooks_s, arith_s, floor_s = stage1_breakdown(model, ids, embeds, cands, samples, b1, repeats)
+    base_s = fw_s + fixed_s
+    print(f"stage 1 split (interleaved): scan {s1 * 1e3:.1f} ms = noisy forwards {fw_s * 1e3:.1f} + clean forward "
+          f"and noise {fixed_s * 1e3:.1f} + hook dispatch {hooks_s * 1e3:.1f} + sum_k |A_k - A_clean| "
+          f"{arith_s * 1e3:.1f} + the rest {(s1 - base_s - hooks_s - arith_s) * 1e3:.1f} ms")
+    print(f"stage 1 / (its forwards + noise): {s1 / base_s:5.2f}x; with no tax at all, only the accumulation: "
+          f"{(base_s + arith_s) / base_s:5.2f}x; with an ideal one-read accumulation ({floor_s * 1e3:.1f} ms alone, "
+          f"not torch's summation order): {(base_s + floor_s) / base_s:5.2f}x")
     if not profile_it:
         return
     profile = cProfile.Profile()
@@ -159,6 +167,88 @@ def short_case(repeats: int, samples: int, hidden: int = 96, profile_it: bool = 
     pstats.Stats(profile, stream=out).sort_stats("tottime").print_stats(15)
     print("cProfile of one scan (rank + search), top 15 by own time:")
     print("\n".join(line for line in out.getvalue().splitlines() if line.strip())[:6000])
+
+
+def stage1_breakdown(model, embeds_ids, embeds, cands, samples, b1, repeats):
+    """Where stage 1's time beyond its forwards goes, on forwards of its real batch sizes (b1 rows, then the
+    rest), each best of `repeats`: the same forwards with hooks that only return (their dispatch), with hooks
+    doing pcicn's accumulation (sub, abs, sum over the batch, add: three passes over (b, T, C) per module, in
+    buffers shared by width as pcicn shares them), and, alone after the forward, one read pass over the same
+    activations (torch.sum over the batch: the least any implementation must read)."""
+    from achilles_guard.engine.masking import hooks
+
+    names = [c.name for c in cands.candidates]
+    T, d = embeds.shape[1:]
+    sizes = [min(b1, samples - s) for s in range(0, samples, b1)]
+    inputs = {b: embeds + 5.0 * torch.randn(b, T, d, generator=torch.Generator().manual_seed(b)) for b in set(sizes)}
+    outs: dict[int, list[torch.Tensor]] = {}
+    with torch.no_grad():
+        for b in set(sizes):
+            grabbed = []
+            grab = {n: (lambda o, _g=grabbed: _g.append(o.reshape(-1, T, o.shape[-1]).clone())) for n in names}
+            with hooks(model, grab):
+                model.base_model(inputs_embeds=inputs[b], use_cache=False)
+            outs[b] = grabbed
+    clean = {n: o[0].clone() for n, o in zip(names, outs[sizes[0]])}
+    sums = {n: torch.zeros_like(c) for n, c in clean.items()}
+    scratch: dict[tuple, torch.Tensor] = {}
+
+    def accumulate(name):
+        def fn(output):
+            out = output.reshape(-1, T, output.shape[-1])
+            b, c = out.shape[0], out.shape[-1]
+            if ("diff", b, c) not in scratch:
+                scratch[("diff", b, c)] = torch.empty(b, T, c)
+                scratch[("sum", c)] = torch.empty(T, c)
+            diff, part = scratch[("diff", b, c)], scratch[("sum", c)]
+            torch.sub(out, clean[name], out=diff)
+            diff.abs_()
+            torch.sum(diff, 0, out=part)
+            sums[name] += part
+        return fn
+
+    def forwards(fns=None):
+        with torch.no_grad(), hooks(model, fns or {}):
+            for b in sizes:
+                model.base_model(inputs_embeds=inputs[b], use_cache=False)
+
+    parts = {b: [torch.empty(o.shape[1:]) for o in outs[b]] for b in outs}
+
+    def one_read():
+        for b in sizes:
+            for o, part in zip(outs[b], parts[b]):
+                torch.sum(o, 0, out=part)
+
+    def clean_forward():
+        with torch.no_grad():
+            model.base_model(inputs_embeds=embeds, use_cache=False)
+
+    def noise():
+        generator = torch.Generator().manual_seed(42)
+        for b in sizes:
+            pcicn._noise(generator, b, T, d)
+
+    def scan():
+        pcicn.rank(model, embeds_ids, cands, samples=samples, seed=42)
+
+    variants = {
+        "scan": scan,
+        "bare": forwards,
+        "clean": clean_forward,
+        "noise": noise,
+        "noop": lambda: forwards({n: (lambda o: None) for n in names}),
+        "arith": lambda: forwards({n: accumulate(n) for n in names}),
+        "read": one_read,
+    }
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(max(repeats, 5) * 2):  # interleaved, so that a slow spell of the machine hits every variant
+        for key, fn in variants.items():
+            t0 = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - t0)
+    t = {k: min(v) for k, v in times.items()}
+    return (t["scan"], t["bare"], t["clean"] + t["noise"], max(0.0, t["noop"] - t["bare"]),
+            max(0.0, t["arith"] - t["noop"]), t["read"])
 
 
 def main():

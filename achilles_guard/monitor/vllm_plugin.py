@@ -289,10 +289,12 @@ class _Guard:
         self.full = self.check_full()
         self.slices = RuntimeIntegrityChecker(model, self.fp_live).check()
         # the linear weights' checksums as verified, before vLLM packs them into its kernels (which leave `weight`
-        # empty): each kernel's first read-back must match them; from then on it is re-checked against the fingerprint
+        # empty): each kernel's first read-back must match them; from then on it is re-checked against the fingerprint.
+        # Only vLLM's CPU backend packs (a GPU keeps `weight` and is read directly): no checksum work on a GPU.
         self._before = {name: Digest.of(module.weight) for name, module in model.named_modules()
                         if getattr(module, "quant_method", None) is not None
-                        and isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2}
+                        and isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2
+                        and module.weight.device.type == "cpu"}
         self.layout = layout
         self._finding = self._finding_line(self.full, self.slices)
         return self._finding
